@@ -1,0 +1,56 @@
+"""Pure-torch references for the kernels: the executable spec and the CPU fallback.
+
+These follow the HF reference numerics op for op, so that the torch path reproduces its
+outputs bit for bit (in bf16 too). The Triton kernels are checked against these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GLM-4 RMSNorm: y = (w * (x * rsqrt(mean(x^2) + eps))).to(x.dtype).
+
+    Everything in fp32, the weight multiply too; one cast at the very end
+    (unlike Llama, which casts before multiplying by the weight).
+    """
+    x32 = x.float()
+    variance = x32.pow(2).mean(-1, keepdim=True)
+    return (weight.float() * (x32 * torch.rsqrt(variance + eps))).to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """new_residual = x + residual (in the input dtype); returns (rms_norm(new_residual), new_residual)."""
+    new_residual = x + residual
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                  scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with grouped KV heads.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv; query head h reads
+    KV head h // (Hq // Hkv). causal=True aligns the last query with the last key: query i
+    sees keys j <= i + Lk - Lq. key_mask: optional (B,) int tensor, the index of each row's
+    first valid key (left padding): keys j < key_mask[b] are masked. A query row that sees
+    no key at all (a pad query) returns zeros. Returns (B, Hq, Lq, D) in q's dtype.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hq != Hkv:  # repeat each KV head for its query group, like the HF reference does
+        k = k[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
+        v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
+    if key_mask is None and (not causal or Lq == Lk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    cols = torch.arange(Lk, device=q.device)
+    allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if causal:
+        rows = torch.arange(Lq, device=q.device)[:, None]
+        allowed = allowed & (cols <= rows + (Lk - Lq))
+    if key_mask is not None:
+        allowed = allowed & (cols >= key_mask.to(q.device)[:, None, None, None])
+    sees_any = allowed.any(-1, keepdim=True)  # (B, 1, Lq, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_any, scale=scale)
+    return out.masked_fill(~sees_any, 0.0)

@@ -1,0 +1,196 @@
+"""GLM-4V: vision tower + projector spliced into the GLM-4 decoder's token stream (DESIGN 1.4).
+
+A prompt with an image holds `<|begin_of_image|> <|endoftext|> <|end_of_image|>`; those three
+token embeddings are replaced by the image's (grid/2)^2 + 2 embeddings. Positions stay those of
+the unspliced token list: boi keeps p, every patch row shares p + 1, eoi keeps p + 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import KVCache
+from .config import GLM4VConfig
+from .text import TextDecoder
+from .vision import Projector, VisionEncoder
+
+
+class InputError(ValueError):
+    """Model inputs that do not fit the model or each other; the message says which and how."""
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                 # (B, T or 1, V) in the model dtype
+    position_ids: torch.Tensor           # (B, T) after splicing: rotary positions
+    attention_mask: torch.Tensor | None  # (B, T) after splicing, 1 = real token; None = no padding
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
+    image_embeds: torch.Tensor | None = None         # (N_images, 2 + (g/2)^2, H)
+
+
+class GLM4V(nn.Module):
+    def __init__(self, config: GLM4VConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        self.projector = Projector(config)
+        self.text = TextDecoder(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.embed.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c, w = self.config, self.text.embed.weight
+        return KVCache(c.num_layers, batch, c.num_kv_groups, max_len, c.head_dim, w.dtype, w.device)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included."""
+        v = self.config.vision
+        want = (v.in_channels, v.image_size, v.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this "
+                             f"model, got {tuple(pixel_values.shape)}")
+        pixels = pixel_values.to(device=self.text.embed.weight.device, dtype=self.dtype)  # cast before the ViT
+        return self.projector(self.vision(pixels))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, *, last_logits_only: bool = False,
+                output_hidden_states: bool = False) -> ModelOutput:
+        """input_ids (B, L) -> logits. attention_mask (B, L): 1 for real tokens, left padding only.
+        position_ids default to 0..n-1 over each row's real tokens (0 on pads). With a cache,
+        prefill fills it; later calls (decode) must pass position_ids and no attention_mask."""
+        self._check_ids(input_ids)
+        decoding = cache is not None and cache.length > 0
+        if decoding and (attention_mask is not None or position_ids is None or pixel_values is not None):
+            raise InputError("decode steps (cache already filled) take input_ids and explicit position_ids "
+                             "only; padding was fixed at prefill and positions are not slot indices")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        elif position_ids.shape != input_ids.shape:
+            raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        embeds = self.text.embed(input_ids)
+        image_embeds = None
+        if not decoding:
+            image_rows = self._check_image_tokens(input_ids, pixel_values)
+            if pixel_values is not None:
+                image_embeds = self.encode_images(pixel_values)
+                embeds, position_ids, attention_mask = splice_images(
+                    embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
+        key_mask = cache.key_mask if decoding else first_valid_key(attention_mask)
+        if cache is not None and not decoding:
+            if cache.batch != input_ids.shape[0]:
+                raise InputError(f"cache was built for batch {cache.batch}, input has {input_ids.shape[0]} rows")
+            cache.key_mask = key_mask
+        hidden = [] if output_hidden_states else None
+        if last_logits_only:
+            x = self.text(embeds, position_ids, key_mask, cache, hidden)[:, -1:]
+        else:
+            x = self.text(embeds, position_ids, key_mask, cache, hidden)
+        return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"input_ids must be an integer tensor (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise InputError("input_ids is empty")
+        V = self.config.vocab_size
+        bad = (input_ids < 0) | (input_ids >= V)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise InputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary [0, {V})")
+
+    def _check_image_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Each row holds at most one boi, pad, eoi block; one image per such row. Returns (B,) bool."""
+        c = self.config
+        is_boi, is_eoi = input_ids == c.boi_token_id, input_ids == c.eoi_token_id
+        n_boi, n_eoi = is_boi.sum(1), is_eoi.sum(1)
+        rows = n_boi > 0
+        n_images = 0 if pixel_values is None else (pixel_values.shape[0] if pixel_values.dim() == 4 else -1)
+        if pixel_values is None and rows.any():
+            raise InputError(f"input_ids row {int(rows.nonzero()[0])} holds the image placeholder "
+                             f"(<|begin_of_image|> id {c.boi_token_id}) but no pixel_values were given")
+        if pixel_values is None:
+            return rows
+        if (n_boi > 1).any() or (n_eoi != n_boi).any():
+            raise InputError("each row may hold one image placeholder <|begin_of_image|> <|endoftext|> "
+                             f"<|end_of_image|> (ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}); "
+                             f"found boi counts {n_boi.tolist()} and eoi counts {n_eoi.tolist()}")
+        if int(rows.sum()) != n_images:
+            raise InputError(f"pixel_values holds {n_images} image(s) but {int(rows.sum())} row(s) of input_ids hold the "
+                             f"image placeholder (<|begin_of_image|> id {c.boi_token_id}); give one image per such row")
+        boi_at = is_boi.float().argmax(1)
+        L = input_ids.shape[1]
+        nxt = input_ids.gather(1, (boi_at + 1).clamp(max=L - 1)[:, None])[:, 0]
+        eoi_ok = is_eoi.gather(1, (boi_at + 2).clamp(max=L - 1)[:, None])[:, 0] & (boi_at + 2 < L)
+        if (rows & ~((nxt == c.pad_token_id) & eoi_ok)).any():
+            raise InputError(f"the image placeholder must be exactly <|begin_of_image|> <|endoftext|> <|end_of_image|> "
+                             f"(ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}) in consecutive positions")
+        return rows
+
+
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """0..n-1 over each row's real tokens, 0 on left pads (the tokenizer's convention)."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) index of each row's first real token, or None when nothing is padded.
+
+    Only left padding is representable (pads, then real tokens); anything else is refused."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if mask.all():
+        return None
+    start = (~mask).sum(1)
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, cols >= start[:, None]):
+        raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")
+    if (start == mask.shape[1]).any():
+        raise InputError("attention_mask has a row with no real token")
+    return start
+
+
+def splice_images(embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  image_rows: torch.Tensor, image_embeds: torch.Tensor, boi_token_id: int,
+                  input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Replace each image row's 3 placeholder tokens by its image embeddings (vectorized, no loop).
+
+    Output length T = L - 3 + N (N = image embedding rows). Rows without an image (in a mixed
+    batch) are shifted right by N - 3 behind extra left pads (mask 0, position 0)."""
+    B, L, H = embeds.shape
+    N = image_embeds.shape[1]
+    T = L - 3 + N
+    t = torch.arange(T, device=embeds.device)[None, :]  # (1, T) output slots
+    boi = (input_ids == boi_token_id).float().argmax(1)[:, None]  # (B, 1)
+    has = image_rows[:, None]
+    in_image = has & (t >= boi) & (t < boi + N)
+    # source token of each output slot: before the image, itself; after, shifted back by N - 3
+    src = torch.where(has & (t < boi), t, t - (N - 3))
+    src = torch.where(in_image, boi + 1, src)  # patch rows take the placeholder's position
+    src = torch.where(in_image & (t == boi), boi, src)  # boi row keeps boi's position
+    src = torch.where(in_image & (t == boi + N - 1), boi + 2, src)  # eoi row keeps eoi's position
+    is_extra_pad = src < 0  # text-only rows of a mixed batch
+    src = src.clamp(min=0)
+    image_index = (image_rows.long().cumsum(0) - 1).clamp(min=0)  # which image belongs to each row
+    img = image_embeds.to(embeds.dtype)[image_index]  # (B, N, H)
+    img_slot = (t - boi).clamp(0, N - 1)
+    spliced = torch.where(in_image[..., None],
+                          img.gather(1, img_slot[..., None].expand(B, T, H)),
+                          embeds.gather(1, src[..., None].expand(B, T, H)))
+    positions = position_ids.gather(1, src).masked_fill(is_extra_pad, 0)
+    mask = None
+    if attention_mask is not None or is_extra_pad.any():
+        base = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # patch rows are real tokens; boi/eoi rows keep their tokens' mask values
+        mask = base.gather(1, src).masked_fill(in_image & (t > boi) & (t < boi + N - 1), 1)
+        mask = mask.masked_fill(is_extra_pad, 0)
+    return spliced, positions, mask

@@ -1,0 +1,83 @@
+"""The one place that picks an implementation for each fused op: Triton kernels or torch.
+
+Backend: Triton on CUDA tensors, torch references elsewhere, unless overridden by the
+GLM4V_BACKEND environment variable (auto|torch|triton, read once at import) or by the
+`use_backend(...)` context manager (tests flip it). An explicit request that cannot run raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+import glm4v_kernels as K
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_backend = _check_backend(os.environ.get("GLM4V_BACKEND", "auto").strip().lower() or "auto")
+
+
+def triton_usable_on(device: torch.device) -> bool:
+    """Triton kernels compile for CUDA; on CPU they run only under TRITON_INTERPRET=1."""
+    if device.type == "cuda":
+        return hasattr(K, "attention")
+    return os.environ.get("TRITON_INTERPRET") == "1" and hasattr(K, "attention")
+
+
+def backend_for(x: torch.Tensor) -> str:
+    """'triton' or 'torch' for a tensor on x's device, honouring the current override."""
+    if _backend == "torch":
+        return "torch"
+    if _backend == "triton":
+        if not triton_usable_on(x.device):
+            raise BackendError(
+                f"backend 'triton' was requested but cannot run on {x.device.type}: "
+                "Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
+        return "triton"
+    return "triton" if x.device.type == "cuda" and triton_usable_on(x.device) else "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily force 'torch', 'triton' or 'auto' for every op."""
+    global _backend
+    previous, _backend = _backend, _check_backend(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if backend_for(x) == "triton":
+        return K.rms_norm(x, weight, eps)
+    return K.rms_norm_ref(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the decoder's residual stream step."""
+    if backend_for(x) == "triton":
+        return K.add_rms_norm(x, residual, weight, eps)
+    return K.add_rms_norm_ref(x, residual, weight, eps)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); see glm4v_kernels.attention_ref."""
+    if backend_for(q) == "triton":
+        return K.attention(q, k, v, causal=causal, key_mask=key_mask)
+    return K.attention_ref(q, k, v, causal=causal, key_mask=key_mask)

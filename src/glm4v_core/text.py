@@ -1,0 +1,125 @@
+"""GLM-4 decoder (DESIGN 1.3): pre-norm blocks, fp32 RMSNorm, half-dim interleaved rotary, GQA."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import KVCache
+from .config import GLM4VConfig
+
+
+def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, base: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, rotary_dim/2) for the given positions.
+
+    theta_i = base^(-2i/rotary_dim); angles in fp32. Like the reference, the table is rounded to
+    bf16/fp16 when the model runs in half precision (bf16 parity depends on it).
+    """
+    theta = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=position_ids.device) / rotary_dim))
+    angles = position_ids.float()[..., None] * theta  # (B, T, rotary_dim/2)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    if dtype in (torch.bfloat16, torch.float16):
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    return cos[:, None], sin[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first 2*cos.shape[-1] dims; the rest pass.
+
+    x: (B, nh, T, hd). Products are taken in x's dtype, as in the reference (bf16 parity)."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, T, rot/2) each
+    rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)  # fp32 inside, one cast at the end
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GLM4VConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_groups, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=True)  # fused q | k | v, with bias
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv * self.head_dim, self.head_dim
+        q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
+        q = q.view(B, T, self.num_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.num_kv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.num_kv, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:  # the cache holds rotated k per KV group, never expanded
+            k, v = cache.write(self.layer_idx, k, v)
+        out = ops.attention(q, k, v, causal=True, key_mask=key_mask)  # (B, nh, T, hd)
+        return self.out(out.transpose(1, 2).reshape(B, T, nq))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GLM4VConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # SwiGLU: first half gates the second
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm: h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))."""
+
+    def __init__(self, cfg: GLM4VConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        attn_out = self.attn(self.attn_norm(x), cos, sin, key_mask, cache)
+        normed, h = ops.add_rms_norm(attn_out, x, self.mlp_norm.weight, self.mlp_norm.eps)  # h = x + attn_out
+        return h + self.mlp(normed)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: GLM4VConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
+        """Embeddings (B, T, H) -> final-normed hidden states (B, T, H).
+
+        position_ids (B, T): rotary positions (not cache slots); key_mask (B,): each row's first
+        valid key slot (left padding) or None. Appends each layer's input and the last output to
+        `hidden_states` when given (the reference's output_hidden_states)."""
+        cos, sin = rotary_tables(position_ids, self.cfg.rotary_dim, 10000.0 * self.cfg.rope_ratio, x.dtype)
+        for layer in self.layers:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = layer(x, cos, sin, key_mask, cache)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.final_norm(x)
