@@ -42,8 +42,10 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     if Hq != Hkv:  # repeat each KV head for its query group, like the HF reference does
         k = k[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
         v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
-    if key_mask is None and (not causal or Lq == Lk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if key_mask is None and (not causal or Lq == 1):  # one query aligned with the last key sees all
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if key_mask is None and Lq == Lk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     cols = torch.arange(Lk, device=q.device)
     allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
     if causal:
