@@ -3,7 +3,8 @@
 The reference (THUDM/glm-4v-9b `apply_chat_template`, after the demos' `convert('RGB')`) is torchvision
 `Resize((S, S), BICUBIC)` on the PIL image, `ToTensor`, `Normalize(CLIP mean/std)`. PIL's own resize
 plus float32 `(x / 255 - mean) / std` reproduces it bit for bit (tests/fixtures/images); torch's
-bicubic `interpolate` does not (0.06-0.24 off), so the resize stays in PIL.
+bicubic `interpolate` does not (0.06-0.24 off), so the resize stays in PIL. Like the reference, no
+EXIF rotation is applied.
 """
 from __future__ import annotations
 

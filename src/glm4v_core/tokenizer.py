@@ -7,6 +7,7 @@ tests/fixtures/tokenizer/cases.json) without transformers or jinja. The template
 from __future__ import annotations
 
 import binascii
+import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,7 +19,7 @@ class TokenizerError(ValueError):
     """A bad vocabulary file, message or token id; the text says which and where."""
 
 
-# GLM-4's pre-tokenizer split: like cl100k, but \p{N}{1,3} and a letter run may take one leading symbol.
+# GLM-4's pre-tokenizer split: OpenAI's original cl100k_base pattern (digits in runs of <= 3).
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -167,7 +168,9 @@ class Tokenizer:
         self.stop_ids = [self.special_ids[t] for t in STOP_TOKENS]
         # tiktoken finds special-token text itself (one Rust regex pass). That equals HF's added-token
         # split here: exact matches, no stripping, and no special token is a prefix of another.
-        self._enc = tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self.special_ids)
+        self._enc = tiktoken.Encoding(
+            name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=dict(self.special_ids)
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -178,8 +181,8 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.model"
         if not path.is_file():
             raise TokenizerError(
-                f"no tokenizer.model in {directory} (HF GLM-4V checkpoints ship it beside config.json; "
-                "the tiny/narrow test fixtures have none: use Tokenizer.from_file on a rank file)"
+                f"no tokenizer.model in {directory}: GLM-4V checkpoints ship it beside config.json; "
+                "for a folder without one, use Tokenizer.from_file(<path to a rank file>)"
             )
         return cls.from_file(path)
 
@@ -195,22 +198,33 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """Concatenated token bytes (special ids give their text); for streaming partial UTF-8."""
-        return self._enc.decode_bytes(self._check_ids(ids))
+        if hasattr(ids, "tolist"):  # tensors and arrays
+            ids = ids.tolist()
+        elif not isinstance(ids, (list, tuple)):
+            ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except (KeyError, OverflowError, TypeError) as e:
+            # tiktoken knows exactly our ids (ranks + specials), so validating only on failure is free
+            raise self._bad_ids_error(ids) from e
 
     def decode(self, ids: Sequence[int]) -> str:
         """UTF-8 with replacement; special tokens become their text with no spaces added around them."""
-        return self._enc.decode(self._check_ids(ids), errors="replace")
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
-        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-            pos, bad = next((p, i) for p, i in enumerate(ids) if not 0 <= i < self.vocab_size)
-            raise TokenizerError(
-                f"token id {bad} at position {pos} is outside the vocabulary: valid ids are "
-                f"0..{self.vocab_size - 1} ({self.vocab_size - len(SPECIAL_TOKENS)} BPE ranks + "
-                f"{len(SPECIAL_TOKENS)} special tokens); larger embedding rows are never produced"
-            )
-        return ids
+    def _bad_ids_error(self, ids: Sequence) -> TokenizerError:
+        for pos, i in enumerate(ids):
+            try:
+                i = operator.index(i)  # ints and numpy integers, not floats
+            except TypeError:
+                return TokenizerError(f"token ids must be ints; got {type(i).__name__} {i!r} at position {pos}")
+            if not 0 <= i < self.vocab_size:
+                return TokenizerError(
+                    f"token id {i} at position {pos} is outside the vocabulary: valid ids are "
+                    f"0..{self.vocab_size - 1} ({self.vocab_size - len(SPECIAL_TOKENS)} BPE ranks + "
+                    f"{len(SPECIAL_TOKENS)} special tokens); larger embedding rows are never produced"
+                )
+        return TokenizerError(f"tiktoken could not decode {len(ids)} ids that all look valid")
 
     # -- chat template ----------------------------------------------------------------------------
 
