@@ -15,7 +15,7 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls = nn.Parameter(torch.empty(1, cfg.hidden_size))
         # one learned row per token (cls + grid^2); the image size is fixed, so no interpolation
-        self.pos = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.num_positions, cfg.hidden_size, _weight=torch.empty(cfg.num_positions, cfg.hidden_size))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, grid^2, Hv)

@@ -1,8 +1,10 @@
 """Load a checkpoint folder (HF layout or our native layout, auto-detected) into a GLM4V.
 
 The model is built on the `meta` device; every tensor name, shape and dtype in the files is
-checked against it before any data is touched; then parameters are assigned from memory maps
-(zero-copy when the stored dtype and device already match). No pickle anywhere.
+checked against it before any data is touched (glm4v_conversion.checkpoint names the file and
+tensor at fault); then parameters are assigned from memory maps. When the stored dtype and
+device already match (bf16 on CPU for the real checkpoint) parameters are views of the
+mapped files: nothing is copied and memory grows only with the pages actually read. No pickle.
 """
 from __future__ import annotations
 
@@ -10,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.names import HF_IGNORED_BUFFERS, hf_to_native, is_hf_name
-from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles, TensorInfo, list_tensors
+from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint
+from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
 from .model import GLM4V
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["CheckpointError", "build_meta_model", "check_against_model", "load_model"]
 
 
 def build_meta_model(config: GLM4VConfig) -> GLM4V:
@@ -25,54 +27,24 @@ def build_meta_model(config: GLM4VConfig) -> GLM4V:
         return GLM4V(config)
 
 
-def native_tensor_infos(folder: str | Path) -> tuple[dict[str, TensorInfo], str]:
-    """The folder's tensors under native names, and its layout ('hf' or 'native')."""
-    tensors = list_tensors(folder)
-    hf_names = [n for n in tensors if is_hf_name(n)]
-    if hf_names and len(hf_names) != len(tensors):
-        other = next(n for n in tensors if not is_hf_name(n))
-        raise CheckpointError(f"{folder}: mixes HF names ({hf_names[0]!r}) and native names ({other!r})")
-    if not hf_names:
-        return tensors, "native"
-    out = {}
-    for name, info in tensors.items():
-        if name in HF_IGNORED_BUFFERS:
-            continue  # saved by the reference, never read by its forward
-        native = hf_to_native(name)
-        if native is None:
-            raise CheckpointError(f"{info.file}: unexpected tensor {name!r} (no such parameter in GLM-4V)")
-        out[native] = info
-    return out, "hf"
-
-
-def check_against_model(infos: dict[str, TensorInfo], model: GLM4V, config_path: Path) -> None:
+def check_against_model(ckpt: Checkpoint, model: GLM4V, config_path: Path) -> None:
     """Every parameter present once, nothing extra, shapes as the config implies, float dtypes."""
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    missing = sorted(set(expected) - set(infos))
-    if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[:5]}")
-    unexpected = sorted(set(infos) - set(expected))
-    if unexpected:
-        info = infos[unexpected[0]]
-        raise CheckpointError(f"{info.file}: unexpected tensor {info.name!r} (no such parameter in GLM-4V)")
-    for name, shape in expected.items():
-        info = infos[name]
-        if info.shape != shape:
-            raise CheckpointError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but "
-                                  f"{config_path} implies {list(shape)}")
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file}: tensor {info.name!r} has dtype {info.dtype}, expected a float dtype")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_tensors(ckpt, expected, config_path)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
-    """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`."""
+    """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
+
+    Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
+    ValueErrors whose message names the file and tensor at fault."""
     folder = Path(path)
-    config_path = folder / "config.json"
-    config = GLM4VConfig.from_json(config_path)
-    infos, _layout = native_tensor_infos(folder)
+    config = GLM4VConfig.from_json(folder / CONFIG_FILE)
+    ckpt = open_checkpoint(folder)
     model = build_meta_model(config)
-    check_against_model(infos, model, config_path)
+    check_against_model(ckpt, model, folder / CONFIG_FILE)
     files = MappedFiles()
-    state = {name: files.tensor(info).to(device=device, dtype=dtype) for name, info in infos.items()}
+    # .to() returns the mmapped view itself when dtype and device already match: zero-copy
+    state = {name: files.tensor(info).to(device=device, dtype=dtype) for name, info in ckpt.tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,103 @@
+"""The `glm4v-convert` command: HF checkpoint folder <-> native folder (see glm4v_conversion/__init__)."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+
+import torch
+
+from .convert import ConversionError, convert
+from .safetensors_io import CheckpointError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+DESCRIPTION = """\
+Convert a GLM-4V-9B checkpoint folder between the Hugging Face layout (model-0000k-of-0000n.safetensors
++ model.safetensors.index.json, names like transformer.encoder.layers.0...) and glm4v-core's native
+layout (same sharding, names like text.layers.0..., plus glm4v_native.json provenance).
+
+Tensors are streamed from memory-mapped shards one shard at a time. Every header, name, shape
+(against config.json) and dtype, and the free disk space, are checked before anything is written;
+the output is written to a hidden folder beside DST and renamed to DST only when complete, so a
+failure or Ctrl-C leaves nothing behind."""
+
+EPILOG = """\
+examples:
+  glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-native            HF -> native
+  glm4v-convert ~/glm-4v-9b-native ~/glm-4v-9b-hf --to hf  native -> HF (the original files again)
+
+exit status: 0 on success, 1 when the input or output is refused (the message says why), 130 on Ctrl-C."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glm4v-convert", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="checkpoint folder to read: HF layout, or native with --to hf")
+    p.add_argument("dst", metavar="DST", help="folder to create; it must not exist unless --force")
+    p.add_argument("--to", choices=["native", "hf"], default="native",
+                   help="layout to write (default: native; SRC must be the other layout)")
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="cast every tensor to this dtype (default: keep the stored one); warns when the cast "
+                        "loses precision or range (anything but a cast to float32)")
+    p.add_argument("--max-shard-size", type=_size, metavar="SIZE",
+                   help="re-shard into files of at most SIZE (e.g. 5GB, 500MB, 2GiB; a bigger tensor gets a file "
+                        "of its own). Default: keep the sharding: native shard k = HF shard k; with --to hf, the "
+                        "original HF files as glm4v_native.json records them, else 5GB")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it exists and is a checkpoint folder (has config.json) or empty; the old "
+                        "folder is swapped out only once the new one is complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is written to stderr)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():  # restores the default printer on exit
+            warnings.showwarning = _print_warning
+            result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
+                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
+    except (CheckpointError, ConversionError, OSError) as e:
+        print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
+        return 130
+    gb = result.bytes_written / 1e9
+    print(f"wrote {result.dst} ({len(result.files)} files, {gb:.2f} GB in {result.seconds:.1f} s, "
+          f"{gb / max(result.seconds, 1e-9):.2f} GB/s)")
+    if result.verified is True:
+        print("verified: every safetensors file is byte-identical to the original HF file (sha256 recorded in "
+              "glm4v_native.json)")
+    elif result.verified is False:
+        print("glm4v-convert: note: the safetensors files differ from the sha256 glm4v_native.json records for "
+              "the original HF files (the native folder was changed since, or the originals were laid out "
+              "differently)", file=sys.stderr)
+    return 0
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"glm4v-convert: warning: {message}", file=sys.stderr)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MB', '2GiB' -> 2*2^30, '1000' -> 1000 bytes (the units transformers accepts)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (try 5GB, 500MB or 2GiB)")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return size

@@ -1,0 +1,84 @@
+"""Every native tensor name and its shape, from a plain HF config dict (DESIGN 1.1-1.3).
+
+The converter checks checkpoints against this without building the model (it does not import
+glm4v_core); tests/test_names.py proves it equals the state_dict of the model built on the
+meta device, for the real config and both fixtures, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .safetensors_io import CheckpointError
+
+Shape = tuple[int, ...]
+
+
+def expected_shapes(hf_config: dict[str, Any]) -> dict[str, Shape]:
+    """Native name -> shape for the model `hf_config` (an HF config.json dict) describes."""
+    c = _sizes(hf_config)
+    H, V, Hv, P, F = c["hidden_size"], c["padded_vocab_size"], c["v_hidden"], c["v_patch"], c["ffn_hidden_size"]
+    qkv = (c["num_attention_heads"] + 2 * c["multi_query_group_num"]) * c["kv_channels"]
+    text = {
+        "text.embed.weight": (V, H),
+        "text.final_norm.weight": (H,),
+        "text.lm_head.weight": (V, H),
+    }
+    text_layer = {
+        "attn_norm.weight": (H,),
+        "attn.qkv.weight": (qkv, H),
+        "attn.qkv.bias": (qkv,),
+        "attn.out.weight": (H, c["num_attention_heads"] * c["kv_channels"]),  # heads*kv may differ from H
+        "mlp_norm.weight": (H,),
+        "mlp.gate_up.weight": (2 * F, H),  # silu(a) * b, a and b stacked
+        "mlp.down.weight": (H, F),
+    }
+    vision = {
+        "vision.patch.proj.weight": (Hv, c["v_channels"], P, P),
+        "vision.patch.proj.bias": (Hv,),
+        "vision.patch.cls": (1, Hv),
+        "vision.patch.pos.weight": (c["v_positions"], Hv),
+    }
+    vision_layer = {
+        "attn.qkv.weight": (3 * Hv, Hv), "attn.qkv.bias": (3 * Hv,),
+        "attn.out.weight": (Hv, Hv), "attn.out.bias": (Hv,),
+        "attn_norm.weight": (Hv,), "attn_norm.bias": (Hv,),
+        "mlp.fc1.weight": (c["v_mlp"], Hv), "mlp.fc1.bias": (c["v_mlp"],),
+        "mlp.fc2.weight": (Hv, c["v_mlp"]), "mlp.fc2.bias": (Hv,),
+        "mlp_norm.weight": (Hv,), "mlp_norm.bias": (Hv,),
+    }
+    projector = {
+        "projector.conv.weight": (H, Hv, 2, 2),  # 2x2 stride-2 conv from the ViT grid to the text width
+        "projector.conv.bias": (H,),
+        "projector.glu.proj.weight": (H, H),
+        "projector.glu.norm.weight": (H,), "projector.glu.norm.bias": (H,),
+        "projector.glu.gate.weight": (F, H),  # the GLU reuses the decoder's ffn width
+        "projector.glu.up.weight": (F, H),
+        "projector.glu.down.weight": (H, F),
+        "projector.boi": (1, 1, H), "projector.eoi": (1, 1, H),
+    }
+    shapes = {**vision, **projector, **text}
+    for i in range(c["v_layers"]):
+        shapes.update({f"vision.layers.{i}.{k}": v for k, v in vision_layer.items()})
+    for i in range(c["num_layers"]):
+        shapes.update({f"text.layers.{i}.{k}": v for k, v in text_layer.items()})
+    return shapes
+
+
+_TEXT_KEYS = ("hidden_size", "padded_vocab_size", "num_layers", "num_attention_heads", "multi_query_group_num",
+              "kv_channels", "ffn_hidden_size")
+_VISION_KEYS = {"v_hidden": "hidden_size", "v_layers": "num_hidden_layers", "v_mlp": "intermediate_size",
+                "v_patch": "patch_size", "v_channels": "in_channels", "v_positions": "num_positions"}
+
+
+def _sizes(hf_config: dict[str, Any]) -> dict[str, int]:
+    """The integer sizes the shapes depend on; a missing or non-integer one is named."""
+    vision = hf_config.get("vision_config")
+    if not isinstance(vision, dict):
+        raise CheckpointError("config.json: missing or malformed 'vision_config' object")
+    sizes = {k: hf_config.get(k) for k in _TEXT_KEYS}
+    sizes.update({k: vision.get(v) for k, v in _VISION_KEYS.items()})
+    for key, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            where = f"vision_config.{_VISION_KEYS[key]}" if key in _VISION_KEYS else key
+            raise CheckpointError(f"config.json: {where} must be a non-negative integer, got {value!r}")
+    return sizes
