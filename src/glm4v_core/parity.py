@@ -39,6 +39,7 @@ class Stage:
     tol: float | None       # None: shown for bisecting, not judged
     ok: bool
     argmax_agree: float | None = None  # fraction of compared rows with the reference's argmax
+    note: str = ""
 
 
 @dataclass
@@ -146,24 +147,36 @@ def run_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str, 
     stages.append(compare("logits", out.logits, ref[f"logits_{case}"], tol.logits, rows, argmax_margin=tol.logits))
     if f"logits_{case}_bf16" in ref and model.dtype == torch.bfloat16:  # informational: bit-exact?
         stages.append(compare("logits vs reference bf16", out.logits, ref[f"logits_{case}_bf16"], None, rows))
-    greedy = greedy_stage(model, inputs, ref, case)
+    greedy = greedy_stage(model, inputs, ref, case, tol)
     if greedy is not None:
         stages.append(greedy)
     return report
 
 
-def greedy_stage(model: GLM4V, inputs: dict, ref: dict[str, torch.Tensor], case: str) -> Stage | None:
-    """16 greedy tokens with stopping disabled must equal the reference's (fp32 and bf16)."""
-    key = f"gen_tokens_{case}_bf16" if model.dtype == torch.bfloat16 else f"gen_tokens_{case}"
+def greedy_stage(model: GLM4V, inputs: dict, ref: dict[str, torch.Tensor], case: str, tol: Tolerances) -> Stage | None:
+    """16 greedy tokens with stopping disabled must equal the reference's.
+
+    bf16 only: a greedy step whose fp32 top-2 margin is below the bf16 error bound is a near-tie
+    that bf16 rounding may break either way; diverging from the bf16 reference there passes if
+    our tokens then equal the fp32 reference's greedy tokens (the other branch of the tie)."""
+    bf16 = model.dtype == torch.bfloat16
+    key = f"gen_tokens_{case}_bf16" if bf16 else f"gen_tokens_{case}"
     if key not in ref:
         return None
-    try:
-        from .generate import generate
-    except ImportError:  # generation runtime not present in this build
-        return None
+    from .generate import generate  # the runtime drives the model; imported here to keep layers one-way
     want = ref[key]
-    tokens = generate(model, **inputs, max_new_tokens=want.shape[1], stop_ids=[])
-    return exact("greedy_tokens", tokens, want)
+    tokens = generate(model, **inputs, max_new_tokens=want.shape[1], stop_ids=[]).cpu()
+    stage = exact("greedy_tokens", tokens, want)
+    if stage.ok or not bf16 or tokens.shape != want.shape or f"gen_step_logits_{case}" not in ref:
+        return stage
+    first = int((tokens != want).any(0).nonzero()[0])  # first step where any row differs
+    top2 = ref[f"gen_step_logits_{case}"][:, first].topk(2, dim=-1).values
+    margin = (top2[..., 0] - top2[..., 1]).min().item()
+    fp32_tokens = ref.get(f"gen_tokens_{case}")
+    stage.ok = margin <= tol.logits and fp32_tokens is not None and torch.equal(tokens, fp32_tokens)
+    stage.note = (f"differs from the bf16 reference from step {first}, a near-tie (fp32 margin {margin:.4f} "
+                  f"<= {tol.logits:.3f}); {'equals' if stage.ok else 'does NOT equal'} the fp32 greedy tokens")
+    return stage
 
 
 def reference_cases(ref: dict[str, torch.Tensor]) -> list[str]:
@@ -212,6 +225,8 @@ def format_report(reports: list[CaseReport], dtype_name: str) -> str:
             shape = "x".join(map(str, s.shape))
             lines.append(f"  {s.name:<26} {shape:<18} {s.max_abs:10.3e} {s.max_rel:10.3e} {agree} {tol}  "
                          f"{'ok' if s.ok else 'FAIL'}")
+            if s.note:
+                lines.append(f"    note: {s.note}")
         first_bad = next((s.name for s in r.stages if not s.ok), None)
         if first_bad:
             lines.append(f"  first stage that drifts: {first_bad}")
