@@ -39,10 +39,19 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
+    if Lq == 1:  # decode: the one query sees every key, so fold each group's query heads into the
+        # query axis of its KV head instead of copying K/V per query head
+        q = q.reshape(B, Hkv, Hq // Hkv, D)
+        if key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale).reshape(B, Hq, 1, D)
+        valid = torch.arange(Lk, device=q.device) >= key_mask.to(q.device)[:, None, None, None]  # (B, 1, 1, Lk)
+        sees_any = valid.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid | ~sees_any, scale=scale)
+        return out.masked_fill(~sees_any, 0.0).reshape(B, Hq, 1, D)
     if Hq != Hkv:  # repeat each KV head for its query group, like the HF reference does
         k = k[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
         v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
-    if key_mask is None and (not causal or Lq == 1):  # one query aligned with the last key sees all
+    if key_mask is None and not causal:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if key_mask is None and Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)

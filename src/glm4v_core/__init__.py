@@ -1,6 +1,7 @@
 """glm4v-core: a readable, exact, fast PyTorch reimplementation of GLM-4V-9B."""
 from .config import GLM4VConfig, VisionConfig
+from .generate import generate, stream_text
 from .model import GLM4V, InputError, ModelOutput
 from .weights import load_model
 
-__all__ = ["GLM4V", "GLM4VConfig", "VisionConfig", "InputError", "ModelOutput", "load_model"]
+__all__ = ["GLM4V", "GLM4VConfig", "VisionConfig", "InputError", "ModelOutput", "load_model", "generate", "stream_text"]

@@ -63,8 +63,8 @@ class GLM4V(nn.Module):
         """input_ids (B, L) -> logits. attention_mask (B, L): 1 for real tokens, left padding only.
         position_ids default to 0..n-1 over each row's real tokens (0 on pads). With a cache,
         prefill fills it; later calls (decode) must pass position_ids and no attention_mask."""
-        self._check_ids(input_ids)
         decoding = cache is not None and cache.length > 0
+        self._check_ids(input_ids, values=not decoding)  # decode ids come from our own logits
         if decoding and (attention_mask is not None or position_ids is None or pixel_values is not None):
             raise InputError("decode steps (cache already filled) take input_ids and explicit position_ids "
                              "only; padding was fixed at prefill and positions are not slot indices")
@@ -94,11 +94,14 @@ class GLM4V(nn.Module):
             x = self.text(embeds, position_ids, key_mask, cache, hidden)
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_ids(self, input_ids: torch.Tensor, values: bool) -> None:
+        """Shape and dtype always; the vocabulary range (a host sync) only when `values`."""
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise InputError(f"input_ids must be an integer tensor (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise InputError("input_ids is empty")
+        if not values:
+            return
         V = self.config.vocab_size
         bad = (input_ids < 0) | (input_ids >= V)
         if bad.any():

@@ -1,0 +1,215 @@
+"""The `glm4v` command: `generate` (one prompt, streamed), `chat` (multi-turn REPL), `parity`.
+
+    glm4v generate [--checkpoint DIR] [--image PATH] "Describe this image."
+    glm4v chat [--checkpoint DIR] [--image PATH]
+    glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
+
+Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
+every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
+time to first token and decode tokens/s go to stderr.
+
+Tokenizer: --tokenizer FILE, else DIR/tokenizer.model (real GLM-4V checkpoints ship it), else,
+for the test fixtures, the repository's real GLM-4 vocabulary cut to the checkpoint's size: its
+first `pad_token_id` BPE ranks (256 single bytes, then merges in rank order, itself a valid BPE
+vocabulary), so the special tokens land at the fixture's ids (vocab - 223 + offset).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .config import GLM4VConfig
+from .generate import GenerationStats, Sampling, stream_text
+from .image import load_image
+from .tokenizer import Tokenizer, TokenizerError, load_ranks
+from .weights import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLED_CHECKPOINT = REPO / "tests" / "fixtures" / "tiny"
+BUNDLED_VOCABULARY = REPO / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXIT_WORDS = ("exit", "quit")
+
+
+class CLIError(ValueError):
+    """A problem with the command line or the files it names."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm4v", description="GLM-4V-9B inference (glm4v-core).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity}")
+    gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
+    gen.add_argument("prompt", help="the user message")
+    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit' or EOF ends)")
+    for p in (gen, chat):
+        add_model_arguments(p)
+        add_sampling_arguments(p)
+    commands.add_parser("parity", help="compare with the HF reference fixtures (see glm4v parity --help)",
+                        add_help=False)
+    return parser
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"checkpoint folder (HF or native layout); default: the bundled tiny fixture "
+                        f"{BUNDLED_CHECKPOINT} (random weights: gibberish, but it runs in seconds)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.model rank file; default: CHECKPOINT/tokenizer.model, or for a test fixture "
+                        "without one, the repository's GLM-4 vocabulary cut to the fixture's size")
+    p.add_argument("--image", type=Path, default=None, help="an image for the (first) user message")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most per answer")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (with --do-sample)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all; with --do-sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; with --do-sample)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampler for reproducible output")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); the stop ids always apply")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["parity"]:  # every further argument belongs to the parity tool
+        from . import parity
+        return parity.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate" and not args.prompt.strip():
+            raise CLIError('the prompt is empty; give the question as an argument, '
+                           'e.g. glm4v generate "Describe this image."')
+        session = Session.open(args)
+        if args.command == "generate":
+            return session.generate(args.prompt, sys.stdout, sys.stderr)
+        return session.chat(sys.stdin, sys.stdout, sys.stderr)
+    except ValueError as e:  # every input error of glm4v_core is a ValueError subclass with a clear text
+        print(f"glm4v: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nglm4v: interrupted", file=sys.stderr)
+        return 130
+
+
+class Session:
+    """A loaded model, its tokenizer, the optional image and the sampling settings."""
+
+    def __init__(self, model, tokenizer: Tokenizer, pixel_values: torch.Tensor | None, args: argparse.Namespace):
+        self.model, self.tokenizer, self.pixel_values, self.args = model, tokenizer, pixel_values, args
+
+    @classmethod
+    def open(cls, args: argparse.Namespace) -> Session:
+        """Everything that can fail on bad input (files, sizes, flags) fails before the weights load."""
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        config = GLM4VConfig.from_json(checkpoint / "config.json")
+        tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
+        pixel_values = None if args.image is None else load_image(args.image, config.vision.image_size)[None]
+        if args.max_new_tokens < 1:
+            raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # checks the flags
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        return cls(load_model(checkpoint, dtype=dtype, device=device), tokenizer, pixel_values, args)
+
+    def generate(self, prompt: str, out: TextIO, err: TextIO) -> int:
+        self.answer([self.user_message(prompt, first=True)], out, err)
+        return 0
+
+    def chat(self, lines: TextIO, out: TextIO, err: TextIO) -> int:
+        """One user line per turn; the history is re-encoded each turn, the image stays in turn 1."""
+        messages: list[dict] = []
+        while True:
+            if lines.isatty():
+                print("user> ", end="", file=err, flush=True)
+            line = lines.readline()
+            text = line.strip()
+            if not text or text.lower() in EXIT_WORDS:  # EOF reads as ""
+                return 0
+            messages.append(self.user_message(text, first=not messages))
+            messages.append({"role": "assistant", "content": self.answer(messages, out, err)})
+
+    def user_message(self, text: str, first: bool) -> dict:
+        image = str(self.args.image) if first and self.pixel_values is not None else None
+        return {"role": "user", "content": text, **({"image": image} if image else {})}
+
+    def answer(self, messages: list[dict], out: TextIO, err: TextIO) -> str:
+        ids = torch.tensor([self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)])
+        a = self.args
+        generator = None
+        if a.seed is not None:
+            generator = torch.Generator(device=self.model.text.embed.weight.device).manual_seed(a.seed)
+        stats = GenerationStats()
+        pieces = []
+        for delta in stream_text(self.model, self.tokenizer, ids, self.pixel_values, max_new_tokens=a.max_new_tokens,
+                                 stop_strings=a.stop, do_sample=a.do_sample, temperature=a.temperature,
+                                 top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+                                 generator=generator, stats=stats):
+            pieces.append(delta)
+            out.write(delta)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        print(f"[{stats.summary()}]", file=err, flush=True)
+        return "".join(pieces)
+
+
+def resolve_checkpoint(path: Path | None) -> Path:
+    if path is None:
+        if not (BUNDLED_CHECKPOINT / "config.json").is_file():
+            raise CLIError(f"no --checkpoint given and the bundled demo checkpoint {BUNDLED_CHECKPOINT} is missing "
+                           "(it ships with a source checkout of glm4v-core); pass --checkpoint DIR")
+        return BUNDLED_CHECKPOINT
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{path} is not a checkpoint folder (no config.json in it)")
+    return path
+
+
+def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig) -> Tokenizer:
+    """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit."""
+    if path is not None:
+        tokenizer = Tokenizer.from_file(path)
+    elif (checkpoint / "tokenizer.model").is_file():
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    elif BUNDLED_VOCABULARY.is_file():
+        tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id)
+    else:
+        raise CLIError(f"{checkpoint} has no tokenizer.model; pass --tokenizer FILE")
+    check_tokenizer_fits(tokenizer, config)
+    return tokenizer
+
+
+def truncated_tokenizer(vocabulary: Path, n_ranks: int) -> Tokenizer:
+    """The first n_ranks BPE ranks of a vocabulary; the special tokens then take ids n_ranks.. ."""
+    ranks = load_ranks(vocabulary)
+    if not 256 <= n_ranks <= len(ranks):
+        raise CLIError(f"cannot cut {vocabulary} ({len(ranks)} ranks) to {n_ranks} ranks (need 256 single bytes)")
+    return Tokenizer({token: rank for token, rank in ranks.items() if rank < n_ranks})
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: GLM4VConfig) -> None:
+    """The ids the model treats specially must be the tokenizer's, or prompts are silently wrong."""
+    sp = tokenizer.special_ids
+    pairs = {"pad_token_id (<|endoftext|>)": (config.pad_token_id, sp["<|endoftext|>"]),
+             "boi_token_id (<|begin_of_image|>)": (config.boi_token_id, sp["<|begin_of_image|>"]),
+             "eoi_token_id (<|end_of_image|>)": (config.eoi_token_id, sp["<|end_of_image|>"])}
+    for name, (model_id, tok_id) in pairs.items():
+        if model_id != tok_id:
+            raise TokenizerError(f"tokenizer does not fit the checkpoint: config {name} is {model_id}, the "
+                                 f"tokenizer's is {tok_id}")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} ids, the model's embedding only "
+                             f"{config.vocab_size}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

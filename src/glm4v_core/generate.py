@@ -1,0 +1,339 @@
+"""Generation: prefill + decode over a static KV cache, sampling, stop rules, streaming text.
+
+    prefill  the whole left-padded, image-spliced prompt fills cache slots 0..T-1 in one forward;
+             the logits at the last slot give token 0.
+    decode   step i feeds each row's token i at cache slot T + i and rotary position next + i,
+             where next = the prompt's largest position + 1 (DESIGN 1.4). Slots and positions
+             differ: an image's 1600 patch rows fill 1600 slots but share one position.
+
+The cache is sized once (B, T + max_new_tokens) and the output token tensor is preallocated, so
+a decode step does the same Python work at every length. Rows that hit a stop id are padded
+with pad_token_id afterwards; the loop ends when every row has stopped. Stopped rows still ride
+along in the batched forward until then: a decode step reads the weights once for the whole
+batch, so dropping rows would save only their (small) share of attention and activations.
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .model import GLM4V, InputError
+
+# The model card promises an 8K context: rotary positions 0..8191 (the config's seq_length is nominal).
+MAX_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits (HF semantics and order of application)."""
+
+    do_sample: bool = False          # False: argmax (greedy); True: draw from the softmax
+    temperature: float = 1.0         # logits / temperature before sampling (sampling only)
+    top_k: int = 0                   # keep the k largest logits, ties included (0 = off; sampling only)
+    top_p: float = 1.0               # keep the smallest set whose probability >= top_p (1.0 = off; sampling only)
+    repetition_penalty: float = 1.0  # CTRL rule on tokens already in the prompt or output (1.0 = off)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        p = sampling.repetition_penalty  # shrink a seen token's logit toward -inf, whatever its sign
+        logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+    if not sampling.do_sample:
+        return logits.argmax(-1)  # first index on ties, as HF
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        logits = keep_top_p(logits, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: drop a token when the tokens ranked above it already hold >= top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # the first token always stays (mass_before = 0)
+    drop_sorted = mass_before >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass
+class Step:
+    index: int                # 0 for the token from the prefill logits
+    tokens: torch.Tensor      # (B,) chosen ids; pad_token_id for rows stopped at an earlier step
+    logits: torch.Tensor      # (B, V) the model's raw logits that chose them (model dtype)
+    finished: torch.Tensor    # (B,) bool: the row has produced a stop id (at this step or before)
+
+
+def generate(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+             attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+             max_new_tokens: int = 16, do_sample: bool = False, stop_ids: Sequence[int] | None = None, *,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """New tokens (B, n) for a (left-padded) batch, n <= max_new_tokens.
+
+    stop_ids None = the config's eos ids; [] = never stop. A row that stops keeps its stop id and
+    is padded with pad_token_id after it; n is the longest row (the loop ends when all rows stop).
+    pixel_values: (N, 3, S, S) or a list of N (3, S, S), one image per row holding the placeholder.
+    """
+    sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
+    steps = stream_tokens(model, input_ids, pixel_values, attention_mask, position_ids,
+                          max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids, generator=generator)
+    out, n = None, 0
+    for step in steps:
+        if out is None:  # preallocated once: no growth on the hot path
+            out = step.tokens.new_full((step.tokens.shape[0], max_new_tokens), model.config.pad_token_id)
+        out[:, step.index] = step.tokens
+        n = step.index + 1
+    return out[:, :n]
+
+
+def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
+                  pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                  max_new_tokens: int = 16, sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
+                  generator: torch.Generator | None = None, vocab_limit: int | None = None) -> Iterator[Step]:
+    """The generation loop, one Step per new token. Every input check runs before any compute.
+
+    vocab_limit: only ids below it can be chosen (a tokenizer's vocabulary; the embedding has
+    padding rows past it that decode to nothing)."""
+    device = model.text.embed.weight.device
+    input_ids, pixel_values, attention_mask, position_ids = (
+        None if t is None else t.to(device) for t in
+        check_prompt(model, input_ids, pixel_values, attention_mask, position_ids, max_new_tokens))
+    stops = torch.tensor(model.config.eos_token_ids if stop_ids is None else list(stop_ids),
+                         dtype=torch.long, device=device)
+    pad, batch = model.config.pad_token_id, input_ids.shape[0]
+    seen = None
+    if sampling.repetition_penalty != 1.0:  # (B, V) prompt tokens, left pads excluded
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=device)
+        seen = seen.scatter_add_(1, input_ids, real) > 0
+
+    def loop() -> Iterator[Step]:
+        # inference_mode is entered per block, never across a yield (it would leak into the caller)
+        with torch.inference_mode():
+            cache = model.new_cache(batch, spliced_length(model, input_ids, pixel_values) + max_new_tokens)
+            out = model(input_ids, pixel_values, attention_mask, position_ids, cache, last_logits_only=True)
+            logits = out.logits[:, -1]  # (B, V)
+            position = out.position_ids.max(dim=1, keepdim=True).values + 1  # (B, 1): not the slot count
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            unknown = None if vocab_limit is None else torch.arange(vocab_limit, logits.shape[-1], device=device)
+        for i in range(max_new_tokens):
+            with torch.inference_mode():
+                allowed = logits if unknown is None else logits.float().index_fill(-1, unknown, float("-inf"))
+                token = next_token(allowed, sampling, seen, generator).masked_fill(finished, pad)
+                finished = finished | torch.isin(token, stops)
+                if seen is not None:
+                    seen.scatter_(1, token[:, None], True)
+            yield Step(i, token, logits, finished)
+            if i + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step
+                return
+            with torch.inference_mode():
+                logits = model(token[:, None], position_ids=position, cache=cache).logits[:, -1]
+                position += 1
+
+    return loop()
+
+
+def check_prompt(model: GLM4V, input_ids: torch.Tensor, pixel_values, attention_mask, position_ids,
+                 max_new_tokens: int):
+    """Cheap checks with clear messages, before the cache or the ViT costs anything.
+
+    Returns the inputs with pixel_values stacked into one (N, 3, S, S) tensor (or None)."""
+    c = model.config
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise InputError(f"input_ids must be a (B, L) tensor, got {type(input_ids).__name__} "
+                         f"{tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.numel() == 0:
+        raise InputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    pixel_values = stack_images(model, pixel_values)
+    image_rows = (input_ids == c.boi_token_id).any(dim=1)
+    n_images = 0 if pixel_values is None else pixel_values.shape[0]
+    if n_images and not image_rows.any():
+        raise InputError(f"{n_images} image(s) given but the prompt has no image placeholder "
+                         f"<|begin_of_image|> <|endoftext|> <|end_of_image|> (ids {c.boi_token_id}, "
+                         f"{c.pad_token_id}, {c.eoi_token_id}): put the image in a chat message, or drop it")
+    if image_rows.any() and not n_images:
+        raise InputError(f"input_ids row {int(image_rows.nonzero()[0])} holds the image placeholder "
+                         f"(<|begin_of_image|> id {c.boi_token_id}) but no image was given")
+    if n_images != int(image_rows.sum()):
+        raise InputError(f"{n_images} image(s) given for {int(image_rows.sum())} row(s) with an image "
+                         "placeholder: give one image per such row, in row order")
+    if position_ids is not None:
+        prompt_len = position_ids.max(dim=1).values + 1
+    elif attention_mask is not None:
+        prompt_len = attention_mask.sum(dim=1)
+    else:
+        prompt_len = torch.full((input_ids.shape[0],), input_ids.shape[1])
+    longest = int(prompt_len.max())
+    if longest + max_new_tokens > MAX_CONTEXT:
+        raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"context of {MAX_CONTEXT} positions (an image counts as its 3 placeholder tokens)")
+    return input_ids, pixel_values, attention_mask, position_ids
+
+
+def stack_images(model: GLM4V, pixel_values) -> torch.Tensor | None:
+    """None, (N, 3, S, S), or a list of (3, S, S) -> (N, 3, S, S) of the model's image size."""
+    if pixel_values is None:
+        return None
+    v = model.config.vision
+    want = (v.in_channels, v.image_size, v.image_size)
+    images = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else None
+    if images is not None:
+        if not images:
+            return None
+        for i, image in enumerate(images):
+            if not isinstance(image, torch.Tensor) or tuple(image.shape) != want:
+                shape = tuple(getattr(image, "shape", ()))
+                raise InputError(f"image {i} has shape {shape}, but this model takes {want} (every image "
+                                 f"is resized to vision_config.image_size = {v.image_size})")
+        return torch.stack(images)
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+        raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
+                         f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
+    return pixel_values
+
+
+def spliced_length(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:
+    """Cache slots the prompt fills: each image's 3 placeholder tokens become 2 + (g/2)^2 rows."""
+    if pixel_values is None:
+        return input_ids.shape[1]
+    return input_ids.shape[1] - 3 + 2 + model.config.vision.num_image_tokens
+
+
+# -- text -----------------------------------------------------------------------------------------
+
+class TokenDecoder(Protocol):
+    vocab_size: int  # ids the decoder knows: generation never picks others
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
+
+
+class TextDeltas:
+    """Token ids in, text out, never splitting a character or emitting part of a stop string.
+
+    An incremental UTF-8 decoder holds back an incomplete multi-byte tail until its last byte
+    arrives; text that could be the start of a stop string is held until it cannot. The work per
+    token is bounded by the token's length and the longest stop string."""
+
+    def __init__(self, decoder: TokenDecoder, stop_strings: Sequence[str] = ()):
+        if isinstance(stop_strings, str) or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty str, got {stop_strings!r}")
+        self.decoder, self.stop_strings = decoder, tuple(stop_strings)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""      # decoded text not yet emitted: it might begin a stop string
+        self.stopped = False  # a stop string was found; nothing more will be emitted
+
+    def push(self, token_id: int) -> str:
+        return self._release(self._held + self._utf8.decode(self.decoder.decode_bytes([token_id])), final=False)
+
+    def flush(self) -> str:
+        """The held text at the end (an unfinished character becomes U+FFFD)."""
+        return self._release(self._held + self._utf8.decode(b"", final=True), final=True)
+
+    def _release(self, text: str, final: bool) -> str:
+        if self.stopped:
+            return ""
+        hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return text[:min(hits)]
+        keep = 0 if final else self._stop_prefix_length(text)
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of some stop string."""
+        return max((n for s in self.stop_strings for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if s.startswith(text[len(text) - n:])), default=0)
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by stream_text: when the first token came and how many followed."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token_s: float = 0.0  # prefill (incl. the ViT) + the first sampling
+    total_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding (the prefill is not in it)."""
+        decode_s = self.total_s - self.time_to_first_token_s
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.new_tokens} tokens in {self.total_s:.2f} s: time to first token "
+                f"{self.time_to_first_token_s:.3f} s, decode {self.decode_tokens_per_s:.1f} tok/s "
+                f"(prompt {self.prompt_tokens} tokens)")
+
+
+def stream_text(model: GLM4V, tokenizer: TokenDecoder, input_ids: torch.Tensor,
+                pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                max_new_tokens: int = 256, stop_ids: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+                do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+                stats: GenerationStats | None = None) -> Iterator[str]:
+    """Text deltas of one prompt (batch 1) as tokens arrive; stop ids and stop strings are not emitted.
+
+    Only ids below tokenizer.vocab_size are chosen. Inputs are checked at the call; the model
+    runs as the iterator is consumed. `stats`, when given, is filled in as tokens arrive."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
+        raise InputError(f"stream_text streams one prompt, got a batch of {input_ids.shape[0]}; use generate()")
+    deltas = TextDeltas(tokenizer, stop_strings)
+    sampling = Sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
+    steps = stream_tokens(model, input_ids, pixel_values, attention_mask, position_ids, max_new_tokens=max_new_tokens,
+                          sampling=sampling, stop_ids=stop_ids, generator=generator, vocab_limit=tokenizer.vocab_size)
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = input_ids.shape[-1]
+    return _stream_text(steps, deltas, stats)
+
+
+def _stream_text(steps: Iterator[Step], deltas: TextDeltas, stats: GenerationStats) -> Iterator[str]:
+    start = time.perf_counter()
+    try:
+        for step in steps:
+            token, stopped = int(step.tokens[0]), bool(step.finished[0])  # the sync that makes timing honest
+            stats.new_tokens += 1
+            stats.total_s = time.perf_counter() - start
+            if step.index == 0:
+                stats.time_to_first_token_s = stats.total_s
+            if stopped:
+                break  # a stop id: not part of the answer
+            delta = deltas.push(token)
+            if delta:
+                yield delta
+            if deltas.stopped:
+                break
+        tail = deltas.flush()
+        if tail:
+            yield tail
+    finally:
+        steps.close()
+        stats.total_s = time.perf_counter() - start
