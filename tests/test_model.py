@@ -23,12 +23,12 @@ def test_pixels_of_the_wrong_size(tiny, ref):
 
 
 def test_pixels_without_placeholder(tiny, ref):
-    with pytest.raises(InputError, match="1 image.*0 row"):
+    with pytest.raises(InputError, match="no image placeholder"):
         tiny(ref["input_ids_b"], ref["pixel_values_a"])
 
 
 def test_placeholder_without_pixels(tiny, ref):
-    with pytest.raises(InputError, match="no pixel_values"):
+    with pytest.raises(InputError, match="no image was given"):
         tiny(ref["input_ids_a"])
 
 

@@ -162,27 +162,10 @@ def check_prompt(model: GLM4V, input_ids: torch.Tensor, pixel_values, attention_
     """Cheap checks with clear messages, before the cache or the ViT costs anything.
 
     Returns the inputs with pixel_values stacked into one (N, 3, S, S) tensor (or None)."""
-    c = model.config
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise InputError(f"input_ids must be a (B, L) tensor, got {type(input_ids).__name__} "
-                         f"{tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.numel() == 0:
-        raise InputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     pixel_values = stack_images(model, pixel_values)
-    image_rows = (input_ids == c.boi_token_id).any(dim=1)
-    n_images = 0 if pixel_values is None else pixel_values.shape[0]
-    if n_images and not image_rows.any():
-        raise InputError(f"{n_images} image(s) given but the prompt has no image placeholder "
-                         f"<|begin_of_image|> <|endoftext|> <|end_of_image|> (ids {c.boi_token_id}, "
-                         f"{c.pad_token_id}, {c.eoi_token_id}): put the image in a chat message, or drop it")
-    if image_rows.any() and not n_images:
-        raise InputError(f"input_ids row {int(image_rows.nonzero()[0])} holds the image placeholder "
-                         f"(<|begin_of_image|> id {c.boi_token_id}) but no image was given")
-    if n_images != int(image_rows.sum()):
-        raise InputError(f"{n_images} image(s) given for {int(image_rows.sum())} row(s) with an image "
-                         "placeholder: give one image per such row, in row order")
+    model.check_inputs(input_ids, pixel_values)
     if position_ids is not None:
         prompt_len = position_ids.max(dim=1).values + 1
     elif attention_mask is not None:
@@ -200,22 +183,19 @@ def stack_images(model: GLM4V, pixel_values) -> torch.Tensor | None:
     """None, (N, 3, S, S), or a list of (3, S, S) -> (N, 3, S, S) of the model's image size."""
     if pixel_values is None:
         return None
+    if isinstance(pixel_values, torch.Tensor):
+        return pixel_values  # its shape is checked by model.check_inputs
+    images = list(pixel_values)
+    if not images:
+        return None
     v = model.config.vision
     want = (v.in_channels, v.image_size, v.image_size)
-    images = list(pixel_values) if not isinstance(pixel_values, torch.Tensor) else None
-    if images is not None:
-        if not images:
-            return None
-        for i, image in enumerate(images):
-            if not isinstance(image, torch.Tensor) or tuple(image.shape) != want:
-                shape = tuple(getattr(image, "shape", ()))
-                raise InputError(f"image {i} has shape {shape}, but this model takes {want} (every image "
-                                 f"is resized to vision_config.image_size = {v.image_size})")
-        return torch.stack(images)
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
-        raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
-                         f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
-    return pixel_values
+    for i, image in enumerate(images):
+        if not isinstance(image, torch.Tensor) or tuple(image.shape) != want:
+            shape = tuple(getattr(image, "shape", ()))
+            raise InputError(f"image {i} has shape {shape}, but this model takes {want} (every image "
+                             f"is resized to vision_config.image_size = {v.image_size})")
+    return torch.stack(images)
 
 
 def spliced_length(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> int:

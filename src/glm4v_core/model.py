@@ -48,11 +48,6 @@ class GLM4V(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included."""
-        v = self.config.vision
-        want = (v.in_channels, v.image_size, v.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
-            raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this "
-                             f"model, got {tuple(pixel_values.shape)}")
         pixels = pixel_values.to(device=self.text.embed.weight.device, dtype=self.dtype)  # cast before the ViT
         return self.projector(self.vision(pixels))
 
@@ -64,10 +59,13 @@ class GLM4V(nn.Module):
         position_ids default to 0..n-1 over each row's real tokens (0 on pads). With a cache,
         prefill fills it; later calls (decode) must pass position_ids and no attention_mask."""
         decoding = cache is not None and cache.length > 0
-        self._check_ids(input_ids, values=not decoding)  # decode ids come from our own logits
         if decoding and (attention_mask is not None or position_ids is None or pixel_values is not None):
             raise InputError("decode steps (cache already filled) take input_ids and explicit position_ids "
                              "only; padding was fixed at prefill and positions are not slot indices")
+        if decoding:  # decode ids come from our own logits: no data-dependent check (host sync)
+            check_ids_shape(input_ids)
+        else:
+            image_rows = self.check_inputs(input_ids, pixel_values)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -76,12 +74,10 @@ class GLM4V(nn.Module):
             raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         embeds = self.text.embed(input_ids)
         image_embeds = None
-        if not decoding:
-            image_rows = self._check_image_tokens(input_ids, pixel_values)
-            if pixel_values is not None:
-                image_embeds = self.encode_images(pixel_values)
-                embeds, position_ids, attention_mask = splice_images(
-                    embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
+        if pixel_values is not None:  # prefill only (refused above when decoding)
+            image_embeds = self.encode_images(pixel_values)
+            embeds, position_ids, attention_mask = splice_images(
+                embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
         key_mask = cache.key_mask if decoding else first_valid_key(attention_mask)
         if cache is not None and not decoding:
             if cache.batch != input_ids.shape[0]:
@@ -94,39 +90,42 @@ class GLM4V(nn.Module):
             x = self.text(embeds, position_ids, key_mask, cache, hidden)
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
 
-    def _check_ids(self, input_ids: torch.Tensor, values: bool) -> None:
-        """Shape and dtype always; the vocabulary range (a host sync) only when `values`."""
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise InputError(f"input_ids must be an integer tensor (B, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            raise InputError("input_ids is empty")
-        if not values:
-            return
-        V = self.config.vocab_size
-        bad = (input_ids < 0) | (input_ids >= V)
+    def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Prompt checks, before any compute: ids in the vocabulary, pixels of the model's image
+        size, at most one `boi pad eoi` block per row and one image per such row (in row order).
+        Returns (B,) bool: the rows holding an image."""
+        check_ids_shape(input_ids)
+        c = self.config
+        bad = (input_ids < 0) | (input_ids >= c.vocab_size)
         if bad.any():
             row, col = (int(i) for i in bad.nonzero()[0])
-            raise InputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary [0, {V})")
-
-    def _check_image_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Each row holds at most one boi, pad, eoi block; one image per such row. Returns (B,) bool."""
-        c = self.config
+            raise InputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary "
+                             f"[0, {c.vocab_size})")
+        v = c.vision
+        want = (v.in_channels, v.image_size, v.image_size)
+        if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want):
+            raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
+                             f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
         is_boi, is_eoi = input_ids == c.boi_token_id, input_ids == c.eoi_token_id
         n_boi, n_eoi = is_boi.sum(1), is_eoi.sum(1)
         rows = n_boi > 0
-        n_images = 0 if pixel_values is None else (pixel_values.shape[0] if pixel_values.dim() == 4 else -1)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        placeholder = (f"<|begin_of_image|> <|endoftext|> <|end_of_image|> (ids {c.boi_token_id}, "
+                       f"{c.pad_token_id}, {c.eoi_token_id})")
         if pixel_values is None and rows.any():
             raise InputError(f"input_ids row {int(rows.nonzero()[0])} holds the image placeholder "
-                             f"(<|begin_of_image|> id {c.boi_token_id}) but no pixel_values were given")
+                             f"(<|begin_of_image|> id {c.boi_token_id}) but no image was given")
         if pixel_values is None:
             return rows
+        if not rows.any():
+            raise InputError(f"{n_images} image(s) given but the prompt has no image placeholder {placeholder}: "
+                             "put the image in a chat message, or drop it")
         if (n_boi > 1).any() or (n_eoi != n_boi).any():
-            raise InputError("each row may hold one image placeholder <|begin_of_image|> <|endoftext|> "
-                             f"<|end_of_image|> (ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}); "
-                             f"found boi counts {n_boi.tolist()} and eoi counts {n_eoi.tolist()}")
+            raise InputError(f"each row may hold one image placeholder {placeholder}; found boi counts "
+                             f"{n_boi.tolist()} and eoi counts {n_eoi.tolist()}")
         if int(rows.sum()) != n_images:
-            raise InputError(f"pixel_values holds {n_images} image(s) but {int(rows.sum())} row(s) of input_ids hold the "
-                             f"image placeholder (<|begin_of_image|> id {c.boi_token_id}); give one image per such row")
+            raise InputError(f"{n_images} image(s) given for {int(rows.sum())} row(s) with an image placeholder: "
+                             "give one image per such row, in row order")
         boi_at = is_boi.float().argmax(1)
         L = input_ids.shape[1]
         nxt = input_ids.gather(1, (boi_at + 1).clamp(max=L - 1)[:, None])[:, 0]
@@ -135,6 +134,14 @@ class GLM4V(nn.Module):
             raise InputError(f"the image placeholder must be exactly <|begin_of_image|> <|endoftext|> <|end_of_image|> "
                              f"(ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}) in consecutive positions")
         return rows
+
+
+def check_ids_shape(input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be an integer tensor (B, L), got {type(input_ids).__name__} "
+                         f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.numel() == 0:
+        raise InputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
 
 
 def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
