@@ -1,0 +1,218 @@
+"""Kernel microbenchmarks: the Triton RMSNorm and flash attention vs torch, at GLM-4V-9B shapes.
+
+    python benchmarks/kernels.py              # on a GPU: real shapes, timed by triton.testing.do_bench
+    python benchmarks/kernels.py --smoke      # tiny shapes; forced without CUDA (Triton interpreter)
+    python benchmarks/kernels.py --out DIR    # where the JSON copy goes (default benchmarks/results)
+
+Work per call (elt = bytes per element; all inputs bf16 on a GPU):
+    attention FLOPs = 4 * B * Hq * Lq * Lk * D       (QK^T and PV: 2 FLOPs per multiply-add),
+                      halved when causal with Lq == Lk (half the score matrix is skipped)
+    decode bytes    = 2 * B * Hkv * Lk * D * elt     (K and V read once, shared by a KV group)
+                    + 2 * B * Hq * Lq * D * elt      (q read, out written)
+    rmsnorm bytes   = 2 * rows * N * elt + N * elt   (x read, y written, weight read);
+                      fused add + norm: 4 * rows * N * elt + N * elt (x, residual read; y, s written)
+Baselines: torch SDPA with the flash and math backends (k/v expanded to Hq heads outside the timed
+region: the favourable case for torch), the eager reference, F.rms_norm, torch.compile of the
+reference, and a plain copy (x.clone(): the bandwidth an RMSNorm can hope for).
+Prints a device line with peaks, a fixed-width table, and the JSON record as the last line; a copy
+goes to <out>/kernels_<device>_<date>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU: run the kernels in the interpreter; must precede `import triton`
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+import glm4v_kernels as K  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# name fragment -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheets; first match wins
+PEAKS = [("H200", 989.0, 4800.0), ("H100 NVL", 835.0, 3900.0), ("H100 PCIe", 756.0, 2000.0),
+         ("H100", 989.0, 3350.0), ("A100-SXM4-80GB", 312.0, 2039.0), ("A100 80GB PCIe", 312.0, 1935.0),
+         ("A100", 312.0, 1555.0)]
+NOMINAL_PEAKS = (100.0, 1000.0)  # unknown GPU; the CPU interpreter gets (1, 50)
+GLM_EPS = 1.5625e-07
+
+
+def device_info() -> dict:
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "tflops": 1.0, "gbps": 50.0, "peaks": "nominal (CPU, Triton interpreter)"}
+    name = torch.cuda.get_device_name()
+    for fragment, tflops, gbps in PEAKS:
+        if fragment in name:
+            return {"name": name, "tflops": tflops, "gbps": gbps, "peaks": f"datasheet ({fragment})"}
+    return {"name": name, "tflops": NOMINAL_PEAKS[0], "gbps": NOMINAL_PEAKS[1], "peaks": "nominal (unknown GPU)"}
+
+
+def bench(fn) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds per call."""
+    if torch.cuda.is_available():
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+    fn()  # warm-up (the interpreter has no compile step, torch may)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return statistics.median(times), q[0], q[3]
+
+
+def attention_cases(smoke: bool) -> list[dict]:
+    """B, Hq, Hkv, Lq, Lk, D, causal; decode cases read k/v as views of a static cache."""
+    if smoke:
+        return [dict(name="vit", B=1, Hq=2, Hkv=2, Lq=40, Lk=40, D=112, causal=False),
+                dict(name="prefill", B=1, Hq=4, Hkv=2, Lq=40, Lk=40, D=64, causal=True),
+                dict(name="decode", B=2, Hq=4, Hkv=1, Lq=1, Lk=100, D=64, causal=True)]
+    cases = [dict(name="vit", B=1, Hq=16, Hkv=16, Lq=6401, Lk=6401, D=112, causal=False)]
+    cases += [dict(name="prefill", B=1, Hq=32, Hkv=2, Lq=L, Lk=L, D=128, causal=True) for L in (1024, 2048, 8192)]
+    cases += [dict(name="decode", B=B, Hq=32, Hkv=2, Lq=1, Lk=L, D=128, causal=True)
+              for B in (1, 16) for L in (2048, 8192)]
+    return cases
+
+
+def rms_norm_cases(smoke: bool) -> list[tuple[int, int]]:
+    if smoke:
+        return [(5, 97), (3, 256)]
+    return [(rows, N) for N in (4096, 1792) for rows in (1, 2048, 16384)]
+
+
+def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
+    B, Hq, Hkv, Lq, Lk, D, causal = (case[k] for k in ("B", "Hq", "Hkv", "Lq", "Lk", "D", "causal"))
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, Hq, Lq, D, device=device, dtype=dtype, generator=g)
+    if case["name"] == "decode":  # the model's layout: views of a (B, Hkv, Lmax, D) cache
+        cache = torch.randn(2, B, Hkv, Lk + 256, D, device=device, dtype=dtype, generator=g)
+        k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]
+        work, unit = (2 * B * Hkv * Lk * D + 2 * B * Hq * Lq * D) * q.element_size(), "GB/s"
+    else:
+        k, v = (torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        work, unit = 4 * B * Hq * Lq * Lk * D // (2 if causal and Lq == Lk else 1), "TFLOP/s"
+    k_rep, v_rep = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))  # for SDPA, outside the timing
+    sdpa_causal = causal and Lq == Lk  # Lq = 1 causal sees every key: plain SDPA is the same thing
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=sdpa_causal)
+        return run
+
+    providers = {"triton": lambda: K.attention(q, k, v, causal=causal),
+                 "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
+    check = lambda out: (out.float() - K.attention_ref(q, k, v, causal=causal).float()).abs().max().item()  # noqa: E731
+    shape = f"{case['name']} B{B} Hq{Hq}/Hkv{Hkv} Lq{Lq} Lk{Lk} D{D}{' causal' if causal else ''}"
+    return [measure(shape, p, fn, work, unit, check if p == "triton" else None) for p, fn in providers.items()]
+
+
+def rms_norm_rows(rows: int, N: int, dtype: torch.dtype, device: str, smoke: bool) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x, residual = (torch.randn(rows, N, device=device, dtype=dtype, generator=g) for _ in range(2))
+    w = torch.rand(N, device=device, dtype=dtype, generator=g) + 0.5
+    elt = x.element_size()
+    norm_bytes, add_bytes = 2 * rows * N * elt + N * elt, 4 * rows * N * elt + N * elt
+    providers = {"triton": (lambda: K.rms_norm(x, w, GLM_EPS), norm_bytes),
+                 "torch_eager_ref": (lambda: K.rms_norm_ref(x, w, GLM_EPS), norm_bytes),
+                 "F.rms_norm": (lambda: F.rms_norm(x, (N,), w, GLM_EPS), norm_bytes),
+                 "copy": (lambda: x.clone(), 2 * rows * N * elt),
+                 "triton_add_norm": (lambda: K.add_rms_norm(x, residual, w, GLM_EPS), add_bytes)}
+    if not smoke:  # torch.compile on CPU needs a C++ toolchain and minutes; the smoke run skips it
+        compiled, compiled_add = torch.compile(K.rms_norm_ref), torch.compile(K.add_rms_norm_ref)
+        providers["compiled_ref"] = (lambda: compiled(x, w, GLM_EPS), norm_bytes)
+        providers["compiled_add_norm_ref"] = (lambda: compiled_add(x, residual, w, GLM_EPS), add_bytes)
+    ref = K.rms_norm_ref(x, w, GLM_EPS).float()
+    check = lambda out: (out.float() - ref).abs().max().item()  # noqa: E731
+    shape = f"rmsnorm rows{rows} N{N}"
+    return [measure(shape, p, fn, work, "GB/s", check if p == "triton" else None)
+            for p, (fn, work) in providers.items()]
+
+
+def measure(shape: str, provider: str, fn, work: float, unit: str, check=None) -> dict:
+    row = {"shape": shape, "provider": provider, "unit": unit, "work": work}
+    try:
+        out = fn()
+        if check is not None:
+            row["max_abs_err_vs_ref"] = check(out)
+        row["ms"], row["ms_p20"], row["ms_p80"] = bench(fn)
+        row["value"] = work / (row["ms"] * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
+    except Exception as e:  # a backend torch cannot run here (shape, dtype, memory) is reported, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def print_table(device: dict, rows: list[dict]) -> None:
+    print(f"device: {device['name']} | peaks {device['tflops']:.0f} TFLOP/s bf16 dense, "
+          f"{device['gbps']:.0f} GB/s HBM [{device['peaks']}] | torch {torch.__version__}, triton {triton.__version__}")
+    header = f"{'shape':<46} | {'provider':<22} | {'ms':>9} | {'TFLOP/s or GB/s':>16} | {'% of peak':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<46} | {r['provider']:<22} | {'error':>9} | {r['error'][:40]}")
+            continue
+        print(f"{r['shape']:<46} | {r['provider']:<22} | {r['ms']:>9.4f} | "
+              f"{r['value']:>8.1f} {r['unit']:<7} | {r['pct_of_peak']:>8.1f}%")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (always on without CUDA)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="JSON folder")
+    args = parser.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    smoke = args.smoke or not on_gpu
+    device_str, dtype = "cuda" if on_gpu else "cpu", torch.bfloat16
+    device = device_info()
+
+    rows = []
+    for case in attention_cases(smoke):
+        rows += attention_rows(case, dtype, device_str)
+    for n_rows, N in rms_norm_cases(smoke):
+        rows += rms_norm_rows(n_rows, N, dtype, device_str, smoke)
+    for r in rows:
+        if "value" in r:
+            r["pct_of_peak"] = 100 * r["value"] / (device["tflops"] if r["unit"] == "TFLOP/s" else device["gbps"])
+    print_table(device, rows)
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {"device": device, "date": now.isoformat(timespec="seconds"), "commit": git_commit(),
+              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "smoke": smoke,
+              "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype), "results": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
+    path = args.out / f"kernels_{slug}_{now.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The torch and Triton paths are interchangeable: same logits on the fixtures, both pass parity.
+
+On CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, as in CI)."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from glm4v_core import load_model, ops
+from glm4v_core.parity import run_parity
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton needs CUDA or TRITON_INTERPRET=1 (the test command sets it)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fixture", ["tiny", "narrow"])
+def test_triton_and_torch_backends_agree_and_pass_parity(fixtures_dir, fixture):
+    model = load_model(fixtures_dir / fixture)
+    ref = load_file(str(fixtures_dir / fixture / "reference.safetensors"))
+    args = (ref["input_ids_c"], ref["pixel_values_c"], ref["attention_mask_c"], ref["position_ids_in_c"])
+    rows = ref["attention_mask_expanded_c"].bool()
+    with torch.no_grad(), ops.use_backend("torch"):
+        torch_logits = model(*args).logits
+    with torch.no_grad(), ops.use_backend("triton"):
+        triton_logits = model(*args).logits
+        reports = run_parity(fixtures_dir / fixture)
+    diff = (triton_logits - torch_logits)[rows].abs()
+    assert diff.max() <= 2e-5, f"max {diff.max():.3e} mean {diff.mean():.3e}"
+    assert all(r.ok for r in reports), [(r.name, [s.name for s in r.stages if not s.ok]) for r in reports]
+
+
+def test_backend_override_and_explicit_request_that_cannot_run(monkeypatch):
+    x = torch.ones(2, 8)
+    with ops.use_backend("torch"):
+        assert ops.backend_for(x) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ops.backend_for(x) == "torch"  # auto on CPU
+    with ops.use_backend("triton"), pytest.raises(ops.BackendError, match="cannot run on cpu"):
+        ops.rms_norm(x, torch.ones(8), 1e-6)
+    with pytest.raises(ops.BackendError, match="unknown backend"):
+        with ops.use_backend("cuda"):
+            pass

@@ -1,0 +1,34 @@
+"""benchmarks/kernels.py --smoke runs end to end (on CPU through the Triton interpreter) and
+writes the JSON it prints as its last line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+
+
+def test_kernel_benchmark_smoke_run(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert lines[0].startswith("device: ") and "| provider" in lines[1]
+
+    written = list(tmp_path.glob("kernels_*_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text()) == record
+    assert record["smoke"] is True and record["commit"] and record["date"] and "--smoke" in record["command"]
+    assert {"name", "tflops", "gbps"} <= set(record["device"])
+
+    ours = [r for r in record["results"] if r["provider"] in ("triton", "triton_add_norm")]
+    kinds = {r["shape"].split()[0] for r in ours}
+    assert kinds == {"vit", "prefill", "decode", "rmsnorm"}, kinds
+    for r in ours:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["value"] > 0 and r["pct_of_peak"] > 0, r
+    for r in ours:
+        if "max_abs_err_vs_ref" in r:  # bf16 outputs: within a couple of bf16 ulps of the reference
+            assert r["max_abs_err_vs_ref"] < 0.05, r

@@ -1,0 +1,237 @@
+"""Triton flash attention vs `attention_ref`: prefill, decode (split-K), GQA, masks, strides, errors.
+
+On CPU these run under TRITON_INTERPRET=1; without it (and without CUDA) they skip with a reason.
+Tolerance (STYLE): 2x the error of the reference run in the low precision dtype vs the fp32
+reference on the same inputs, plus a small atol.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+
+import pytest
+import torch
+
+import glm4v_kernels as K
+
+attention_mod = importlib.import_module("glm4v_kernels.attention")  # the package re-exports a same-named function
+_attention = attention_mod._attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 (set before pytest starts) on CPU")
+ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+F32, BF16 = torch.float32, torch.bfloat16
+
+# A pairwise covering set over dtype x D x (Lq, Lk) x GQA ratio x causal x key_mask: every pair
+# of values of any two factors appears at least once (checked by test_case_table_is_pairwise).
+# (Lq, Lk, D, ratio, causal, key_mask, dtype)
+CASES = [
+    (1, 1, 64, 1, True, False, F32), (1, 1, 80, 16, False, True, BF16),
+    (1, 1, 112, 4, True, False, F32), (1, 1, 128, 1, False, True, BF16),
+    (1, 300, 64, 16, False, True, BF16), (1, 300, 80, 4, False, True, F32),
+    (1, 300, 112, 16, True, False, BF16), (1, 300, 128, 1, False, True, BF16),
+    (7, 7, 64, 16, True, False, F32), (7, 7, 80, 4, False, True, BF16),
+    (7, 7, 112, 4, True, False, F32), (7, 7, 128, 1, False, True, BF16),
+    (7, 97, 64, 1, True, False, BF16), (7, 97, 80, 4, True, False, F32),
+    (7, 97, 112, 16, True, False, F32), (7, 97, 128, 16, False, True, F32),
+    (97, 97, 64, 16, True, False, F32), (97, 97, 80, 1, False, True, BF16),
+    (97, 97, 112, 4, False, False, F32), (97, 97, 128, 1, True, True, BF16),
+    (97, 300, 64, 4, False, True, BF16), (97, 300, 80, 16, True, False, F32),
+    (97, 300, 112, 1, False, True, BF16), (97, 300, 128, 4, True, False, F32),
+    (128, 7, 64, 4, True, False, F32), (128, 7, 80, 1, True, False, F32),
+    (128, 7, 112, 16, False, False, F32), (128, 7, 128, 1, True, True, BF16),
+    (128, 128, 64, 4, False, True, BF16), (128, 128, 80, 1, True, False, F32),
+    (128, 128, 112, 16, False, True, BF16), (128, 128, 128, 4, False, True, BF16),
+    (300, 300, 64, 16, False, True, BF16), (300, 300, 80, 16, True, False, F32),
+    (300, 300, 112, 1, False, True, F32), (300, 300, 128, 4, True, False, BF16),
+]
+
+
+def _case_id(case) -> str:
+    Lq, Lk, D, ratio, causal, masked, dtype = case
+    return (f"q{Lq}-k{Lk}-d{D}-gqa{ratio}-{'causal' if causal else 'bidir'}"
+            f"{'-keymask' if masked else ''}-{str(dtype)[6:]}")
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, q_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g) * q_scale
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g) for _ in range(2))
+    return tuple(t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
+
+
+def _assert_matches_ref(out, q, k, v, *, causal, key_mask=None, scale=None):
+    """out vs the fp32 reference on the same (rounded) inputs, within 2x torch's own low-precision error."""
+    ref32 = K.attention_ref(q.float(), k.float(), v.float(), causal=causal, key_mask=key_mask, scale=scale)
+    ref_lp = K.attention_ref(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
+    assert out.shape == ref32.shape and out.dtype == q.dtype
+    err = (out.float() - ref32).abs()
+    ref_err = (ref_lp.float() - ref32).abs().max().item()
+    budget = 2 * ref_err + ATOL[q.dtype]
+    assert err.max().item() <= budget, (
+        f"max diff {err.max().item():.3e} (mean {err.mean().item():.3e}) exceeds 2 x torch-{q.dtype} "
+        f"error {ref_err:.3e} + atol {ATOL[q.dtype]:.0e}")
+
+
+def test_case_table_is_pairwise():
+    factors = [sorted({c[i] for c in CASES}, key=str) for i in range(7)]
+    factors[0:2] = [sorted({(c[0], c[1]) for c in CASES})]  # (Lq, Lk) is one factor
+    rows = [((c[0], c[1]),) + c[2:] for c in CASES]
+    for a, b in itertools.combinations(range(len(factors)), 2):
+        missing = {(x, y) for x in factors[a] for y in factors[b]} - {(r[a], r[b]) for r in rows}
+        assert not missing, f"factors {a} and {b}: pairs {sorted(missing, key=str)} not covered"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_attention_matches_reference(case):
+    Lq, Lk, D, ratio, causal, masked, dtype = case
+    Hkv = 1 if ratio == 16 else 2
+    B = 2 if masked else 1
+    q, k, v = _inputs(B, ratio * Hkv, Hkv, Lq, Lk, D, dtype)
+    # row 0 unpadded, row 1 left-padded by an amount that does not end on a block edge
+    key_mask = torch.tensor([0, Lk // 3 + 1], device=DEVICE) if masked else None
+    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_mask=key_mask), q, k, v,
+                        causal=causal, key_mask=key_mask)
+    if Lq <= attention_mod.DECODE_MAX_LQ:  # the public call took the decode kernel: check prefill too
+        out = _attention(q, k, v, causal, key_mask=key_mask, path="prefill")
+        _assert_matches_ref(out, q, k, v, causal=causal, key_mask=key_mask)
+
+
+@pytest.mark.parametrize("n_splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("Lq,Lk,causal", [(1, 300, True), (7, 97, True), (16, 128, False)])
+def test_decode_split_k(Lq, Lk, causal, n_splits):
+    """GLM-like grouping (16 query heads per KV head) with several split counts, padding included."""
+    q, k, v = _inputs(2, 16, 1, Lq, Lk, 128, BF16, seed=1)
+    key_mask = torch.tensor([Lk - 40, 3], device=DEVICE)
+    out = _attention(q, k, v, causal, key_mask=key_mask, path="decode", n_splits=n_splits)
+    _assert_matches_ref(out, q, k, v, causal=causal, key_mask=key_mask)
+
+
+def test_public_call_picks_decode_for_short_queries(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_mod, "_decode", lambda *a, **kw: calls.append("decode"))
+    monkeypatch.setattr(attention_mod, "_prefill", lambda *a, **kw: calls.append("prefill"))
+    for Lq in (1, 16, 17):
+        q, k, v = _inputs(1, 2, 1, Lq, 40, 64, F32)
+        K.attention(q, k, v, causal=True)
+    assert calls == ["decode", "decode", "prefill"]
+
+
+@pytest.mark.parametrize("Lq", [1, 33])
+def test_strided_views_of_a_static_cache(Lq):
+    """k/v sliced from a (B, Hkv, Lmax, D) cache; q a transposed (B, L, H, D) projection."""
+    B, Hq, Hkv, D, Lk, Lmax = 2, 8, 2, 112, 50, 96
+    cache_k, cache_v = (torch.randn(B, Hkv, Lmax, D, device=DEVICE, dtype=BF16) for _ in range(2))
+    q = torch.randn(B, Lq, Hq, D, device=DEVICE, dtype=BF16).transpose(1, 2)  # (B, Hq, Lq, D) view
+    if Lq == 1:  # a transposed (B, 1, H, D) is still contiguous: slice a wider projection instead
+        q = torch.randn(B, Hq, Lq, 2 * D, device=DEVICE, dtype=BF16)[..., :D]
+    k, v = cache_k[:, :, :Lk], cache_v[:, :, :Lk]
+    assert not (q.is_contiguous() or k.is_contiguous())
+    key_mask = torch.tensor([0, 9], device=DEVICE)
+    out = K.attention(q, k, v, causal=True, key_mask=key_mask)
+    _assert_matches_ref(out, q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_mask=key_mask)
+    # a head dim that is not unit-stride is made contiguous explicitly, with the same result
+    k_t = k.contiguous().transpose(2, 3).contiguous().transpose(2, 3)
+    assert k_t.stride(-1) != 1
+    torch.testing.assert_close(K.attention(q, k_t, v, causal=True, key_mask=key_mask), out, rtol=0, atol=0)
+
+
+def test_left_padded_prompt_pad_queries_are_zero():
+    """A left-padded causal prefill: pad query rows see no key and must come back as exact zeros."""
+    q, k, v = _inputs(2, 4, 2, 40, 40, 64, F32, seed=2)
+    key_mask = torch.tensor([0, 21], device=DEVICE)
+    out = K.attention(q, k, v, causal=True, key_mask=key_mask)
+    assert torch.count_nonzero(out[1, :, :21]) == 0
+    _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_key_mask_out_of_range(path):
+    """A negative start masks nothing; a start past Lk masks every key (rows come back as zeros)."""
+    q, k, v = _inputs(2, 4, 2, 9, 30, 64, F32, seed=6)
+    key_mask = torch.tensor([-3, 35], device=DEVICE)
+    out = _attention(q, k, v, True, key_mask=key_mask, path=path)
+    assert torch.count_nonzero(out[1]) == 0
+    _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask)
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_large_scores_and_custom_scale(path):
+    """Scores in the hundreds (log2 domain) must neither overflow nor underflow the online softmax,
+    also after a fully masked first block (key_mask 37 > BLOCK_N = 32 on CPU)."""
+    q, k, v = _inputs(2, 4, 1, 9, 70, 80, F32, seed=3, q_scale=30.0)
+    key_mask = torch.tensor([37, 0], device=DEVICE)
+    for scale in (None, 0.5):
+        out = _attention(q, k, v, True, scale=scale, key_mask=key_mask, path=path)
+        _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask, scale=scale)
+
+
+def test_float16_and_other_head_dims():
+    for D in (8, 256):
+        q, k, v = _inputs(1, 2, 1, 20, 37, D, torch.float16, seed=D)
+        _assert_matches_ref(K.attention(q, k, v, causal=True), q, k, v, causal=True)
+
+
+def test_checker_catches_a_wrong_mask():
+    """Negative control: a kernel run with the wrong causal flag must fail the comparison."""
+    q, k, v = _inputs(1, 2, 1, 20, 20, 64, BF16, seed=4)
+    with pytest.raises(AssertionError, match="max diff"):
+        _assert_matches_ref(K.attention(q, k, v, causal=False), q, k, v, causal=True)
+
+
+def _bad(**overrides):
+    q, k, v = _inputs(2, 4, 2, 5, 6, 64, F32)
+    args = dict(q=q, k=k, v=v, causal=True, key_mask=None)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (lambda: _bad(k=torch.randn(2, 2, 6, 64, dtype=BF16, device=DEVICE)), TypeError, "share one dtype"),
+    (lambda: _bad(q=torch.ones(2, 4, 5, 64, dtype=torch.int32, device=DEVICE)), TypeError, "dtype"),
+    (lambda: _bad(k=torch.randn(2, 2, 6, 64, device="meta")), ValueError, "different devices"),
+    (lambda: _bad(q=torch.randn(2, 3, 5, 64, device=DEVICE)), ValueError, "Hq=3 must be a multiple of KV heads Hkv=2"),
+    (lambda: _bad(q=torch.randn(4, 5, 64, device=DEVICE)), ValueError, "q must be 4-D"),
+    (lambda: _bad(v=torch.randn(2, 2, 7, 64, device=DEVICE)), ValueError, "k, v"),
+    (lambda: _bad(q=torch.randn(2, 4, 5, 60, device=DEVICE), k=torch.randn(2, 2, 6, 60, device=DEVICE),
+                  v=torch.randn(2, 2, 6, 60, device=DEVICE)), ValueError, "head dim D=60"),
+    (lambda: _bad(q=torch.randn(2, 4, 5, 264, device=DEVICE), k=torch.randn(2, 2, 6, 264, device=DEVICE),
+                  v=torch.randn(2, 2, 6, 264, device=DEVICE)), ValueError, "head dim D=264"),
+    (lambda: _bad(key_mask=torch.tensor([1, 2, 3], device=DEVICE)), ValueError, r"shape \(2,\)"),
+    (lambda: _bad(key_mask=torch.tensor([1.0, 2.0], device=DEVICE)), ValueError, "integer tensor"),
+    (lambda: _bad(key_mask=[1, 2]), ValueError, "integer tensor"),
+    (lambda: _bad(causal=None), TypeError, "causal must be a bool"),
+    (lambda: _bad(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
+], ids=["dtype-mismatch", "int-dtype", "device-mismatch", "gqa-ratio", "ndim", "kv-shape", "head-dim-60",
+        "head-dim-264", "key-mask-shape", "key-mask-dtype", "key-mask-list", "causal-type", "not-a-tensor"])
+def test_bad_input_raises_a_named_error(args, error, match):
+    with pytest.raises(error, match=match):
+        K.attention(**args())
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        K.attention(q, k, v, causal=False)
+
+
+# ----------------------------------------------------------------------------- real shapes on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,causal", [
+    (1, 16, 16, 6401, 6401, 112, False),  # ViT self-attention
+    (1, 32, 2, 2048, 2048, 128, True),     # decoder prefill
+    (1, 32, 2, 512, 2560, 128, True),      # chunked prefill
+    (16, 32, 2, 1, 8192, 128, True),       # decode, batch 16
+    (1, 32, 2, 4, 8192, 128, True),        # multi-token decode
+])
+def test_real_shapes_on_gpu(B, Hq, Hkv, Lq, Lk, D, causal):
+    q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, BF16, seed=5)
+    key_mask = torch.randint(0, Lk // 2, (B,), device=DEVICE) if B > 1 else None
+    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_mask=key_mask), q, k, v,
+                        causal=causal, key_mask=key_mask)
