@@ -351,6 +351,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Same contract as `attention_ref`. Forward only (inference): no gradient flows through it.
     Lq <= 16 takes the split-K decode kernel, longer queries the prefill kernel.
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError("glm4v_kernels.attention is forward-only (no backward): use attention_ref "
+                                  "(GLM4V_BACKEND=torch) where gradients are needed")
     return _attention(q, k, v, causal, scale, key_mask)
 
 

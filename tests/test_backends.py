@@ -43,3 +43,15 @@ def test_backend_override_and_explicit_request_that_cannot_run(monkeypatch):
     with pytest.raises(ops.BackendError, match="unknown backend"):
         with ops.use_backend("cuda"):
             pass
+
+
+@needs_interpreter
+def test_attention_with_gradients_auto_falls_back_explicit_triton_raises(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 4, 16, requires_grad=True) for _ in range(3))
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        with ops.use_backend("triton"):
+            ops.attention(q, k, v, causal=True)
+    monkeypatch.setattr(ops, "backend_for", lambda x: "triton")  # as 'auto' picks on CUDA
+    out = ops.attention(q, k, v, causal=True)
+    out.sum().backward()  # the torch path carries the gradient
+    assert q.grad is not None and torch.isfinite(q.grad).all()
