@@ -55,3 +55,9 @@ def test_attention_with_gradients_auto_falls_back_explicit_triton_raises(monkeyp
     out = ops.attention(q, k, v, causal=True)
     out.sum().backward()  # the torch path carries the gradient
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_unknown_backend_from_the_environment_is_named_at_first_use(monkeypatch):
+    monkeypatch.setattr(ops, "_backend", "cuda-graphs")  # as if GLM4V_BACKEND=cuda-graphs at import
+    with pytest.raises(ops.BackendError, match="unknown backend 'cuda-graphs'"):
+        ops.rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)

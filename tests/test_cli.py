@@ -166,3 +166,31 @@ def test_console_script_in_a_subprocess(tmp_path):
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "time to first token" in proc.stderr
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device 'bogus'"),
+                                             ("cuda:7", "cuda:7")])
+def test_bad_device(capsys, no_model_load, device, message):
+    rc, _, err = run(capsys, ["generate", "--device", device, "hi"])
+    assert rc == 1 and message in err and "Traceback" not in err
+
+
+def test_empty_stop_string(capsys, no_model_load):
+    rc, _, err = run(capsys, ["generate", "--stop", "", "hi"])
+    assert rc == 1 and "stop_strings" in err
+
+
+def test_chat_turn_error_keeps_the_session(capsys, monkeypatch):
+    from glm4v_core.model import InputError
+    turns = []
+
+    def answer_or_fail(model, tokenizer, input_ids, pixel_values=None, **kwargs):
+        turns.append(input_ids[0].tolist())
+        if len(turns) == 1:
+            raise InputError("prompt of 9000 tokens exceeds the model's context")
+        yield "fine"
+
+    monkeypatch.setattr(cli, "stream_text", answer_or_fail)
+    rc, out, err = run(capsys, ["chat"], stdin="too long\nshort\n", monkeypatch=monkeypatch)
+    assert rc == 0 and out == "fine\n" and "exceeds the model's context" in err
+    assert len(turns[1]) < len(turns[0])  # the failed turn did not stay in the history

@@ -35,7 +35,7 @@ def test_unknown_vision_key_is_named(real):
         GLM4VConfig.from_hf(bad)
 
 
-@pytest.mark.parametrize("key", ["hidden_size", "kv_channels", "layernorm_epsilon", "boi_token_id"])
+@pytest.mark.parametrize("key", ["hidden_size", "kv_channels", "layernorm_epsilon", "boi_token_id", "eos_token_id"])
 def test_missing_key_is_named(real, key):
     with pytest.raises(ConfigError, match=f"missing required key '{key}'"):
         GLM4VConfig.from_hf({k: v for k, v in real.items() if k != key})
@@ -60,3 +60,14 @@ def test_from_json_names_the_file(tmp_path):
         GLM4VConfig.from_json(path)
     with pytest.raises(ConfigError, match="not found"):
         GLM4VConfig.from_json(tmp_path / "missing.json")
+
+
+def test_wrong_types_and_ids_are_refused(real):
+    with pytest.raises(ConfigError, match="num_layers must be an integer, got 2.5"):
+        GLM4VConfig.from_hf({**real, "num_layers": 2.5})
+    with pytest.raises(ConfigError, match="hidden_size must be an integer, got '4096'"):
+        GLM4VConfig.from_hf({**real, "hidden_size": "4096"})
+    with pytest.raises(ConfigError, match=r"eos_token_id 200000 is not a token id in the vocabulary \[0, 151552\)"):
+        GLM4VConfig.from_hf({**real, "eos_token_id": [151329, 200000]})
+    assert GLM4VConfig.from_hf({**real, "eos_token_id": 151329}).eos_token_ids == (151329,)
+    assert GLM4VConfig.from_hf({**real, "layernorm_epsilon": 1}).layernorm_epsilon == 1  # an int is a number

@@ -97,3 +97,19 @@ def test_cli_fails_with_exit_1_on_drift(fixtures_dir, monkeypatch, capsys):
 def test_cli_missing_reference_is_a_clear_error(tmp_path, fixtures_dir, capsys):
     assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--reference", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_cli_unusable_device_is_a_clear_error(capsys):
+    assert parity.main(["--device", "cuda:5" if torch.cuda.is_available() else "cuda"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_bf16_run_needs_the_reference_bf16_error(fixtures_dir, tmp_path):
+    import shutil
+    ckpt = tmp_path / "tiny"
+    shutil.copytree(fixtures_dir / "tiny", ckpt)
+    meta = json.loads((ckpt / "reference.json").read_text())
+    del meta["tolerances_observed"]
+    (ckpt / "reference.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="tolerances_observed"):
+        run_parity(ckpt, dtype=torch.bfloat16)

@@ -38,6 +38,3 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer wrote its n new slots."""
         self.length += n
-
-    def reset(self) -> None:
-        self.length, self.key_mask = 0, None

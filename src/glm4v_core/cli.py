@@ -24,14 +24,13 @@ from typing import TextIO
 import torch
 
 from .config import GLM4VConfig
-from .generate import GenerationStats, Sampling, stream_text
+from .generate import GenerationStats, Sampling, TextDeltas, stream_text
 from .image import load_image
+from .model import InputError
 from .tokenizer import Tokenizer, TokenizerError, load_ranks
-from .weights import load_model
+from .weights import BUNDLED_CHECKPOINT, check_device, load_model
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLED_CHECKPOINT = REPO / "tests" / "fixtures" / "tiny"
-BUNDLED_VOCABULARY = REPO / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"
+BUNDLED_VOCABULARY = BUNDLED_CHECKPOINT.parent / "tokenizer" / "tokenizer.model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_WORDS = ("exit", "quit")
 
@@ -117,8 +116,9 @@ class Session:
         if args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # checks the flags
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+        TextDeltas(tokenizer, args.stop)  # checks the stop strings
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return cls(load_model(checkpoint, dtype=dtype, device=device), tokenizer, pixel_values, args)
 
     def generate(self, prompt: str, out: TextIO, err: TextIO) -> int:
@@ -135,8 +135,13 @@ class Session:
             text = line.strip()
             if not text or text.lower() in EXIT_WORDS:  # EOF reads as ""
                 return 0
-            messages.append(self.user_message(text, first=not messages))
-            messages.append({"role": "assistant", "content": self.answer(messages, out, err)})
+            turn = [*messages, self.user_message(text, first=not messages)]
+            try:
+                reply = self.answer(turn, out, err)
+            except InputError as e:  # e.g. the history outgrew the context: say so, keep the session
+                print(f"glm4v: error: {e}", file=err, flush=True)
+                continue
+            messages = [*turn, {"role": "assistant", "content": reply}]
 
     def user_message(self, text: str, first: bool) -> dict:
         image = str(self.args.image) if first and self.pixel_values is not None else None

@@ -105,8 +105,9 @@ class GLM4VConfig:
         if not isinstance(vision_raw, dict):
             raise ConfigError("config.json: missing or malformed 'vision_config' object")
         vision = _build(VisionConfig, vision_raw, "vision_config", _FIXED_VISION, {})
-        eos = hf.get("eos_token_id")
-        hf = {**hf, "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,)}
+        if "eos_token_id" in hf:  # HF allows one id or a list
+            eos = hf["eos_token_id"]
+            hf = {**hf, "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,)}
         config = _build(cls, {**hf, "vision_config": vision}, "config", _FIXED_TEXT, cls._DEFAULTS)
         config._validate()
         return config
@@ -146,9 +147,11 @@ class GLM4VConfig:
             raise ConfigError(f"vision image_size {v.image_size} / patch_size {v.patch_size} must give an even grid")
         if v.num_positions != v.grid ** 2 + 1:
             raise ConfigError(f"vision num_positions is {v.num_positions}, expected (image/patch)^2 + 1 = {v.grid ** 2 + 1}")
-        for name in ("pad_token_id", "boi_token_id", "eoi_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ConfigError(f"{name} {getattr(self, name)} outside the vocabulary [0, {self.vocab_size})")
+        ids = [("pad_token_id", self.pad_token_id), ("boi_token_id", self.boi_token_id),
+               ("eoi_token_id", self.eoi_token_id), *(("eos_token_id", i) for i in self.eos_token_ids)]
+        for name, value in ids:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} {value!r} is not a token id in the vocabulary [0, {self.vocab_size})")
 
 
 def _build(cls, raw: dict[str, Any], where: str, fixed: dict[str, Any], defaults: dict[str, Any]):
@@ -170,9 +173,14 @@ def _build(cls, raw: dict[str, Any], where: str, fixed: dict[str, Any], defaults
         else:
             raise ConfigError(f"{where}: missing required key {hf_key!r}")
     for f in dataclasses.fields(cls):
-        if f.type in ("int", "float") and not isinstance(values[f.name], (int, float)) or isinstance(values[f.name], bool):
-            raise ConfigError(f"{where}: {names[f.name]} must be a number, got {values[f.name]!r}")
+        value, kinds = values[f.name], _TYPES.get(f.type)
+        if kinds and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ConfigError(f"{where}: {names[f.name]} must be {'an integer' if kinds == (int,) else 'a number'}, "
+                              f"got {value!r}")
     return cls(**values)
+
+
+_TYPES = {"int": (int,), "float": (int, float)}  # annotation (a string here) -> accepted JSON types
 
 
 def _to_hf(obj, fixed: dict[str, Any]) -> dict[str, Any]:

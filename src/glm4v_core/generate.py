@@ -173,7 +173,7 @@ def check_prompt(model: GLM4V, input_ids: torch.Tensor, pixel_values, attention_
     else:
         prompt_len = torch.full((input_ids.shape[0],), input_ids.shape[1])
     longest = int(prompt_len.max())
-    if longest + max_new_tokens > MAX_CONTEXT:
+    if longest + max_new_tokens > MAX_CONTEXT:  # the rule: prompt + new tokens fit the context
         raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"context of {MAX_CONTEXT} positions (an image counts as its 3 placeholder tokens)")
     return input_ids, pixel_values, attention_mask, position_ids

@@ -84,10 +84,9 @@ class GLM4V(nn.Module):
                 raise InputError(f"cache was built for batch {cache.batch}, input has {input_ids.shape[0]} rows")
             cache.key_mask = key_mask
         hidden = [] if output_hidden_states else None
+        x = self.text(embeds, position_ids, key_mask, cache, hidden)
         if last_logits_only:
-            x = self.text(embeds, position_ids, key_mask, cache, hidden)[:, -1:]
-        else:
-            x = self.text(embeds, position_ids, key_mask, cache, hidden)
+            x = x[:, -1:]
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
 
     def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:

@@ -33,11 +33,30 @@ def check_against_model(ckpt: Checkpoint, model: GLM4V, config_path: Path) -> No
     check_tensors(ckpt, expected, config_path)
 
 
+# The tiny random-weight checkpoint made by the HF reference code, shipped with a source checkout:
+# what `glm4v generate` and `python -m glm4v_core.parity` run without --checkpoint.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A usable torch device, or a ValueError that says why not (before any weight is read)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
     Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
     ValueErrors whose message names the file and tensor at fault."""
+    device = check_device(device)
     folder = Path(path)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
