@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import FLOAT_DTYPES, _interpreted, _round, _sm_count
+from .rms_norm import FLOAT_DTYPES, _interpreted, _on_device, _round, _sm_count
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_LQ = 16  # Lq <= this takes the split-K decode path
@@ -44,11 +44,11 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @triton.jit
-def _dot(a, b, acc, INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dot(a, b, acc, INTERPRETED: tl.constexpr):
     if INTERPRETED:  # the CPU interpreter multiplies bf16 as raw integers: widen (exactly) first
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a, b, acc, input_precision="ieee")  # fp32 inputs: exact products, no tf32
 
 
 @triton.jit
@@ -66,8 +66,8 @@ def _load_keys(ptrs, cols, Lk, offs_d, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.con
 @triton.jit
 def _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, Lk, key_start,
                row_limit, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               INTERPRETED: tl.constexpr):
     """Online-softmax update over the key blocks starting at lo, lo + BLOCK_N, ... < hi."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -75,7 +75,9 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, L
         cols = start_n + offs_n
         k = _load_keys(k_base + cols[:, None] * stride_kn + offs_d[None, :], cols, Lk, offs_d,
                        MASKED, HEAD_DIM, BLOCK_D)
-        s = _dot(q, tl.trans(k), None, INTERPRETED, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # a real zero accumulator: triton < 3.4 cannot pass acc=None through a nested jit function
+        s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INTERPRETED)
+        s = s * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = (cols[None, :] < Lk) & (cols[None, :] >= key_start)
             if CAUSAL:
@@ -90,7 +92,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, L
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_keys(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Lk, offs_d,
                        MASKED, HEAD_DIM, BLOCK_D)
-        acc = _dot(_round(p, v.dtype, INTERPRETED), v, acc * alpha[:, None], INTERPRETED, DOT_PRECISION)
+        acc = _dot(_round(p, v.dtype, INTERPRETED), v, acc * alpha[:, None], INTERPRETED)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -99,7 +101,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, L
 def _attend(q, k_base, v_base, stride_kn, stride_vn, lo, hi, Lk, key_start, row_limit,
             first_row_limit, qk_scale, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            INTERPRETED: tl.constexpr):
     """Attend q to keys [lo, hi) (lo a multiple of BLOCK_N); returns (acc, l, m).
 
     first_row_limit: the last key the tile's first row may see (Lk - 1 when not causal).
@@ -114,15 +116,15 @@ def _attend(q, k_base, v_base, stride_kn, stride_vn, lo, hi, Lk, key_start, row_
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                tl.maximum(lo, key_start // BLOCK_N * BLOCK_N),
                                tl.minimum(full_begin, hi), Lk, key_start, row_limit, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRETED, DOT_PRECISION)
+                               True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     # 2) blocks that every row of the tile sees in full: no mask
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                full_begin, full_end, Lk, key_start, row_limit, qk_scale,
-                               False, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRETED, DOT_PRECISION)
+                               False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     # 3) the causal diagonal and the ragged tail
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                full_end, hi, Lk, key_start, row_limit, qk_scale,
-                               True, CAUSAL, HEAD_DIM, BLOCK_N, BLOCK_D, INTERPRETED, DOT_PRECISION)
+                               True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     return acc, l_i, m_i
 
 
@@ -134,7 +136,7 @@ def _attn_fwd_kernel(
     Hq, Lq, Lk, qk_scale,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest tiles (last queries) are scheduled first
@@ -160,7 +162,7 @@ def _attn_fwd_kernel(
         first_row_limit = pid_m * BLOCK_M + (Lk - Lq)
     acc, l_i, m_i = _attend(q, k_ptr + b * stride_kb + kv_h * stride_kh, v_ptr + b * stride_vb + kv_h * stride_vh,
                             stride_kn, stride_vn, 0, hi, Lk, key_start, row_limit, first_row_limit,
-                            qk_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED, DOT_PRECISION)
+                            qk_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees no key: acc = 0 -> zeros
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              _round(o, o_ptr.dtype.element_ty, INTERPRETED), mask=io_mask)
@@ -174,7 +176,7 @@ def _attn_decode_kernel(
     Hq, Lq, Lk, qk_scale, keys_per_split,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     split = tl.program_id(0)
     pid_bkv = tl.program_id(1)
@@ -198,7 +200,7 @@ def _attn_decode_kernel(
     acc, l_i, m_i = _attend(q, k_ptr + b * stride_kb + kv_h * stride_kh, v_ptr + b * stride_vb + kv_h * stride_vh,
                             stride_kn, stride_vn, lo, tl.minimum(lo + keys_per_split, Lk), Lk, key_start,
                             qi + (Lk - Lq), first_row_limit, qk_scale,
-                            CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED, DOT_PRECISION)
+                            CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
     if SPLIT:
@@ -276,8 +278,7 @@ def _shared_meta(q, k, causal, key_start, interpreted) -> dict:
     """The constexprs the prefill and decode kernels share."""
     D = q.shape[3]
     return dict(GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HAS_KEY_MASK=key_start is not None,
-                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: exact products
+                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted)
 
 
 def _prefill_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
@@ -297,7 +298,7 @@ def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, 
         return 64, 32, 4, 1
     if dtype == torch.float32:
         return 16, 32, 8 if D > 64 else 4, 3 if D <= 128 else 2
-    return 64, 64 if D <= 128 else 32, 4, 3 if D <= 128 else 2
+    return 64, 64 if D <= 128 else 32, 8, 3 if D <= 128 else 2  # 4 warps spill the 64-row tile
 
 
 def _prefill(q, k, v, out, causal, qk_scale, key_start):
@@ -351,15 +352,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Same contract as `attention_ref`. Forward only (inference): no gradient flows through it.
     Lq <= 16 takes the split-K decode kernel, longer queries the prefill kernel.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise NotImplementedError("glm4v_kernels.attention is forward-only (no backward): use attention_ref "
-                                  "(GLM4V_BACKEND=torch) where gradients are needed")
     return _attention(q, k, v, causal, scale, key_mask)
 
 
 def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=None):
     """`attention`, with the kernel ("prefill" | "decode") and split count forced by tests."""
     _check(q, k, v, causal, scale, key_mask)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise NotImplementedError("glm4v_kernels.attention is forward-only (no backward): use attention_ref "
+                                  "(GLM4V_BACKEND=torch) where gradients are needed")
     # the kernels index the head dim with unit stride; every other stride is passed as it is
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Hq, Lq, D = q.shape
@@ -370,10 +371,11 @@ def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=N
     qk_scale = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
     key_start = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.int32).contiguous()
     path = path or ("decode" if Lq <= DECODE_MAX_LQ else "prefill")
-    if path == "decode":
-        _decode(q, k, v, out, causal, qk_scale, key_start, n_splits)
-    elif path == "prefill":
-        _prefill(q, k, v, out, causal, qk_scale, key_start)
-    else:
+    if path not in ("decode", "prefill"):
         raise ValueError(f"attention: unknown path {path!r}")
+    with _on_device(q.device):
+        if path == "decode":
+            _decode(q, k, v, out, causal, qk_scale, key_start, n_splits)
+        else:
+            _prefill(q, k, v, out, causal, qk_scale, key_start)
     return out

@@ -15,10 +15,11 @@ Backward, in fp32, with x_hat = x * rstd and g = dy * w:
     dw = sum over rows of dy * x_hat            # per-program partial sums, then one torch sum
     add_rms_norm: d(x) = d(residual) = dx.to(dtype) + d(s)   (autograd's order of rounding)
 
-One program normalizes one row held in registers (BLOCK_N = next_power_of_2(N), N <= 65536).
+One program normalizes one row held in registers (BLOCK_N = next_power_of_2(N), N <= 16384).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_N = 65536  # one row lives in registers; GLM-4V rows are 1792 and 4096 wide
+MAX_N = 16384  # one row lives in registers (wider rows spill); GLM-4V rows are 1792 and 4096 wide
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -111,6 +112,11 @@ def _interpreted(device: torch.device) -> bool:
                        f"importing triton) for CPU tensors; got a tensor on {device}")
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream: make that the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _num_warps(block_n: int) -> int:
     return 4 if block_n < 2048 else 8 if block_n < 8192 else 16
 
@@ -165,11 +171,12 @@ def _forward(x, weight, eps, residual=None, store_rstd=False):
         return y, s, rstd
     block_n = triton.next_power_of_2(N)
     res = residual if residual is not None else x  # placeholders never read: HAS_RESIDUAL is off
-    _rms_norm_fwd_kernel[(n_rows,)](
-        x, x.stride(0), res, res.stride(0), weight.contiguous(), y, y.stride(0),
-        s if s is not None else y, y.stride(0), rstd if rstd is not None else y, N, float(eps),
-        HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd, BLOCK_N=block_n,
-        INTERPRETED=_interpreted(x.device), num_warps=_num_warps(block_n))
+    with _on_device(x.device):
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x, x.stride(0), res, res.stride(0), weight.contiguous(), y, y.stride(0),
+            s if s is not None else y, y.stride(0), rstd if rstd is not None else y, N, float(eps),
+            HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd, BLOCK_N=block_n,
+            INTERPRETED=_interpreted(x.device), num_warps=_num_warps(block_n))
     return y, s, rstd
 
 
@@ -183,11 +190,12 @@ def _backward(dy, x, weight, rstd, ds=None):
     dw_part = torch.zeros((n_programs, N), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(N)
     ds_ = ds if ds is not None else dy
-    _rms_norm_bwd_kernel[(n_programs,)](
-        dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd, ds_, ds_.stride(0),
-        dx, dx.stride(0), dw_part, n_rows, rows_per_program, N,
-        HAS_DS=ds is not None, BLOCK_N=block_n, INTERPRETED=interpreted,
-        num_warps=_num_warps(block_n))
+    with _on_device(x.device):
+        _rms_norm_bwd_kernel[(n_programs,)](
+            dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd, ds_, ds_.stride(0),
+            dx, dx.stride(0), dw_part, n_rows, rows_per_program, N,
+            HAS_DS=ds is not None, BLOCK_N=block_n, INTERPRETED=interpreted,
+            num_warps=_num_warps(block_n))
     return dx, dw_part.sum(0)
 
 

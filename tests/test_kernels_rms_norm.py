@@ -155,7 +155,7 @@ def _x(shape=(2, 8), dtype=torch.float32, device=DEVICE):
     (lambda: K.rms_norm(_x(), _x((2, 8)), VIT_EPS), ValueError, "weight must be 1-D"),
     (lambda: K.rms_norm(_x(dtype=torch.int32), _x((8,)), VIT_EPS), TypeError, "float16/bfloat16/float32"),
     (lambda: K.rms_norm(_x(), _x((8,), device="meta"), VIT_EPS), ValueError, "weight on meta"),
-    (lambda: K.rms_norm(_x((1, 70000)), _x((70000,)), VIT_EPS), ValueError, r"last dim must be in 1\.\.65536"),
+    (lambda: K.rms_norm(_x((1, 20000)), _x((20000,)), VIT_EPS), ValueError, r"last dim must be in 1\.\.16384"),
     (lambda: K.rms_norm(_x(), _x((8,)), None), TypeError, "eps must be a float"),
     (lambda: K.rms_norm([1.0], _x((8,)), VIT_EPS), TypeError, "x must be a torch.Tensor"),
     (lambda: K.add_rms_norm(_x(), _x(dtype=torch.bfloat16), _x((8,)), VIT_EPS), ValueError,
