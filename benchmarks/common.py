@@ -13,9 +13,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def git_commit() -> str:
+    """HEAD's hash, with '+dirty' when the working tree has uncommitted changes."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        git = ["git", "-C", str(Path(__file__).parent)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -37,8 +40,10 @@ def device_name() -> str:
     return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
 
 
-def write_result(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
-    """Write benchmarks/results/<name>.json atomically and print it as the last stdout line."""
+def write_result(name: str, numbers: dict, out_dir: Path | None = None) -> dict:
+    """Write benchmarks/results/<name>.json atomically, print it as the last stdout line, return it.
+
+    `numbers` may override the common fields (e.g. a richer `device` record)."""
     import torch
     record = {
         "device": device_name(),
@@ -55,5 +60,6 @@ def write_result(name: str, numbers: dict, out_dir: Path | None = None) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, path)
+    print(f"wrote {path}")
     print(json.dumps(record))
-    return path
+    return record

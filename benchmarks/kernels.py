@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,9 @@ import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import glm4v_kernels as K  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # name fragment -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheets; first match wins
@@ -158,15 +159,6 @@ def measure(shape: str, provider: str, fn, work: float, unit: str, check=None) -
     return row
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
-        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def print_table(device: dict, rows: list[dict]) -> None:
     print(f"device: {device['name']} | peaks {device['tflops']:.0f} TFLOP/s bf16 dense, "
           f"{device['gbps']:.0f} GB/s HBM [{device['peaks']}] | torch {torch.__version__}, triton {triton.__version__}")
@@ -201,17 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
             r["pct_of_peak"] = 100 * r["value"] / (device["tflops"] if r["unit"] == "TFLOP/s" else device["gbps"])
     print_table(device, rows)
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    record = {"device": device, "date": now.isoformat(timespec="seconds"), "commit": git_commit(),
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "smoke": smoke,
-              "torch": torch.__version__, "triton": triton.__version__, "dtype": str(dtype), "results": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    path = args.out / f"kernels_{slug}_{now.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
-    print(json.dumps(record))
-    return record
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return write_result(f"kernels_{slug}_{stamp}", {"device": device, "smoke": smoke, "triton": triton.__version__,
+                                                     "dtype": str(dtype), "results": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,6 +40,9 @@ from glm4v_conversion.convert import rotary_inv_freq
 from glm4v_conversion.names import HF_IGNORED_BUFFERS, native_to_hf
 from glm4v_conversion.safetensors_io import INDEX_FILE, index_json, shard_names, write_file
 from glm4v_conversion.shapes import expected_shapes
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_name, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "tests" / "fixtures" / "real_manifest.json"
@@ -173,22 +174,6 @@ def run_worker(mode: str, path: Path, extra: Path | None = None, cold: bool = Fa
 
 # --- report ------------------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return head + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.5, help="synthetic checkpoint size (default 1.5)")
@@ -219,7 +204,7 @@ def main() -> None:
             rows[f"load {mode} (native, cold)"] = run_worker(mode, native, cold=True, repeats=args.repeats)
     naive = rows["load naive (native)"]
 
-    print(f"device: cpu ({cpu_model()}, {torch.get_num_threads()} threads), checkpoint {size / 1e9:.2f} GB bf16; "
+    print(f"device: cpu ({cpu_name()}, {torch.get_num_threads()} threads), checkpoint {size / 1e9:.2f} GB bf16; "
           "page cache warm unless 'cold'")
     print(f"{'step':<32} | {'seconds':>8} | {'GB/s':>6} | {'peak RSS +GB':>12} | {'x ckpt':>6} | {'vs naive':>8}")
     for name, r in rows.items():
@@ -228,10 +213,7 @@ def main() -> None:
         vs = f"{base['seconds'] / r['seconds']:.1f}x" if name.startswith("load") else ""
         print(f"{name:<32} | {r['seconds']:8.2f} | {speed:>6} | {r['rss'] / 1e9:12.2f} | {r['rss'] / size:6.2f} | {vs:>8}")
     result = {
-        "benchmark": "load", "device": "cpu", "cpu": cpu_model(), "threads": torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
-        "checkpoint_bytes": size, "config": {k: config[k] for k in ("hidden_size", "num_layers", "ffn_hidden_size",
+        "benchmark": "load", "checkpoint_bytes": size, "config": {k: config[k] for k in ("hidden_size", "num_layers", "ffn_hidden_size",
                                                                     "padded_vocab_size")},
         "page_cache": "warm, except rows marked cold (evicted with posix_fadvise DONTNEED first)",
         "peak_rss_method": "peak RSS after the step minus peak RSS after the imports, in a fresh process; the "
@@ -246,9 +228,7 @@ def main() -> None:
                                          / r["seconds"], 2) for name, r in rows.items()
                              if name.startswith("load") and "naive" not in name},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.out.stem, result, args.out.parent)
 
 
 if __name__ == "__main__":
