@@ -12,6 +12,7 @@ into place only when complete, and is removed on any failure or Ctrl-C.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -32,8 +33,9 @@ from .atomic import staging
 from .checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE, Checkpoint,
                          check_tensors, open_checkpoint, read_config)
 from .names import HF_IGNORED_BUFFERS, native_to_hf
-from .safetensors_io import (INDEX_FILE, CheckpointError, MappedFiles, TensorInfo, file_size,
-                             index_json, read_index, sha256_file, shard_names, storage_order, write_file)
+from .safetensors_io import (DTYPE_NAMES, DTYPES, INDEX_FILE, CheckpointError, MappedFiles, TensorInfo, file_size,
+                             index_json, read_header, read_index, sha256_file, shard_names, storage_order,
+                             write_file)
 from .shapes import expected_shapes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' default when nothing records the original sharding
@@ -196,14 +198,32 @@ def _plan_hf(ckpt: Checkpoint, config: dict[str, Any], dtype: torch.dtype, max_s
         groups = _pack(names, sizes.__getitem__, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         weight_map = {n: file for file, group in zip(shard_names(len(groups)), groups) for n in group}
         with_index = len(groups) > 1
+    source = (ckpt.provenance or {}).get("source") or {}
     for name in HF_IGNORED_BUFFERS:
-        if name in weight_map:
-            sources[name] = rotary_inv_freq(config, dtype)
+        if name in weight_map:  # the original bytes when recorded in this dtype, else the reference's formula
+            kept = _recorded_buffer(source.get("buffers", {}).get(name), dtype)
+            sources[name] = kept if kept is not None else rotary_inv_freq(config, dtype)
     by_file: dict[str, dict[str, TensorInfo | torch.Tensor]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, {})[name] = sources[name]
-    files = [OutFile(file, by_file[file], dict(HF_FILE_METADATA)) for file in sorted(by_file)]
+    recorded_files = source.get("files", {}) if recorded is not None else {}
+    files = [OutFile(file, by_file[file], (recorded_files.get(file) or {}).get("metadata") or dict(HF_FILE_METADATA))
+             for file in sorted(by_file)]
     return files, weight_map, with_index
+
+
+def _read_bytes(info: TensorInfo) -> bytes:
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        return f.read(info.nbytes)
+
+
+def _recorded_buffer(record: dict | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A buffer glm4v_native.json stored byte for byte (e.g. inv_freq), if stored in `dtype`."""
+    if not isinstance(record, dict) or DTYPES.get(record.get("dtype")) != dtype:
+        return None
+    raw = bytearray(base64.b64decode(record["base64"]))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(record["shape"]).clone()
 
 
 def rotary_inv_freq(config: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
@@ -289,6 +309,9 @@ def _provenance(ckpt: Checkpoint, dtype: torch.dtype, hashes: dict[str, str]) ->
     infos = sorted([*ckpt.tensors.values(), *ckpt.hf_buffers.values()], key=lambda i: (i.file.name, i.start))
     weight_map = read_index(ckpt.folder) or {info.name: info.file.name for info in infos}
     stored = ckpt.dtypes()
+    buffers = {name: {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape),  # kept byte for byte here,
+                      "base64": base64.b64encode(_read_bytes(info)).decode()}      # not as native tensors
+               for name, info in sorted(ckpt.hf_buffers.items())}
     record = {
         "format": NATIVE_FORMAT,
         "format_version": NATIVE_FORMAT_VERSION,
@@ -299,9 +322,11 @@ def _provenance(ckpt: Checkpoint, dtype: torch.dtype, hashes: dict[str, str]) ->
             "layout": "hf",
             "dtype": _dtype_name(next(iter(stored))) if len(stored) == 1 else "mixed",
             "index": (ckpt.folder / INDEX_FILE).exists(),
-            "files": {name: {"bytes": (ckpt.folder / name).stat().st_size, "sha256": sha}
+            "files": {name: {"bytes": (ckpt.folder / name).stat().st_size, "sha256": sha,
+                             "metadata": read_header(ckpt.folder / name)[1]}
                       for name, sha in sorted(hashes.items())},
             "weight_map": weight_map,
+            "buffers": buffers,
         },
     }
     return json.dumps(record, indent=2) + "\n"

@@ -5,7 +5,8 @@ any data is touched), and tensors are memory-mapped views of the file.
 Writing: `write_file` streams tensors chunk by chunk (casting on the way if asked), so writing
 a shard from memory-mapped sources never holds more than one chunk in memory; its bytes are
 exactly those of `safetensors.torch.save_file` for the same tensors (same header layout and
-tensor order), with metadata keys sorted so the output is deterministic.
+tensor order), with metadata keys in the order given (safetensors itself writes them in a random
+hash order, so keeping a recorded order is what lets a rebuilt file match its original byte for byte).
 
 A checkpoint folder holds either one `model.safetensors`, or shards listed by
 `model.safetensors.index.json` (`weight_map`: tensor name -> shard file name).
@@ -181,7 +182,7 @@ def storage_order(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> li
 
 def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
     """The 8-byte length + JSON header of a file holding `tensors` (name -> (dtype, shape)) in storage order."""
-    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name in storage_order(tensors):
         dtype, shape = tensors[name]

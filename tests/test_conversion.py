@@ -389,3 +389,19 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_round_trip_keeps_an_unusual_inv_freq_and_file_metadata(fixtures_dir, tmp_path):
+    """Originals we could not recompute (other inv_freq bytes, extra header metadata) still come back exactly."""
+    src = tmp_path / "hf-odd"
+    shutil.copytree(fixtures_dir / "tiny", src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = src / index["weight_map"]["transformer.rotary_pos_emb.inv_freq"]
+    tensors = load_file(shard)
+    tensors["transformer.rotary_pos_emb.inv_freq"] = torch.randn(tensors["transformer.rotary_pos_emb.inv_freq"].shape,
+                                                                 dtype=torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt", "producer": "someone else"})
+    convert(src, tmp_path / "native")
+    result = convert(tmp_path / "native", tmp_path / "hf", to="hf")
+    assert digests(tmp_path / "hf") == digests(src, HF_FILES)
+    assert result.verified is True
