@@ -11,8 +11,9 @@ The native format (format_version 1), as `glm4v-convert SRC DST` writes it:
       model.safetensors                one file, or shards model-0000k-of-0000n.safetensors plus
       model.safetensors.index.json     {"metadata": {"total_size": bytes}, "weight_map": name -> file}
       glm4v_native.json                provenance: format, format_version, tool and tool_version,
-                                       dtype, and the source: layout, dtype, each HF file's bytes
-                                       and sha256, whether it had an index, its full weight_map
+                                       dtype, and the source: layout, dtype, each HF file's bytes,
+                                       sha256 and header metadata, whether it had an index, its full
+                                       weight_map, and the bytes of the HF-only buffers
 
 - Tensor names are those of our module tree (`vision.*`, `projector.*`, `text.*`; the one table
   is names.HF_TO_NATIVE), shapes are the HF ones (no permutation, no fusing or splitting).
@@ -21,8 +22,10 @@ The native format (format_version 1), as `glm4v-convert SRC DST` writes it:
 - By default native shard k holds exactly the tensors of HF shard k, so conversion streams one
   shard at a time and `--to hf` rebuilds the original files bit for bit (and checks that against
   the recorded sha256).
-- The HF-only rotary buffer `transformer.rotary_pos_emb.inv_freq` is not stored; `--to hf`
-  recomputes it exactly as the reference does when the original held it.
+- The HF-only rotary buffer `transformer.rotary_pos_emb.inv_freq` is not a native tensor: its
+  bytes are kept in glm4v_native.json (`source.buffers`, base64) together with each HF file's
+  header metadata (`source.files.<name>.metadata`), and `--to hf` writes them back; without such
+  a record it recomputes the buffer exactly as the reference does.
 - Every safetensors file's `__metadata__` is stamped {"format": "glm4v-native",
   "format_version": "1", "dtype": ..., "tool": "glm4v-convert <version>", "source_files": ...};
   files are byte-for-byte what `safetensors.torch.save_file` writes for the same tensors, so
