@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .generate import generate
 from .model import GLM4V
 from .weights import BUNDLED_CHECKPOINT, load_model
 
@@ -174,7 +175,6 @@ def greedy_stage(model: GLM4V, inputs: dict, ref: dict[str, torch.Tensor], case:
     key = f"gen_tokens_{case}_bf16" if bf16 else f"gen_tokens_{case}"
     if key not in ref:
         return None
-    from .generate import generate  # the runtime drives the model; imported here to keep layers one-way
     want = ref[key]
     tokens = generate(model, **inputs, max_new_tokens=want.shape[1], stop_ids=[]).cpu()
     stage = exact("greedy_tokens", tokens, want)
