@@ -114,6 +114,23 @@ def test_default_stop_ids_pad_rows_like_the_reference(tiny):
     assert (tokens[1, 6:] == tiny.config.pad_token_id).all(), tokens[1].tolist()
 
 
+def test_stopped_rows_leave_the_batch(tiny, monkeypatch):
+    """Case c: row 1 stops at step 5; from then on decode steps run one row, and row 0 still
+    produces the reference's tokens (its cache rows moved to the front intact)."""
+    rows_per_call = []
+    real_forward = type(tiny.model).forward
+
+    def spy(self, input_ids, *args, **kwargs):
+        rows_per_call.append(input_ids.shape[0])
+        return real_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.model), "forward", spy)
+    steps = list(stream_tokens(tiny.model, **tiny.case("c"), max_new_tokens=16))  # config eos ids stop row 1
+    assert rows_per_call == [2] * 6 + [1] * 10  # prefill + 5 decode steps with both rows, then one
+    assert torch.equal(torch.stack([s.tokens for s in steps], 1)[0], torch.tensor(tiny.meta["generation"]["c"][0]))
+    assert torch.isnan(steps[6].logits[1]).all() and not torch.isnan(steps[6].logits[0]).any()
+
+
 def test_generation_stops_when_every_row_stopped(tiny):
     full = tiny.meta["generation"]["b"]
     tokens = glm4v_core.generate(tiny.model, **tiny.case("b"), max_new_tokens=16, stop_ids=[full[3]])

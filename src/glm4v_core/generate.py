@@ -8,9 +8,8 @@
 
 The cache is sized once (B, T + max_new_tokens) and the output token tensor is preallocated, so
 a decode step does the same Python work at every length. Rows that hit a stop id are padded
-with pad_token_id afterwards; the loop ends when every row has stopped. Stopped rows still ride
-along in the batched forward until then: a decode step reads the weights once for the whole
-batch, so dropping rows would save only their (small) share of attention and activations.
+with pad_token_id afterwards and leave the batch (KVCache.keep_rows): later steps compute only
+the rows still running; the loop ends when every row has stopped.
 """
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 class Step:
     index: int                # 0 for the token from the prefill logits
     tokens: torch.Tensor      # (B,) chosen ids; pad_token_id for rows stopped at an earlier step
-    logits: torch.Tensor      # (B, V) the model's raw logits that chose them (model dtype)
+    logits: torch.Tensor      # (B, V) the model's raw logits that chose them (NaN: rows stopped earlier)
     finished: torch.Tensor    # (B,) bool: the row has produced a stop id (at this step or before)
 
 
@@ -139,19 +138,28 @@ def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
             logits = out.logits[:, -1]  # (B, V)
             position = out.position_ids.max(dim=1, keepdim=True).values + 1  # (B, 1): not the slot count
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            alive = torch.arange(batch, device=device)  # the rows still running, in cache-row order
             unknown = None if vocab_limit is None else torch.arange(vocab_limit, logits.shape[-1], device=device)
         for i in range(max_new_tokens):
             with torch.inference_mode():
                 allowed = logits if unknown is None else logits.float().index_fill(-1, unknown, float("-inf"))
-                token = next_token(allowed, sampling, seen, generator).masked_fill(finished, pad)
+                picked = next_token(allowed, sampling, None if seen is None else seen[alive], generator)
+                token = torch.full((batch,), pad, dtype=torch.long, device=device).index_copy_(0, alive, picked)
                 finished = finished | torch.isin(token, stops)
                 if seen is not None:
-                    seen.scatter_(1, token[:, None], True)
+                    seen[alive, picked] = True
+                if len(alive) < batch:  # report every row: NaN for those that left the batch
+                    logits = logits.new_full((batch, logits.shape[-1]), float("nan")).index_copy_(0, alive, logits)
             yield Step(i, token, logits, finished)
-            if i + 1 == max_new_tokens or bool(finished.all()):  # one host sync per step
+            n_done = int(finished.sum())  # one host sync per step
+            if i + 1 == max_new_tokens or n_done == batch:
                 return
             with torch.inference_mode():
-                logits = model(token[:, None], position_ids=position, cache=cache).logits[:, -1]
+                if batch - n_done < len(alive):  # rows stopped: drop them, later steps cost only the rest
+                    keep = (~finished[alive]).nonzero()[:, 0]
+                    cache.keep_rows(keep)
+                    alive, position = alive[keep], position[keep]
+                logits = model(token[alive][:, None], position_ids=position, cache=cache).logits[:, -1]
                 position += 1
 
     return loop()
