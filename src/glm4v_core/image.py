@@ -98,7 +98,8 @@ def _check_pixels(img: Image.Image, name: str) -> None:
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     """Decode (if still lazy) and map to RGB as the reference's convert('RGB') does: alpha dropped
-    without compositing, gray replicated, palette looked up, CMYK by PIL's formula."""
+    without compositing, gray replicated, palette looked up, CMYK by PIL's formula. One deliberate
+    difference: 16-bit gray keeps its top 8 bits, where convert('RGB') would clip it to white."""
     _check_pixels(img, name)
     if img.mode in UNSUPPORTED_MODES:
         raise ImageError(
