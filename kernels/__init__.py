@@ -3,8 +3,8 @@
 Depends on torch and triton only. Every kernel has a `*_ref` beside it: the spec and the fallback.
 The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before import).
 """
-from .attention import attention
+from .flash_attention import attention
 from .reference import add_rms_norm_ref, attention_ref, rms_norm_ref
-from .rms_norm import add_rms_norm, rms_norm
+from .fused_rms_norm import add_rms_norm, rms_norm
 
 __all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention"]

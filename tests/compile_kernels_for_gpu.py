@@ -3,15 +3,12 @@
 Run by tests/test_kernels_compile.py in a subprocess without TRITON_INTERPRET, so that the code
 path a GPU takes (not the interpreter's) is type-checked and lowered. Prints one line per kernel.
 """
-import importlib
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-A = importlib.import_module("glm4v_kernels.attention")  # the module (the package exports a function of that name)
-R = importlib.import_module("glm4v_kernels.rms_norm")
+from glm4v_kernels import flash_attention as A, fused_rms_norm as R
 TARGET = GPUTarget("cuda", 90, 32)
 NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 

@@ -6,7 +6,6 @@ reference on the same inputs, plus a small atol.
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
 
@@ -14,9 +13,8 @@ import pytest
 import torch
 
 import glm4v_kernels as K
-
-attention_mod = importlib.import_module("glm4v_kernels.attention")  # the package re-exports a same-named function
-_attention = attention_mod._attention
+from glm4v_kernels import flash_attention as attention_mod
+from glm4v_kernels.flash_attention import _attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(

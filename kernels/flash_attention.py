@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import FLOAT_DTYPES, _interpreted, _on_device, _round, _sm_count
+from .fused_rms_norm import FLOAT_DTYPES, _interpreted, _on_device, _round, _sm_count
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_LQ = 16  # Lq <= this takes the split-K decode path
