@@ -1,7 +1,6 @@
 """The torch and Triton paths are interchangeable: same logits on the fixtures, both pass parity.
 
 On CPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, as in CI)."""
-import os
 
 import pytest
 import torch
@@ -9,13 +8,10 @@ from safetensors.torch import load_file
 
 from glm4v_core import load_model, ops
 from glm4v_core.parity import run_parity
-
-needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton needs CUDA or TRITON_INTERPRET=1 (the test command sets it)")
+from triton_env import needs_triton
 
 
-@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("fixture", ["tiny", "narrow"])
 def test_triton_and_torch_backends_agree_and_pass_parity(fixtures_dir, fixture):
     model = load_model(fixtures_dir / fixture)
@@ -45,7 +41,7 @@ def test_backend_override_and_explicit_request_that_cannot_run(monkeypatch):
             pass
 
 
-@needs_interpreter
+@needs_triton
 def test_attention_with_gradients_auto_falls_back_explicit_triton_raises(monkeypatch):
     q, k, v = (torch.randn(1, 2, 4, 16, requires_grad=True) for _ in range(3))
     with pytest.raises(NotImplementedError, match="forward-only"):

@@ -7,19 +7,16 @@ reference on the same inputs, plus a small atol.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
 import glm4v_kernels as K
+from triton_env import DEVICE, needs_triton
 from glm4v_kernels import flash_attention as attention_mod
 from glm4v_kernels.flash_attention import _attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 (set before pytest starts) on CPU")
+pytestmark = needs_triton
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -6,17 +6,14 @@ reference on the same inputs, plus a small atol.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import glm4v_kernels as K
+from triton_env import DEVICE, needs_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 (set before pytest starts) on CPU")
+pytestmark = needs_triton
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 GLM_EPS, VIT_EPS = 1.5625e-07, 1e-6
 SHAPES = [(1, 97), (3, 1792), (2, 3, 4096), (5, 1), (7, 111), (2, 1025)]
