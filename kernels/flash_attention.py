@@ -281,15 +281,20 @@ def _shared_meta(q, k, causal, key_start, interpreted) -> dict:
                 HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted)
 
 
-def _prefill_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); sized so ptxas keeps sm_80/sm_90 tiles in registers."""
+# Block configs: chosen so that ptxas (triton 3.6 and 3.9, sm_90) spills no register and the K/V
+# loads are pipelined; benchmarks/kernel_resources.py checks this without a GPU.
+
+def _prefill_config(D: int, dtype: torch.dtype, interpreted: bool,
+                    key_mask: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel."""
     if interpreted:  # the interpreter pays per op, not per element: few, mid-sized tiles
         return 64, 32, 4, 1
     if dtype == torch.float32:  # exact fp32 dots run on FMA units and need many registers
-        return 32, 32 if D <= 128 else 16, 8, 2
+        return 32, 64 if D <= 128 else 16, 8, 2
     if D > 128:
         return 64, 32, 8, 2
-    return 128, 64, 4 if D <= 64 else 8, 3
+    # the key_mask prologue loop adds live registers: a third stage would spill at D > 64
+    return 128, 64, 4 if D <= 64 else 8, 2 if key_mask and D > 64 else 3
 
 
 def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
@@ -297,14 +302,14 @@ def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, 
     if interpreted:
         return 64, 32, 4, 1
     if dtype == torch.float32:
-        return 16, 32, 8 if D > 64 else 4, 3 if D <= 128 else 2
+        return 16, 64, 4 if D <= 64 else 8 if D <= 128 else 16, 2
     return 64, 64 if D <= 128 else 32, 8, 3 if D <= 128 else 2  # 4 warps spill the 64-row tile
 
 
 def _prefill(q, k, v, out, causal, qk_scale, key_start):
     B, Hq, Lq, D = q.shape
     interpreted = _interpreted(q.device)
-    block_m, block_n, num_warps, num_stages = _prefill_config(D, q.dtype, interpreted)
+    block_m, block_n, num_warps, num_stages = _prefill_config(D, q.dtype, interpreted, key_start is not None)
     _attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, out, key_start if key_start is not None else q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Lq, k.shape[2], qk_scale,
