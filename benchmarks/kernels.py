@@ -11,6 +11,9 @@ Work per call (elt = bytes per element; all inputs bf16 on a GPU):
                     + 2 * B * Hq * Lq * D * elt      (q read, out written)
     rmsnorm bytes   = 2 * rows * N * elt + N * elt   (x read, y written, weight read);
                       fused add + norm: 4 * rows * N * elt + N * elt (x, residual read; y, s written)
+On the ViT and the longest prefill shape, the prefill kernel is also timed at other block configs
+(provider "triton BM,BN,warps,stages"), and the decode kernel at forced split counts ("triton
+splits=N"), so that one GPU run shows whether the configs the launchers pick are the best ones.
 Baselines: torch SDPA with the flash and math backends (k/v expanded to Hq heads outside the timed
 region: the favourable case for torch), the eager reference, F.rms_norm, torch.compile of the
 reference, and a plain copy (x.clone(): the bandwidth an RMSNorm can hope for).
@@ -39,6 +42,7 @@ import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import glm4v_kernels as K  # noqa: E402
+from glm4v_kernels.flash_attention import _attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
@@ -50,6 +54,9 @@ PEAKS = [("H200", 989.0, 4800.0), ("H100 NVL", 835.0, 3900.0), ("H100 PCIe", 756
          ("A100", 312.0, 1555.0)]
 NOMINAL_PEAKS = (100.0, 1000.0)  # unknown GPU; the CPU interpreter gets (1, 50)
 GLM_EPS = 1.5625e-07
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried beside the default (none spills on sm_90)
+PREFILL_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
+DECODE_SPLITS = [8, 32, 64]
 
 
 def device_info() -> dict:
@@ -80,11 +87,12 @@ def attention_cases(smoke: bool) -> list[dict]:
     """B, Hq, Hkv, Lq, Lk, D, causal; decode cases read k/v as views of a static cache."""
     if smoke:
         return [dict(name="vit", B=1, Hq=2, Hkv=2, Lq=40, Lk=40, D=112, causal=False),
-                dict(name="prefill", B=1, Hq=4, Hkv=2, Lq=40, Lk=40, D=64, causal=True),
-                dict(name="decode", B=2, Hq=4, Hkv=1, Lq=1, Lk=100, D=64, causal=True)]
-    cases = [dict(name="vit", B=1, Hq=16, Hkv=16, Lq=6401, Lk=6401, D=112, causal=False)]
-    cases += [dict(name="prefill", B=1, Hq=32, Hkv=2, Lq=L, Lk=L, D=128, causal=True) for L in (1024, 2048, 8192)]
-    cases += [dict(name="decode", B=B, Hq=32, Hkv=2, Lq=1, Lk=L, D=128, causal=True)
+                dict(name="prefill", B=1, Hq=4, Hkv=2, Lq=40, Lk=40, D=64, causal=True, sweep=True),
+                dict(name="decode", B=2, Hq=4, Hkv=1, Lq=1, Lk=100, D=64, causal=True, sweep=True)]
+    cases = [dict(name="vit", B=1, Hq=16, Hkv=16, Lq=6401, Lk=6401, D=112, causal=False, sweep=True)]
+    cases += [dict(name="prefill", B=1, Hq=32, Hkv=2, Lq=L, Lk=L, D=128, causal=True, sweep=L == 8192)
+              for L in (1024, 2048, 8192)]
+    cases += [dict(name="decode", B=B, Hq=32, Hkv=2, Lq=1, Lk=L, D=128, causal=True, sweep=L == 8192)
               for B in (1, 16) for L in (2048, 8192)]
     return cases
 
@@ -115,11 +123,17 @@ def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
                 return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=sdpa_causal)
         return run
 
-    providers = {"triton": lambda: K.attention(q, k, v, causal=causal),
-                 "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
+    providers = {"triton": lambda: K.attention(q, k, v, causal=causal)}
+    if case.get("sweep") and case["name"] == "decode":
+        providers |= {f"triton splits={n}": lambda n=n: _attention(q, k, v, causal, n_splits=n) for n in DECODE_SPLITS}
+    elif case.get("sweep"):
+        providers |= {"triton " + ",".join(map(str, c)): lambda c=c: _attention(q, k, v, causal, config=c)
+                      for c in PREFILL_CONFIGS}
+    providers |= {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
     check = lambda out: (out.float() - K.attention_ref(q, k, v, causal=causal).float()).abs().max().item()  # noqa: E731
     shape = f"{case['name']} B{B} Hq{Hq}/Hkv{Hkv} Lq{Lq} Lk{Lk} D{D}{' causal' if causal else ''}"
-    return [measure(shape, p, fn, work, unit, check if p == "triton" else None) for p, fn in providers.items()]
+    return [measure(shape, p, fn, work, unit, check if p.startswith("triton") else None)
+            for p, fn in providers.items()]
 
 
 def rms_norm_rows(rows: int, N: int, dtype: torch.dtype, device: str, smoke: bool) -> list[dict]:

@@ -306,10 +306,12 @@ def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, 
     return 64, 64 if D <= 128 else 32, 8, 3 if D <= 128 else 2  # 4 warps spill the 64-row tile
 
 
-def _prefill(q, k, v, out, causal, qk_scale, key_start):
+def _prefill(q, k, v, out, causal, qk_scale, key_start, config=None):
+    """config=None picks (BLOCK_M, BLOCK_N, num_warps, num_stages) (benchmarks sweep others)."""
     B, Hq, Lq, D = q.shape
     interpreted = _interpreted(q.device)
-    block_m, block_n, num_warps, num_stages = _prefill_config(D, q.dtype, interpreted, key_start is not None)
+    block_m, block_n, num_warps, num_stages = config or _prefill_config(D, q.dtype, interpreted,
+                                                                        key_start is not None)
     _attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, out, key_start if key_start is not None else q,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Lq, k.shape[2], qk_scale,
@@ -360,8 +362,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return _attention(q, k, v, causal, scale, key_mask)
 
 
-def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=None):
-    """`attention`, with the kernel ("prefill" | "decode") and split count forced by tests."""
+def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=None, config=None):
+    """`attention`, with the kernel ("prefill" | "decode"), the split count or the prefill config
+    forced (tests and benchmarks)."""
     _check(q, k, v, causal, scale, key_mask)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError("glm4v_kernels.attention is forward-only (no backward): use attention_ref "
@@ -382,5 +385,5 @@ def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=N
         if path == "decode":
             _decode(q, k, v, out, causal, qk_scale, key_start, n_splits)
         else:
-            _prefill(q, k, v, out, causal, qk_scale, key_start)
+            _prefill(q, k, v, out, causal, qk_scale, key_start, config)
     return out

@@ -29,6 +29,12 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     for r in ours:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["value"] > 0 and r["pct_of_peak"] > 0, r
+    swept = [r for r in record["results"] if r["provider"].startswith("triton ")]
+    assert {r["provider"] for r in swept} == {"triton 128,128,8,2", "triton 128,128,8,3", "triton 128,32,8,3",
+                                             "triton 64,64,4,3", "triton splits=8", "triton splits=32",
+                                             "triton splits=64"}, swept
+    for r in swept:
+        assert "error" not in r and r["max_abs_err_vs_ref"] < 0.05, r
     for r in ours:
         if "max_abs_err_vs_ref" in r:  # bf16 outputs: within a couple of bf16 ulps of the reference
             assert r["max_abs_err_vs_ref"] < 0.05, r
