@@ -7,10 +7,14 @@
 Work per call (elt = bytes per element; all inputs bf16 on a GPU):
     attention FLOPs = 4 * B * Hq * Lq * Lk * D       (QK^T and PV: 2 FLOPs per multiply-add),
                       halved when causal with Lq == Lk (half the score matrix is skipped)
-    decode bytes    = 2 * B * Hkv * Lk * D * elt     (K and V read once, shared by a KV group)
+    attention bytes = 2 * B * Hkv * Lk * D * elt     (K and V read once, shared by a KV group)
                     + 2 * B * Hq * Lq * D * elt      (q read, out written)
     rmsnorm bytes   = 2 * rows * N * elt + N * elt   (x read, y written, weight read);
                       fused add + norm: 4 * rows * N * elt + N * elt (x, residual read; y, s written)
+Each row reports TFLOP/s (prefill, ViT) or GB/s (decode, RMSNorm) and its % of that peak, and the
+roofline floor max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with its % (floor / time: 100% is
+as fast as the device's datasheet peaks allow). Decode at batch 1 moves only a few MB (8.4 MB at
+Lk 8k: 2.5 us at 3.35 TB/s), so kernel launch latency, not bandwidth, bounds it there.
 On the ViT and the longest prefill shape, the prefill kernel is also timed at other block configs
 (provider "triton BM,BN,warps,stages"), and the decode kernel at forced split counts ("triton
 splits=N"), so that one GPU run shows whether the configs the launchers pick are the best ones.
@@ -110,10 +114,12 @@ def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
     if case["name"] == "decode":  # the model's layout: views of a (B, Hkv, Lmax, D) cache
         cache = torch.randn(2, B, Hkv, Lk + 256, D, device=device, dtype=dtype, generator=g)
         k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]
-        work, unit = (2 * B * Hkv * Lk * D + 2 * B * Hq * Lq * D) * q.element_size(), "GB/s"
+        unit = "GB/s"
     else:
         k, v = (torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-        work, unit = 4 * B * Hq * Lq * Lk * D // (2 if causal and Lq == Lk else 1), "TFLOP/s"
+        unit = "TFLOP/s"
+    flops = 4 * B * Hq * Lq * Lk * D // (2 if causal and Lq == Lk else 1)
+    nbytes = (2 * B * Hkv * Lk * D + 2 * B * Hq * Lq * D) * q.element_size()
     k_rep, v_rep = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))  # for SDPA, outside the timing
     sdpa_causal = causal and Lq == Lk  # Lq = 1 causal sees every key: plain SDPA is the same thing
 
@@ -132,7 +138,7 @@ def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
     providers |= {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
     check = lambda out: (out.float() - K.attention_ref(q, k, v, causal=causal).float()).abs().max().item()  # noqa: E731
     shape = f"{case['name']} B{B} Hq{Hq}/Hkv{Hkv} Lq{Lq} Lk{Lk} D{D}{' causal' if causal else ''}"
-    return [measure(shape, p, fn, work, unit, check if p.startswith("triton") else None)
+    return [measure(shape, p, fn, flops, nbytes, unit, check if p.startswith("triton") else None)
             for p, fn in providers.items()]
 
 
@@ -141,25 +147,29 @@ def rms_norm_rows(rows: int, N: int, dtype: torch.dtype, device: str, smoke: boo
     x, residual = (torch.randn(rows, N, device=device, dtype=dtype, generator=g) for _ in range(2))
     w = torch.rand(N, device=device, dtype=dtype, generator=g) + 0.5
     elt = x.element_size()
-    norm_bytes, add_bytes = 2 * rows * N * elt + N * elt, 4 * rows * N * elt + N * elt
-    providers = {"triton": (lambda: K.rms_norm(x, w, GLM_EPS), norm_bytes),
-                 "torch_eager_ref": (lambda: K.rms_norm_ref(x, w, GLM_EPS), norm_bytes),
-                 "F.rms_norm": (lambda: F.rms_norm(x, (N,), w, GLM_EPS), norm_bytes),
-                 "copy": (lambda: x.clone(), 2 * rows * N * elt),
-                 "triton_add_norm": (lambda: K.add_rms_norm(x, residual, w, GLM_EPS), add_bytes)}
+    # (bytes, flops): x read, y written, weight read; 4 flops an element (square, sum, 2 products)
+    norm, add_norm = (2 * rows * N * elt + N * elt, 4 * rows * N), (4 * rows * N * elt + N * elt, 5 * rows * N)
+    providers = {"triton": (lambda: K.rms_norm(x, w, GLM_EPS), norm),
+                 "torch_eager_ref": (lambda: K.rms_norm_ref(x, w, GLM_EPS), norm),
+                 "F.rms_norm": (lambda: F.rms_norm(x, (N,), w, GLM_EPS), norm),
+                 "copy": (lambda: x.clone(), (2 * rows * N * elt, 0)),
+                 "triton_add_norm": (lambda: K.add_rms_norm(x, residual, w, GLM_EPS), add_norm)}
     if not smoke:  # torch.compile on CPU needs a C++ toolchain and minutes; the smoke run skips it
         compiled, compiled_add = torch.compile(K.rms_norm_ref), torch.compile(K.add_rms_norm_ref)
-        providers["compiled_ref"] = (lambda: compiled(x, w, GLM_EPS), norm_bytes)
-        providers["compiled_add_norm_ref"] = (lambda: compiled_add(x, residual, w, GLM_EPS), add_bytes)
+        providers["compiled_ref"] = (lambda: compiled(x, w, GLM_EPS), norm)
+        providers["compiled_add_norm_ref"] = (lambda: compiled_add(x, residual, w, GLM_EPS), add_norm)
     ref = K.rms_norm_ref(x, w, GLM_EPS).float()
     check = lambda out: (out.float() - ref).abs().max().item()  # noqa: E731
     shape = f"rmsnorm rows{rows} N{N}"
-    return [measure(shape, p, fn, work, "GB/s", check if p == "triton" else None)
-            for p, (fn, work) in providers.items()]
+    return [measure(shape, p, fn, flops, nbytes, "GB/s", check if p == "triton" else None)
+            for p, (fn, (nbytes, flops)) in providers.items()]
 
 
-def measure(shape: str, provider: str, fn, work: float, unit: str, check=None) -> dict:
-    row = {"shape": shape, "provider": provider, "unit": unit, "work": work}
+def measure(shape: str, provider: str, fn, flops: int, nbytes: int, unit: str, check=None) -> dict:
+    """Times fn; value = flops or bytes (by unit) per second. flops/bytes: the op's own work, the
+    same for every provider (each input read once, each output written once)."""
+    row = {"shape": shape, "provider": provider, "unit": unit, "flops": flops, "bytes": nbytes}
+    work = flops if unit == "TFLOP/s" else nbytes
     try:
         out = fn()
         if check is not None:
@@ -176,7 +186,8 @@ def measure(shape: str, provider: str, fn, work: float, unit: str, check=None) -
 def print_table(device: dict, rows: list[dict]) -> None:
     print(f"device: {device['name']} | peaks {device['tflops']:.0f} TFLOP/s bf16 dense, "
           f"{device['gbps']:.0f} GB/s HBM [{device['peaks']}] | torch {torch.__version__}, triton {triton.__version__}")
-    header = f"{'shape':<46} | {'provider':<22} | {'ms':>9} | {'TFLOP/s or GB/s':>16} | {'% of peak':>9}"
+    header = (f"{'shape':<46} | {'provider':<22} | {'ms':>9} | {'TFLOP/s or GB/s':>16} | {'% of peak':>9} | "
+              f"{'% roofline':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -184,7 +195,7 @@ def print_table(device: dict, rows: list[dict]) -> None:
             print(f"{r['shape']:<46} | {r['provider']:<22} | {'error':>9} | {r['error'][:40]}")
             continue
         print(f"{r['shape']:<46} | {r['provider']:<22} | {r['ms']:>9.4f} | "
-              f"{r['value']:>8.1f} {r['unit']:<7} | {r['pct_of_peak']:>8.1f}%")
+              f"{r['value']:>8.1f} {r['unit']:<7} | {r['pct_of_peak']:>8.1f}% | {r['pct_of_roofline']:>9.1f}%")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         if "value" in r:
             r["pct_of_peak"] = 100 * r["value"] / (device["tflops"] if r["unit"] == "TFLOP/s" else device["gbps"])
+            r["roofline_ms"] = 1e3 * max(r["flops"] / (device["tflops"] * 1e12), r["bytes"] / (device["gbps"] * 1e9))
+            r["pct_of_roofline"] = 100 * r["roofline_ms"] / r["ms"]
     print_table(device, rows)
 
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")

@@ -29,6 +29,8 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     for r in ours:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["value"] > 0 and r["pct_of_peak"] > 0, r
+        assert r["bytes"] > 0 and r["roofline_ms"] * 1e-3 >= r["bytes"] / (record["device"]["gbps"] * 1e9), r
+        assert abs(r["pct_of_roofline"] - 100 * r["roofline_ms"] / r["ms"]) < 1e-6, r
     swept = [r for r in record["results"] if r["provider"].startswith("triton ")]
     assert {r["provider"] for r in swept} == {"triton 128,128,8,2", "triton 128,128,8,3", "triton 128,32,8,3",
                                              "triton 64,64,4,3", "triton splits=8", "triton splits=32",
