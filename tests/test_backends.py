@@ -8,21 +8,21 @@ from safetensors.torch import load_file
 
 from glm4v_core import load_model, ops
 from glm4v_core.parity import run_parity
-from triton_env import needs_triton
+from triton_env import DEVICE, needs_triton
 
 
 @needs_triton
 @pytest.mark.parametrize("fixture", ["tiny", "narrow"])
 def test_triton_and_torch_backends_agree_and_pass_parity(fixtures_dir, fixture):
-    model = load_model(fixtures_dir / fixture)
-    ref = load_file(str(fixtures_dir / fixture / "reference.safetensors"))
+    model = load_model(fixtures_dir / fixture, device=DEVICE)
+    ref = load_file(str(fixtures_dir / fixture / "reference.safetensors"), device=DEVICE)
     args = (ref["input_ids_c"], ref["pixel_values_c"], ref["attention_mask_c"], ref["position_ids_in_c"])
     rows = ref["attention_mask_expanded_c"].bool()
     with torch.no_grad(), ops.use_backend("torch"):
         torch_logits = model(*args).logits
     with torch.no_grad(), ops.use_backend("triton"):
         triton_logits = model(*args).logits
-        reports = run_parity(fixtures_dir / fixture)
+        reports = run_parity(fixtures_dir / fixture, device=DEVICE)
     diff = (triton_logits - torch_logits)[rows].abs()
     assert diff.max() <= 2e-5, f"max {diff.max():.3e} mean {diff.mean():.3e}"
     assert all(r.ok for r in reports), [(r.name, [s.name for s in r.stages if not s.ok]) for r in reports]
@@ -43,7 +43,7 @@ def test_backend_override_and_explicit_request_that_cannot_run(monkeypatch):
 
 @needs_triton
 def test_attention_with_gradients_auto_falls_back_explicit_triton_raises(monkeypatch):
-    q, k, v = (torch.randn(1, 2, 4, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     with pytest.raises(NotImplementedError, match="forward-only"):
         with ops.use_backend("triton"):
             ops.attention(q, k, v, causal=True)

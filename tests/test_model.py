@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from glm4v_core import InputError, load_model
+from glm4v_core.model import first_valid_key
 from glm4v_core.text import apply_rotary, rotary_tables
 
 
@@ -123,3 +124,11 @@ def test_prefill_with_cache_equals_plain_forward_and_decode_continues(tiny, ref)
     torch.testing.assert_close(step.logits[0, -1], ref["gen_step_logits_a"][0, 1], atol=1e-4, rtol=0)
     with pytest.raises(InputError, match="decode steps"):
         tiny(nxt, cache=cache)
+
+
+def test_first_valid_key_is_int32_per_row_start():
+    """The (B,) left-padding description the attention kernel reads, in its dtype (no per-layer cast)."""
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    start = first_valid_key(mask)
+    assert start.dtype == torch.int32 and start.tolist() == [0, 2, 1]
+    assert first_valid_key(torch.ones(2, 3, dtype=torch.long)) is None

@@ -42,6 +42,28 @@ def test_bf16_logits_bit_exact_with_reference_kernels(fixtures_dir, fixture):
     assert stage.max_abs == 0.0, _describe([report_a])
 
 
+def test_fp32_parity_runs_without_tf32_and_restores_the_flags(fixtures_dir, monkeypatch):
+    """On CUDA, cuDNN convolutions default to TF32, too coarse for fp32 parity: the run turns TF32
+    off (convolutions and matmuls) and gives the caller's settings back afterwards."""
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    seen = []
+    real_run_case = parity.run_case
+    monkeypatch.setattr(parity, "run_case",
+                        lambda *a: seen.append([f.allow_tf32 for f in flags]) or real_run_case(*a))
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        reports = run_parity(fixtures_dir / "tiny")
+        after = [f.allow_tf32 for f in flags]
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
+    assert seen and all(state == [False, False] for state in seen), seen
+    assert after == [True, True]
+    assert all(r.ok for r in reports)
+
+
 def _half_split_rotary(x, cos, sin):
     """The Llama/NeoX pairing (x[i], x[i + d/2]) instead of GLM's interleaved (x[2i], x[2i+1])."""
     rot = 2 * cos.shape[-1]

@@ -42,8 +42,10 @@ class KVCache:
         """Keep only `rows` (indices among the live rows, in order), moved to the front, so rows
         that finished stop costing compute. Copies the filled slots once; nothing is reallocated."""
         n, end = rows.numel(), self.length
-        self.k[:, :n, :, :end] = self.k[:, rows, :, :end]  # the gather copies before the write: overlap is safe
-        self.v[:, :n, :, :end] = self.v[:, rows, :, :end]
+        for layer in range(self.k.shape[0]):  # a layer at a time keeps the gather's temporary small
+            # the gather copies before the write: overlap is safe
+            self.k[layer, :n, :, :end] = self.k[layer, rows, :, :end]
+            self.v[layer, :n, :, :end] = self.v[layer, rows, :, :end]
         self.rows = n
         if self.key_mask is not None:
             self.key_mask = self.key_mask[rows]

@@ -159,7 +159,7 @@ def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     mask = attention_mask.bool()
     if mask.all():
         return None
-    start = (~mask).sum(1)
+    start = (~mask).sum(1, dtype=torch.int32)  # int32: what the attention kernel reads, no per-layer cast
     cols = torch.arange(mask.shape[1], device=mask.device)
     if not torch.equal(mask, cols >= start[:, None]):
         raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")

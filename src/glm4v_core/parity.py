@@ -207,26 +207,38 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     tol = Tolerances(meta, dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
-    with reference_cpu_kernels(dtype):
+    with reference_kernels(dtype):
         return [run_case(model, ref, meta, case, tol) for case in reference_cases(ref)]
 
 
 @contextlib.contextmanager
-def reference_cpu_kernels(dtype: torch.dtype):
-    """Use the CPU kernels the fixtures were made with.
+def reference_kernels(dtype: torch.dtype):
+    """Use kernels as exact as the ones the fixtures were made with.
 
-    oneDNN's bf16 GEMMs (taken on AVX512-BF16/AMX CPUs) round differently from ATen's own bf16
-    kernels, which produced the fixtures; with oneDNN off our bf16 prompt logits equal the
+    fp32: no TF32 anywhere. On CUDA, cuDNN convolutions (the ViT patch embedding, the projector)
+    default to TF32: rounding their inputs to TF32 (emulated on CPU) puts the patch embedding about
+    1.4x over its fp32 tolerance. Matmuls may have been switched to TF32 by the caller. Both are
+    turned off for the run, and restored after it.
+    bf16: oneDNN's bf16 GEMMs (taken on AVX512-BF16/AMX CPUs) round differently from ATen's own
+    bf16 kernels, which produced the fixtures; with oneDNN off our bf16 prompt logits equal the
     reference's bit for bit. The fixtures' decode steps also used ATen's AVX2 kernels: only with
     ATEN_CPU_CAPABILITY=avx2 (set before torch starts) do the narrow fixture's bf16 greedy tokens
-    follow the reference through a 0.0046-margin near-tie (see greedy_stage). fp32 is unaffected."""
-    if dtype != torch.bfloat16:
-        yield
+    follow the reference through a 0.0046-margin near-tie (see greedy_stage)."""
+    if dtype == torch.bfloat16:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about TF32 on Intel GPUs when flags change
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns about TF32 on Intel GPUs when flags change
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        yield
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
 
 
 def format_report(reports: list[CaseReport], dtype_name: str) -> str:
