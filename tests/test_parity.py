@@ -66,10 +66,10 @@ def test_fp32_parity_runs_without_tf32_and_restores_the_flags(fixtures_dir, monk
 
 def _half_split_rotary(x, cos, sin):
     """The Llama/NeoX pairing (x[i], x[i + d/2]) instead of GLM's interleaved (x[2i], x[2i+1])."""
-    rot = 2 * cos.shape[-1]
+    c, s = cos[..., 0], sin[..., 1]  # (B, 1, T, rot/2) each (see text.rotary_tables)
+    rot = 2 * c.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
-    c, s = cos, sin
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x_pass), dim=-1)
 
 
