@@ -42,25 +42,27 @@ def test_bf16_logits_bit_exact_with_reference_kernels(fixtures_dir, fixture):
     assert stage.max_abs == 0.0, _describe([report_a])
 
 
-def test_fp32_parity_runs_without_tf32_and_restores_the_flags(fixtures_dir, monkeypatch):
+def test_fp32_parity_runs_without_tf32_and_restores_the_settings(fixtures_dir, monkeypatch):
     """On CUDA, cuDNN convolutions default to TF32, too coarse for fp32 parity: the run turns TF32
     off (convolutions and matmuls) and gives the caller's settings back afterwards."""
-    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    settings = parity.tf32_settings()
+    state = lambda: [getattr(owner, name) for owner, name, _ in settings]  # noqa: E731
+    tf32 = "tf32" if settings[0][1] == "fp32_precision" else True
     seen = []
     real_run_case = parity.run_case
-    monkeypatch.setattr(parity, "run_case",
-                        lambda *a: seen.append([f.allow_tf32 for f in flags]) or real_run_case(*a))
-    before = [f.allow_tf32 for f in flags]
+    monkeypatch.setattr(parity, "run_case", lambda *a: seen.append(state()) or real_run_case(*a))
+    before = state()
     try:
-        for f in flags:
-            f.allow_tf32 = True
+        for owner, name, _ in settings:
+            setattr(owner, name, tf32)
         reports = run_parity(fixtures_dir / "tiny")
-        after = [f.allow_tf32 for f in flags]
+        after = state()
     finally:
-        for f, value in zip(flags, before):
-            f.allow_tf32 = value
-    assert seen and all(state == [False, False] for state in seen), seen
-    assert after == [True, True]
+        for (owner, name, _), value in zip(settings, before):
+            setattr(owner, name, value)
+    exact = [value for _, _, value in settings]
+    assert seen and all(s == exact for s in seen), seen
+    assert after == [tf32, tf32]
     assert all(r.ok for r in reports)
 
 

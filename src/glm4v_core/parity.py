@@ -230,15 +230,26 @@ def reference_kernels(dtype: torch.dtype):
             with torch.backends.mkldnn.flags(enabled=False):
                 yield
         return
-    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
-    saved = [f.allow_tf32 for f in flags]
+    settings = tf32_settings()
+    saved = [getattr(owner, name) for owner, name, _ in settings]
     try:
-        for f in flags:
-            f.allow_tf32 = False
+        for owner, name, exact in settings:
+            setattr(owner, name, exact)
         yield
     finally:
-        for f, value in zip(flags, saved):
-            f.allow_tf32 = value
+        for (owner, name, _), value in zip(settings, saved):
+            setattr(owner, name, value)
+
+
+def tf32_settings() -> list[tuple[object, str, object]]:
+    """(owner, attribute, exact value) of the TF32 switches of cuDNN convolutions and CUDA matmuls.
+
+    The per-op `fp32_precision` API where torch has it (2.9+): once a caller uses it, reading the
+    legacy `allow_tf32` flags raises."""
+    if hasattr(torch.backends.cudnn, "conv"):
+        return [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
 
 
 def format_report(reports: list[CaseReport], dtype_name: str) -> str:
