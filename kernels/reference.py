@@ -39,15 +39,11 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if Lq == 1:  # decode: the one query sees every key, so fold each group's query heads into the
-        # query axis of its KV head instead of copying K/V per query head
-        q = q.reshape(B, Hkv, Hq // Hkv, D)
-        if key_mask is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale).reshape(B, Hq, 1, D)
-        valid = torch.arange(Lk, device=q.device) >= key_mask.to(q.device)[:, None, None, None]  # (B, 1, 1, Lk)
-        sees_any = valid.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid | ~sees_any, scale=scale)
-        return out.masked_fill(~sees_any, 0.0).reshape(B, Hq, 1, D)
+    if Lq == 1:  # decode: the one query sees every key, causal or not
+        causal = False
+        if Hq != Hkv:  # each group's query heads become queries of its KV head: no K/V copy per head
+            out = attention_ref(q.reshape(B, Hkv, Hq // Hkv, D), k, v, causal=False, scale=scale, key_mask=key_mask)
+            return out.reshape(B, Hq, 1, D)
     if Hq != Hkv:  # repeat each KV head for its query group, like the HF reference does
         k = k[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
         v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
