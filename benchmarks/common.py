@@ -10,6 +10,16 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Vendor datasheet peaks by device-name fragment, first match wins: (fragment, dense bf16 TFLOP/s or
+# None if unknown, memory GB/s). Device names: "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB", ...
+DATASHEET_PEAKS = [("H200", 989.0, 4800.0), ("H100 NVL", 835.0, 3900.0), ("H100 PCIe", 756.0, 2000.0),
+                   ("H100", 989.0, 3350.0), ("A100-SXM4-80GB", 312.0, 2039.0), ("A100 80GB PCIe", 312.0, 1935.0),
+                   ("A100", 312.0, 1555.0), ("L40S", 362.0, 864.0), ("A10G", None, 600.0)]
+
+
+def datasheet_peaks(device_name: str) -> tuple[str, float | None, float] | None:
+    """The DATASHEET_PEAKS entry of a CUDA device name, or None for a device not listed."""
+    return next((row for row in DATASHEET_PEAKS if row[0] in device_name), None)
 
 
 def git_commit() -> str:

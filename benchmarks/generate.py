@@ -24,23 +24,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import datasheet_peaks, write_result  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
 from glm4v_core.generate import stream_tokens  # noqa: E402
 from glm4v_core.weights import build_meta_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
-# Peak HBM bandwidth in bytes/s by device-name substring (vendor datasheets).
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
-                  "A100-PCIE-40GB": 1.555e12, "A100": 2.0e12, "L40S": 0.864e12, "A10G": 0.6e12}
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+    """Datasheet memory bandwidth in bytes/s (common.DATASHEET_PEAKS), None off CUDA or if unknown."""
+    match = datasheet_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return match[2] * 1e9 if match else None
 
 
 def prompt(config: GLM4VConfig, n_text: int, image: bool, seed: int = 0) -> list[int]:

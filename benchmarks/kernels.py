@@ -49,14 +49,10 @@ import glm4v_kernels as K  # noqa: E402
 from glm4v_kernels.flash_attention import _attention  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import datasheet_peaks, write_result  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# name fragment -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheets; first match wins
-PEAKS = [("H200", 989.0, 4800.0), ("H100 NVL", 835.0, 3900.0), ("H100 PCIe", 756.0, 2000.0),
-         ("H100", 989.0, 3350.0), ("A100-SXM4-80GB", 312.0, 2039.0), ("A100 80GB PCIe", 312.0, 1935.0),
-         ("A100", 312.0, 1555.0)]
-NOMINAL_PEAKS = (100.0, 1000.0)  # unknown GPU; the CPU interpreter gets (1, 50)
+NOMINAL_PEAKS = (100.0, 1000.0)  # a GPU (or its FLOP/s) not in common.DATASHEET_PEAKS; the interpreter gets (1, 50)
 GLM_EPS = 1.5625e-07
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried beside the default (none spills on sm_90)
 PREFILL_CONFIGS = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)]
@@ -67,10 +63,12 @@ def device_info() -> dict:
     if not torch.cuda.is_available():
         return {"name": "cpu", "tflops": 1.0, "gbps": 50.0, "peaks": "nominal (CPU, Triton interpreter)"}
     name = torch.cuda.get_device_name()
-    for fragment, tflops, gbps in PEAKS:
-        if fragment in name:
-            return {"name": name, "tflops": tflops, "gbps": gbps, "peaks": f"datasheet ({fragment})"}
-    return {"name": name, "tflops": NOMINAL_PEAKS[0], "gbps": NOMINAL_PEAKS[1], "peaks": "nominal (unknown GPU)"}
+    match = datasheet_peaks(name)
+    if match is None:
+        return {"name": name, "tflops": NOMINAL_PEAKS[0], "gbps": NOMINAL_PEAKS[1], "peaks": "nominal (unknown GPU)"}
+    fragment, tflops, gbps = match
+    return {"name": name, "tflops": tflops or NOMINAL_PEAKS[0], "gbps": gbps,
+            "peaks": f"datasheet ({fragment})" + ("" if tflops else ", nominal TFLOP/s")}
 
 
 def bench(fn) -> tuple[float, float, float]:
