@@ -24,7 +24,14 @@ NATIVE_FORMAT_VERSION = "1"
 PROVENANCE_FILE = "glm4v_native.json"
 CONFIG_FILE = "config.json"
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16', as config.json's torch_dtype and glm4v_native.json spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+_DTYPE_NAMES = {dtype_name(d): d for d in FLOAT_DTYPES}
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def _check_one_dtype(ckpt: Checkpoint) -> None:
     for info in ckpt.tensors.values():
         if info.dtype != want:
             raise CheckpointError(f"{info.file}: tensor {info.name!r} is {info.dtype}, but a native checkpoint "
-                                  f"holds one dtype and {why} {str(want).removeprefix('torch.')}")
+                                  f"holds one dtype and {why} {dtype_name(want)}")
 
 
 def _read_provenance(folder: Path) -> dict[str, Any] | None:

@@ -2,9 +2,10 @@
 
 HF -> native: every tensor is renamed by names.HF_TO_NATIVE and copied byte for byte (or cast
 with `dtype`) from memory-mapped source shards; by default native shard k holds exactly the
-tensors of HF shard k. glm4v_native.json records the HF files (size, sha256) and the HF
-weight_map, so native -> HF rebuilds the same files: same tensor -> file assignment, same
-bytes, same rotary inv_freq buffer (recomputed the way the reference computes it).
+tensors of HF shard k. glm4v_native.json records the HF files (size, sha256, header metadata),
+the HF weight_map and the bytes of the rotary inv_freq buffer, so native -> HF rebuilds the same
+files: same tensor -> file assignment, same bytes (without such a record the buffer is recomputed
+the way the reference computes it).
 
 Safety: headers, names, shapes (against config.json), dtypes and free disk space are checked
 before the first byte is written; the output goes to a hidden sibling folder that is renamed
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 import shutil
@@ -31,11 +31,11 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import staging
 from .checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE, Checkpoint,
-                         check_tensors, open_checkpoint, read_config)
+                         check_tensors, dtype_name, open_checkpoint, read_config)
 from .names import HF_IGNORED_BUFFERS, native_to_hf
 from .safetensors_io import (DTYPE_NAMES, DTYPES, INDEX_FILE, CheckpointError, MappedFiles, TensorInfo, file_size,
                              index_json, read_header, read_index, sha256_file, shard_names, storage_order,
-                             write_file)
+                             tensor_nbytes, write_file)
 from .shapes import expected_shapes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' default when nothing records the original sharding
@@ -176,11 +176,11 @@ def _plan_native(ckpt: Checkpoint, dtype: torch.dtype, max_shard_size: int | Non
             by_file.setdefault(ckpt.tensors[name].file.name, []).append(name)
         groups = list(by_file.values())
     else:
-        groups = _pack(ordered, lambda n: _nbytes(ckpt.tensors[n].shape, dtype), max_shard_size)
+        groups = _pack(ordered, lambda n: tensor_nbytes(ckpt.tensors[n].shape, dtype), max_shard_size)
     files = []
     for file_name, group in zip(shard_names(len(groups)), groups):
         sources = sorted({ckpt.tensors[n].file.name for n in group})
-        metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": _dtype_name(dtype),
+        metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                     "tool": f"glm4v-convert {__version__}", "source_files": ",".join(sources)}
         files.append(OutFile(file_name, {n: ckpt.tensors[n] for n in group}, metadata))
     return files, _weight_map(files, dtype), len(files) > 1
@@ -194,7 +194,7 @@ def _plan_hf(ckpt: Checkpoint, config: dict[str, Any], dtype: torch.dtype, max_s
         weight_map, with_index = recorded
     else:
         names = sorted([*sources, *HF_IGNORED_BUFFERS], key=_natural_key)  # save_pretrained writes the buffer
-        sizes = {n: _nbytes(sources[n].shape, dtype) if n in sources else 0 for n in names}
+        sizes = {n: tensor_nbytes(sources[n].shape, dtype) if n in sources else 0 for n in names}
         groups = _pack(names, sizes.__getitem__, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         weight_map = {n: file for file, group in zip(shard_names(len(groups)), groups) for n in group}
         with_index = len(groups) > 1
@@ -252,7 +252,7 @@ def _recorded_hf_layout(ckpt: Checkpoint, names: set[str]) -> tuple[dict[str, st
 def _recorded_hf_files(ckpt: Checkpoint, max_shard_size: int | None, dtype: torch.dtype) -> bool:
     """Whether native -> HF should compare its files with the recorded sha256 of the originals."""
     source = (ckpt.provenance or {}).get("source") or {}
-    return max_shard_size is None and source.get("dtype") == _dtype_name(dtype) and isinstance(source.get("files"), dict)
+    return max_shard_size is None and source.get("dtype") == dtype_name(dtype) and isinstance(source.get("files"), dict)
 
 
 def _pack(names: list[str], nbytes: Callable[[str], int], limit: int) -> list[list[str]]:
@@ -286,9 +286,9 @@ def _write_text(path: Path, text: str) -> None:
 
 def _config_text(ckpt: Checkpoint, config: dict[str, Any], dtype: torch.dtype | None) -> str:
     """config.json unchanged, except torch_dtype when --dtype changed the stored dtype."""
-    if dtype is None or config.get("torch_dtype") == _dtype_name(dtype):
+    if dtype is None or config.get("torch_dtype") == dtype_name(dtype):
         return (ckpt.folder / CONFIG_FILE).read_text()
-    return json.dumps({**config, "torch_dtype": _dtype_name(dtype)}, indent=2) + "\n"
+    return json.dumps({**config, "torch_dtype": dtype_name(dtype)}, indent=2) + "\n"
 
 
 def _hash_schedule(ckpt: Checkpoint, files: list[OutFile]) -> dict[int, list[Path]]:
@@ -317,10 +317,10 @@ def _provenance(ckpt: Checkpoint, dtype: torch.dtype, hashes: dict[str, str]) ->
         "format_version": NATIVE_FORMAT_VERSION,
         "tool": "glm4v-convert",
         "tool_version": __version__,
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "source": {
             "layout": "hf",
-            "dtype": _dtype_name(next(iter(stored))) if len(stored) == 1 else "mixed",
+            "dtype": dtype_name(next(iter(stored))) if len(stored) == 1 else "mixed",
             "index": (ckpt.folder / INDEX_FILE).exists(),
             "files": {name: {"bytes": (ckpt.folder / name).stat().st_size, "sha256": sha,
                              "metadata": read_header(ckpt.folder / name)[1]}
@@ -350,15 +350,7 @@ def _weight_map(files: list[OutFile], dtype: torch.dtype) -> dict[str, str]:
 
 
 def _total_size(files: list[OutFile], dtype: torch.dtype) -> int:
-    return sum(_nbytes(s.shape, dtype) for f in files for s in f.tensors.values())
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return sum(tensor_nbytes(s.shape, dtype) for f in files for s in f.tensors.values())
 
 
 def _natural_key(name: str) -> list:

@@ -39,6 +39,10 @@ _DTYPE_RANK = {name: rank for rank, name in enumerate(["BOOL", "U8", "I8", "I16"
 CHUNK_BYTES = 64 * 1024 * 1024  # what the writer holds in memory at once (one cast chunk)
 
 
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder or file that cannot be read as described; the message names it."""
 
@@ -89,7 +93,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         dtype = DTYPES[dtype_name]
         if begin < 0 or min(shape, default=0) < 0:
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}")
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = tensor_nbytes(shape, dtype)
         if end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {list(shape)} "
                                   f"{entry['dtype']} needs {nbytes}")
@@ -186,7 +190,7 @@ def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metada
     offset = 0
     for name in storage_order(tensors):
         dtype, shape = tensors[name]
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = tensor_nbytes(shape, dtype)
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -196,7 +200,7 @@ def header_bytes(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metada
 
 def file_size(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None) -> int:
     """Bytes `write_file` will write for these tensors: checked against free disk space up front."""
-    data = sum(math.prod(shape) * dtype.itemsize for dtype, shape in tensors.values())
+    data = sum(tensor_nbytes(shape, dtype) for dtype, shape in tensors.values())
     return len(header_bytes(tensors, metadata)) + data
 
 
