@@ -63,12 +63,12 @@ def attention_types(dtype: torch.dtype) -> dict:
             "key_start_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
 
 
-def prefill_case(dtype, D, causal, key_mask, group=16) -> Case:
-    bm, bn, nw, ns = A._prefill_config(D, dtype, False, key_mask)
+def prefill_case(dtype, D, causal, key_start, group=16) -> Case:
+    bm, bn, nw, ns = A._prefill_config(D, dtype, False, key_start)
     expect = {"pipelined"} | ({"tensor_cores"} if dtype != torch.float32 else set())
-    return Case(f"prefill {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' key_mask' if key_mask else ''}",
+    return Case(f"prefill {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' key_start' if key_start else ''}",
                 A._attn_fwd_kernel, attention_types(dtype),
-                dict(GROUP=group, CAUSAL=causal, HAS_KEY_MASK=key_mask, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+                dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_start, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
                      BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
 
 
@@ -78,7 +78,7 @@ def decode_case(dtype, D, rows, group=16) -> Case:
     bm = min(max_bm, max(16, triton.next_power_of_2(rows)))
     expect = {"pipelined"} | ({"tensor_cores"} if dtype != torch.float32 and bm >= 64 else set())
     return Case(f"decode {DTYPE_NAMES[dtype]} D{D} rows {rows}", A._attn_decode_kernel, attention_types(dtype),
-                dict(GROUP=group, CAUSAL=True, HAS_KEY_MASK=True, SPLIT=True, HEAD_DIM=D, BLOCK_M=bm,
+                dict(GROUP=group, CAUSAL=True, HAS_KEY_START=True, SPLIT=True, HEAD_DIM=D, BLOCK_M=bm,
                      BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
 
 

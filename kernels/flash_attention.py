@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_rms_norm import FLOAT_DTYPES, _interpreted, _on_device, _round, _sm_count
+from ._common import FLOAT_DTYPES, interpreted_on, on_device, round_to, sm_count
 
 LOG2E = 1.4426950408889634
 DECODE_MAX_LQ = 16  # Lq <= this takes the split-K decode path
@@ -92,7 +92,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, L
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_keys(v_base + cols[:, None] * stride_vn + offs_d[None, :], cols, Lk, offs_d,
                        MASKED, HEAD_DIM, BLOCK_D)
-        acc = _dot(_round(p, v.dtype, INTERPRETED), v, acc * alpha[:, None], INTERPRETED)
+        acc = _dot(round_to(p, v.dtype, INTERPRETED), v, acc * alpha[:, None], INTERPRETED)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -134,7 +134,7 @@ def _attn_fwd_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     Hq, Lq, Lk, qk_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_START: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -151,7 +151,7 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=io_mask, other=0.0)
     key_start = 0
-    if HAS_KEY_MASK:
+    if HAS_KEY_START:
         key_start = tl.maximum(tl.load(key_start_ptr + b), 0)
     qk_scale = tl.cast(qk_scale, tl.float32)
     row_limit = offs_m + (Lk - Lq)  # causal: query i sees keys j <= i + Lk - Lq
@@ -165,7 +165,7 @@ def _attn_fwd_kernel(
                             qk_scale, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, INTERPRETED)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that sees no key: acc = 0 -> zeros
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             _round(o, o_ptr.dtype.element_ty, INTERPRETED), mask=io_mask)
+             round_to(o, o_ptr.dtype.element_ty, INTERPRETED), mask=io_mask)
 
 
 @triton.jit
@@ -174,7 +174,7 @@ def _attn_decode_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     Hq, Lq, Lk, qk_scale, keys_per_split,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_START: tl.constexpr, SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -190,7 +190,7 @@ def _attn_decode_kernel(
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
                 mask=io_mask, other=0.0)
     key_start = 0
-    if HAS_KEY_MASK:
+    if HAS_KEY_START:
         key_start = tl.maximum(tl.load(key_start_ptr + b), 0)
     qk_scale = tl.cast(qk_scale, tl.float32)
     lo = split * keys_per_split
@@ -210,7 +210,7 @@ def _attn_decode_kernel(
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
     else:
         tl.store(o_ptr + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :],
-                 _round(o, o_ptr.dtype.element_ty, INTERPRETED), mask=io_mask)
+                 round_to(o, o_ptr.dtype.element_ty, INTERPRETED), mask=io_mask)
 
 
 @triton.jit
@@ -233,12 +233,12 @@ def _attn_combine_kernel(
     denom = tl.sum(w, 0)
     o = tl.sum(w[:, None] * o_s, 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + qi * stride_om + offs_d,
-             _round(o, o_ptr.dtype.element_ty, INTERPRETED), mask=offs_d < HEAD_DIM)
+             round_to(o, o_ptr.dtype.element_ty, INTERPRETED), mask=offs_d < HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _check(q, k, v, causal, scale, key_mask) -> None:
+def _check(q, k, v, causal, scale, key_start) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -262,12 +262,12 @@ def _check(q, k, v, causal, scale, key_mask) -> None:
         raise TypeError(f"attention: causal must be a bool, got {type(causal).__name__}")
     if scale is not None and not isinstance(scale, (float, int)):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
-    if key_mask is not None and not (isinstance(key_mask, torch.Tensor) and key_mask.shape == (B,)
-                                     and key_mask.dtype in INT_DTYPES):
-        got = f"{tuple(key_mask.shape)} {key_mask.dtype}" if isinstance(key_mask, torch.Tensor) else key_mask
-        raise ValueError(f"attention: key_mask must be an integer tensor of shape ({B},) (each row's "
+    if key_start is not None and not (isinstance(key_start, torch.Tensor) and key_start.shape == (B,)
+                                     and key_start.dtype in INT_DTYPES):
+        got = f"{tuple(key_start.shape)} {key_start.dtype}" if isinstance(key_start, torch.Tensor) else key_start
+        raise ValueError(f"attention: key_start must be an integer tensor of shape ({B},) (each row's "
                          f"first valid key); got {got!s:.60}")
-    _interpreted(q.device)
+    interpreted_on(q.device)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -277,7 +277,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _shared_meta(q, k, causal, key_start, interpreted) -> dict:
     """The constexprs the prefill and decode kernels share."""
     D = q.shape[3]
-    return dict(GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HAS_KEY_MASK=key_start is not None,
+    return dict(GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HAS_KEY_START=key_start is not None,
                 HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted)
 
 
@@ -285,7 +285,7 @@ def _shared_meta(q, k, causal, key_start, interpreted) -> dict:
 # loads are pipelined; benchmarks/kernel_resources.py checks this without a GPU.
 
 def _prefill_config(D: int, dtype: torch.dtype, interpreted: bool,
-                    key_mask: bool = False) -> tuple[int, int, int, int]:
+                    key_start: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel."""
     if interpreted:  # the interpreter pays per op, not per element: few, mid-sized tiles
         return 64, 32, 4, 1
@@ -293,8 +293,8 @@ def _prefill_config(D: int, dtype: torch.dtype, interpreted: bool,
         return 32, 64 if D <= 128 else 16, 8, 2
     if D > 128:
         return 64, 32, 8, 2
-    # the key_mask prologue loop adds live registers: a third stage would spill at D > 64
-    return 128, 64, 4 if D <= 64 else 8, 2 if key_mask and D > 64 else 3
+    # the key_start prologue loop adds live registers: a third stage would spill at D > 64
+    return 128, 64, 4 if D <= 64 else 8, 2 if key_start and D > 64 else 3
 
 
 def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int, int, int]:
@@ -309,7 +309,7 @@ def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, 
 def _prefill(q, k, v, out, causal, qk_scale, key_start, config=None):
     """config=None picks (BLOCK_M, BLOCK_N, num_warps, num_stages) (benchmarks sweep others)."""
     B, Hq, Lq, D = q.shape
-    interpreted = _interpreted(q.device)
+    interpreted = interpreted_on(q.device)
     block_m, block_n, num_warps, num_stages = config or _prefill_config(D, q.dtype, interpreted,
                                                                         key_start is not None)
     _attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
@@ -324,7 +324,7 @@ def _decode(q, k, v, out, causal, qk_scale, key_start, n_splits=None):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    interpreted = _interpreted(q.device)
+    interpreted = interpreted_on(q.device)
     max_block_m, block_n, num_warps, num_stages = _decode_config(D, q.dtype, interpreted)
     block_m = min(max_block_m, max(16, triton.next_power_of_2(group * Lq)))
     m_tiles = triton.cdiv(group * Lq, block_m)
@@ -332,7 +332,7 @@ def _decode(q, k, v, out, causal, qk_scale, key_start, n_splits=None):
     if n_splits is None:
         # Fill the GPU about twice over, but keep chunks >= 16 * group * Lq keys so that the fp32
         # partials (written then read back) stay under ~1/8 of the K/V bytes the chunk streams.
-        target = 4 if interpreted else 2 * _sm_count(q.device)
+        target = 4 if interpreted else 2 * sm_count(q.device)
         min_blocks = triton.cdiv(16 * group * Lq, block_n)
         n_splits = max(1, min(triton.cdiv(target, B * Hkv * m_tiles), n_blocks // min_blocks, MAX_SPLITS))
     keys_per_split = triton.cdiv(n_blocks, max(1, min(n_splits, n_blocks))) * block_n
@@ -353,19 +353,19 @@ def _decode(q, k, v, out, causal, qk_scale, key_start, n_splits=None):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-              scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float | None = None, key_start: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention, q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D) in q's dtype.
 
     Same contract as `attention_ref`. Forward only (inference): no gradient flows through it.
     Lq <= 16 takes the split-K decode kernel, longer queries the prefill kernel.
     """
-    return _attention(q, k, v, causal, scale, key_mask)
+    return _attention(q, k, v, causal, scale, key_start)
 
 
-def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=None, config=None):
+def _attention(q, k, v, causal, scale=None, key_start=None, path=None, n_splits=None, config=None):
     """`attention`, with the kernel ("prefill" | "decode"), the split count or the prefill config
     forced (tests and benchmarks)."""
-    _check(q, k, v, causal, scale, key_mask)
+    _check(q, k, v, causal, scale, key_start)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise NotImplementedError("glm4v_kernels.attention is forward-only (no backward): use attention_ref "
                                   "(GLM4V_BACKEND=torch) where gradients are needed")
@@ -377,11 +377,11 @@ def _attention(q, k, v, causal, scale=None, key_mask=None, path=None, n_splits=N
     if out.numel() == 0 or Lk == 0:
         return out.zero_()  # no key at all: every row sees nothing
     qk_scale = (1.0 / math.sqrt(D) if scale is None else float(scale)) * LOG2E
-    key_start = None if key_mask is None else key_mask.to(device=q.device, dtype=torch.int32).contiguous()
+    key_start = None if key_start is None else key_start.to(device=q.device, dtype=torch.int32).contiguous()
     path = path or ("decode" if Lq <= DECODE_MAX_LQ else "prefill")
     if path not in ("decode", "prefill"):
         raise ValueError(f"attention: unknown path {path!r}")
-    with _on_device(q.device):
+    with on_device(q.device):
         if path == "decode":
             _decode(q, k, v, out, causal, qk_scale, key_start, n_splits)
         else:

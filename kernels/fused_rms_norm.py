@@ -19,31 +19,13 @@ One program normalizes one row held in registers (BLOCK_N = next_power_of_2(N), 
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import FLOAT_DTYPES, interpreted_on, on_device, round_to, sm_count
+
 MAX_N = 16384  # one row lives in registers (wider rows spill); GLM-4V rows are 1792 and 4096 wide
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _round(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """Cast fp32 -> DTYPE rounding to nearest even, as torch and the GPU's cvt.rn do.
-
-    The Triton CPU interpreter (3.x) truncates fp32 -> bf16 casts, so there we round by hand:
-    add half an ulp (minus one, plus the lowest kept bit for ties-to-even) and drop 16 bits.
-    """
-    if INTERPRETED and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -59,14 +41,14 @@ def _rms_norm_fwd_kernel(
     x32 = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         res32 = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s = _round(x32 + res32, s_ptr.dtype.element_ty, INTERPRETED)  # rounded to the input dtype FIRST
+        s = round_to(x32 + res32, s_ptr.dtype.element_ty, INTERPRETED)  # rounded to the input dtype FIRST
         tl.store(s_ptr + row * s_row_stride + cols, s, mask=mask)
         x32 = s.to(tl.float32)
     eps32 = tl.cast(eps, tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / N + eps32)
     w32 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = w32 * (x32 * rstd)  # the reference's order: normalize, then weight, all fp32
-    tl.store(y_ptr + row * y_row_stride + cols, _round(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    tl.store(y_ptr + row * y_row_stride + cols, round_to(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
     if STORE_RSTD:
         tl.store(rstd_ptr + row, rstd)
 
@@ -92,9 +74,9 @@ def _rms_norm_bwd_kernel(
         g = dy32 * w32
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / N))
         if HAS_DS:  # autograd rounds the norm's grad to the dtype, then adds d(s)
-            dx = _round(dx, dx_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+            dx = round_to(dx, dx_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
             dx += tl.load(ds_ptr + row * ds_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * dx_row_stride + cols, _round(dx, dx_ptr.dtype.element_ty, INTERPRETED),
+        tl.store(dx_ptr + row * dx_row_stride + cols, round_to(dx, dx_ptr.dtype.element_ty, INTERPRETED),
                  mask=mask)
         dw_acc += dy32 * x_hat
     tl.store(dw_part_ptr + pid * N + cols, dw_acc, mask=mask)
@@ -102,32 +84,8 @@ def _rms_norm_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _interpreted(device: torch.device) -> bool:
-    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, any device); raises
-    where Triton cannot run at all (a CPU tensor without the interpreter)."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type == "cuda" or (device.type == "cpu" and interpret):
-        return interpret
-    raise RuntimeError(f"Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 (set before "
-                       f"importing triton) for CPU tensors; got a tensor on {device}")
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the *current* CUDA device and stream: make that the tensors' device."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _num_warps(block_n: int) -> int:
     return 4 if block_n < 2048 else 8 if block_n < 8192 else 16
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -158,7 +116,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float,
         raise ValueError(f"add_rms_norm: residual must match x in shape, dtype and device; got x "
                          f"{tuple(x.shape)} {x.dtype} {x.device}, residual {tuple(residual.shape)} "
                          f"{residual.dtype} {residual.device}")
-    _interpreted(x.device)
+    interpreted_on(x.device)
 
 
 def _forward(x, weight, eps, residual=None, store_rstd=False):
@@ -171,26 +129,26 @@ def _forward(x, weight, eps, residual=None, store_rstd=False):
         return y, s, rstd
     block_n = triton.next_power_of_2(N)
     res = residual if residual is not None else x  # placeholders never read: HAS_RESIDUAL is off
-    with _on_device(x.device):
+    with on_device(x.device):
         _rms_norm_fwd_kernel[(n_rows,)](
             x, x.stride(0), res, res.stride(0), weight.contiguous(), y, y.stride(0),
             s if s is not None else y, y.stride(0), rstd if rstd is not None else y, N, float(eps),
             HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd, BLOCK_N=block_n,
-            INTERPRETED=_interpreted(x.device), num_warps=_num_warps(block_n))
+            INTERPRETED=interpreted_on(x.device), num_warps=_num_warps(block_n))
     return y, s, rstd
 
 
 def _backward(dy, x, weight, rstd, ds=None):
     """Returns (dx, dw in fp32); every tensor is (rows, N) with unit column stride."""
     n_rows, N = x.shape
-    interpreted = _interpreted(x.device)
-    n_programs = max(1, min(n_rows, 4 if interpreted else 2 * _sm_count(x.device)))
+    interpreted = interpreted_on(x.device)
+    n_programs = max(1, min(n_rows, 4 if interpreted else 2 * sm_count(x.device)))
     rows_per_program = triton.cdiv(n_rows, n_programs)
     dx = torch.empty_like(x)
     dw_part = torch.zeros((n_programs, N), dtype=torch.float32, device=x.device)
     block_n = triton.next_power_of_2(N)
     ds_ = ds if ds is not None else dy
-    with _on_device(x.device):
+    with on_device(x.device):
         _rms_norm_bwd_kernel[(n_programs,)](
             dy, dy.stride(0), x, x.stride(0), weight.contiguous(), rstd, ds_, ds_.stride(0),
             dx, dx.stride(0), dw_part, n_rows, rows_per_program, N,

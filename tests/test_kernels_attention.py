@@ -20,9 +20,9 @@ pytestmark = needs_triton
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
 F32, BF16 = torch.float32, torch.bfloat16
 
-# A pairwise covering set over dtype x D x (Lq, Lk) x GQA ratio x causal x key_mask: every pair
+# A pairwise covering set over dtype x D x (Lq, Lk) x GQA ratio x causal x key_start: every pair
 # of values of any two factors appears at least once (checked by test_case_table_is_pairwise).
-# (Lq, Lk, D, ratio, causal, key_mask, dtype)
+# (Lq, Lk, D, ratio, causal, key_start, dtype)
 CASES = [
     (1, 1, 64, 1, True, False, F32), (1, 1, 80, 16, False, True, BF16),
     (1, 1, 112, 4, True, False, F32), (1, 1, 128, 1, False, True, BF16),
@@ -58,10 +58,10 @@ def _inputs(B, Hq, Hkv, Lq, Lk, D, dtype, seed=0, q_scale=1.0):
     return tuple(t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
 
 
-def _assert_matches_ref(out, q, k, v, *, causal, key_mask=None, scale=None):
+def _assert_matches_ref(out, q, k, v, *, causal, key_start=None, scale=None):
     """out vs the fp32 reference on the same (rounded) inputs, within 2x torch's own low-precision error."""
-    ref32 = K.attention_ref(q.float(), k.float(), v.float(), causal=causal, key_mask=key_mask, scale=scale)
-    ref_lp = K.attention_ref(q, k, v, causal=causal, key_mask=key_mask, scale=scale)
+    ref32 = K.attention_ref(q.float(), k.float(), v.float(), causal=causal, key_start=key_start, scale=scale)
+    ref_lp = K.attention_ref(q, k, v, causal=causal, key_start=key_start, scale=scale)
     assert out.shape == ref32.shape and out.dtype == q.dtype
     err = (out.float() - ref32).abs()
     ref_err = (ref_lp.float() - ref32).abs().max().item()
@@ -87,12 +87,12 @@ def test_attention_matches_reference(case):
     B = 2 if masked else 1
     q, k, v = _inputs(B, ratio * Hkv, Hkv, Lq, Lk, D, dtype)
     # row 0 unpadded, row 1 left-padded by an amount that does not end on a block edge
-    key_mask = torch.tensor([0, Lk // 3 + 1], device=DEVICE) if masked else None
-    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_mask=key_mask), q, k, v,
-                        causal=causal, key_mask=key_mask)
+    key_start = torch.tensor([0, Lk // 3 + 1], device=DEVICE) if masked else None
+    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_start=key_start), q, k, v,
+                        causal=causal, key_start=key_start)
     if Lq <= attention_mod.DECODE_MAX_LQ:  # the public call took the decode kernel: check prefill too
-        out = _attention(q, k, v, causal, key_mask=key_mask, path="prefill")
-        _assert_matches_ref(out, q, k, v, causal=causal, key_mask=key_mask)
+        out = _attention(q, k, v, causal, key_start=key_start, path="prefill")
+        _assert_matches_ref(out, q, k, v, causal=causal, key_start=key_start)
 
 
 @pytest.mark.parametrize("n_splits", [1, 2, 3, 7])
@@ -100,9 +100,9 @@ def test_attention_matches_reference(case):
 def test_decode_split_k(Lq, Lk, causal, n_splits):
     """GLM-like grouping (16 query heads per KV head) with several split counts, padding included."""
     q, k, v = _inputs(2, 16, 1, Lq, Lk, 128, BF16, seed=1)
-    key_mask = torch.tensor([Lk - 40, 3], device=DEVICE)
-    out = _attention(q, k, v, causal, key_mask=key_mask, path="decode", n_splits=n_splits)
-    _assert_matches_ref(out, q, k, v, causal=causal, key_mask=key_mask)
+    key_start = torch.tensor([Lk - 40, 3], device=DEVICE)
+    out = _attention(q, k, v, causal, key_start=key_start, path="decode", n_splits=n_splits)
+    _assert_matches_ref(out, q, k, v, causal=causal, key_start=key_start)
 
 
 def test_public_call_picks_decode_for_short_queries(monkeypatch):
@@ -125,43 +125,43 @@ def test_strided_views_of_a_static_cache(Lq):
         q = torch.randn(B, Hq, Lq, 2 * D, device=DEVICE, dtype=BF16)[..., :D]
     k, v = cache_k[:, :, :Lk], cache_v[:, :, :Lk]
     assert not (q.is_contiguous() or k.is_contiguous())
-    key_mask = torch.tensor([0, 9], device=DEVICE)
-    out = K.attention(q, k, v, causal=True, key_mask=key_mask)
-    _assert_matches_ref(out, q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_mask=key_mask)
+    key_start = torch.tensor([0, 9], device=DEVICE)
+    out = K.attention(q, k, v, causal=True, key_start=key_start)
+    _assert_matches_ref(out, q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_start=key_start)
     # a head dim that is not unit-stride is made contiguous explicitly, with the same result
     k_t = k.contiguous().transpose(2, 3).contiguous().transpose(2, 3)
     assert k_t.stride(-1) != 1
-    torch.testing.assert_close(K.attention(q, k_t, v, causal=True, key_mask=key_mask), out, rtol=0, atol=0)
+    torch.testing.assert_close(K.attention(q, k_t, v, causal=True, key_start=key_start), out, rtol=0, atol=0)
 
 
 def test_left_padded_prompt_pad_queries_are_zero():
     """A left-padded causal prefill: pad query rows see no key and must come back as exact zeros."""
     q, k, v = _inputs(2, 4, 2, 40, 40, 64, F32, seed=2)
-    key_mask = torch.tensor([0, 21], device=DEVICE)
-    out = K.attention(q, k, v, causal=True, key_mask=key_mask)
+    key_start = torch.tensor([0, 21], device=DEVICE)
+    out = K.attention(q, k, v, causal=True, key_start=key_start)
     assert torch.count_nonzero(out[1, :, :21]) == 0
-    _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask)
+    _assert_matches_ref(out, q, k, v, causal=True, key_start=key_start)
 
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])
-def test_key_mask_out_of_range(path):
+def test_key_start_out_of_range(path):
     """A negative start masks nothing; a start past Lk masks every key (rows come back as zeros)."""
     q, k, v = _inputs(2, 4, 2, 9, 30, 64, F32, seed=6)
-    key_mask = torch.tensor([-3, 35], device=DEVICE)
-    out = _attention(q, k, v, True, key_mask=key_mask, path=path)
+    key_start = torch.tensor([-3, 35], device=DEVICE)
+    out = _attention(q, k, v, True, key_start=key_start, path=path)
     assert torch.count_nonzero(out[1]) == 0
-    _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask)
+    _assert_matches_ref(out, q, k, v, causal=True, key_start=key_start)
 
 
 @pytest.mark.parametrize("path", ["prefill", "decode"])
 def test_large_scores_and_custom_scale(path):
     """Scores in the hundreds (log2 domain) must neither overflow nor underflow the online softmax,
-    also after a fully masked first block (key_mask 37 > BLOCK_N = 32 on CPU)."""
+    also after a fully masked first block (key_start 37 > BLOCK_N = 32 on CPU)."""
     q, k, v = _inputs(2, 4, 1, 9, 70, 80, F32, seed=3, q_scale=30.0)
-    key_mask = torch.tensor([37, 0], device=DEVICE)
+    key_start = torch.tensor([37, 0], device=DEVICE)
     for scale in (None, 0.5):
-        out = _attention(q, k, v, True, scale=scale, key_mask=key_mask, path=path)
-        _assert_matches_ref(out, q, k, v, causal=True, key_mask=key_mask, scale=scale)
+        out = _attention(q, k, v, True, scale=scale, key_start=key_start, path=path)
+        _assert_matches_ref(out, q, k, v, causal=True, key_start=key_start, scale=scale)
 
 
 def test_float16_and_other_head_dims():
@@ -179,7 +179,7 @@ def test_checker_catches_a_wrong_mask():
 
 def _bad(**overrides):
     q, k, v = _inputs(2, 4, 2, 5, 6, 64, F32)
-    args = dict(q=q, k=k, v=v, causal=True, key_mask=None)
+    args = dict(q=q, k=k, v=v, causal=True, key_start=None)
     args.update(overrides)
     return args
 
@@ -195,9 +195,9 @@ def _bad(**overrides):
                   v=torch.randn(2, 2, 6, 60, device=DEVICE)), ValueError, "head dim D=60"),
     (lambda: _bad(q=torch.randn(2, 4, 5, 264, device=DEVICE), k=torch.randn(2, 2, 6, 264, device=DEVICE),
                   v=torch.randn(2, 2, 6, 264, device=DEVICE)), ValueError, "head dim D=264"),
-    (lambda: _bad(key_mask=torch.tensor([1, 2, 3], device=DEVICE)), ValueError, r"shape \(2,\)"),
-    (lambda: _bad(key_mask=torch.tensor([1.0, 2.0], device=DEVICE)), ValueError, "integer tensor"),
-    (lambda: _bad(key_mask=[1, 2]), ValueError, "integer tensor"),
+    (lambda: _bad(key_start=torch.tensor([1, 2, 3], device=DEVICE)), ValueError, r"shape \(2,\)"),
+    (lambda: _bad(key_start=torch.tensor([1.0, 2.0], device=DEVICE)), ValueError, "integer tensor"),
+    (lambda: _bad(key_start=[1, 2]), ValueError, "integer tensor"),
     (lambda: _bad(causal=None), TypeError, "causal must be a bool"),
     (lambda: _bad(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
 ], ids=["dtype-mismatch", "int-dtype", "device-mismatch", "gqa-ratio", "ndim", "kv-shape", "head-dim-60",
@@ -227,6 +227,6 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 ])
 def test_real_shapes_on_gpu(B, Hq, Hkv, Lq, Lk, D, causal):
     q, k, v = _inputs(B, Hq, Hkv, Lq, Lk, D, BF16, seed=5)
-    key_mask = torch.randint(0, Lk // 2, (B,), device=DEVICE) if B > 1 else None
-    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_mask=key_mask), q, k, v,
-                        causal=causal, key_mask=key_mask)
+    key_start = torch.randint(0, Lk // 2, (B,), device=DEVICE) if B > 1 else None
+    _assert_matches_ref(K.attention(q, k, v, causal=causal, key_start=key_start), q, k, v,
+                        causal=causal, key_start=key_start)

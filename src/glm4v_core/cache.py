@@ -23,7 +23,7 @@ class KVCache:
         self.max_len = max_len
         self.rows = batch  # live rows, at the front of the buffers
         self.length = 0  # slots filled so far (same for every row: rows are left-padded)
-        self.key_mask: torch.Tensor | None = None  # (B,) first valid slot per row, set at prefill
+        self.key_start: torch.Tensor | None = None  # (B,) first valid slot per row, set at prefill
 
     @property
     def batch(self) -> int:
@@ -47,8 +47,8 @@ class KVCache:
             self.k[layer, :n, :, :end] = self.k[layer, rows, :, :end]
             self.v[layer, :n, :, :end] = self.v[layer, rows, :, :end]
         self.rows = n
-        if self.key_mask is not None:
-            self.key_mask = self.key_mask[rows]
+        if self.key_start is not None:
+            self.key_start = self.key_start[rows]
 
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer wrote its n new slots."""

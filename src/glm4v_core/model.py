@@ -78,13 +78,13 @@ class GLM4V(nn.Module):
             image_embeds = self.encode_images(pixel_values)
             embeds, position_ids, attention_mask = splice_images(
                 embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
-        key_mask = cache.key_mask if decoding else first_valid_key(attention_mask)
+        key_start = cache.key_start if decoding else first_valid_key(attention_mask)
         if cache is not None and not decoding:
             if cache.batch != input_ids.shape[0]:
                 raise InputError(f"cache was built for batch {cache.batch}, input has {input_ids.shape[0]} rows")
-            cache.key_mask = key_mask
+            cache.key_start = key_start
         hidden = [] if output_hidden_states else None
-        x = self.text(embeds, position_ids, key_mask, cache, hidden)
+        x = self.text(embeds, position_ids, key_start, cache, hidden)
         if last_logits_only:
             x = x[:, -1:]
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                key_start: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv * self.head_dim, self.head_dim
         qk, v = self.qkv(x).split([nq + nkv, nkv], dim=-1)
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv, hd).transpose(1, 2)
         if cache is not None:  # the cache holds rotated k per KV group, never expanded
             k, v = cache.write(self.layer_idx, k, v)
-        out = ops.attention(q, k, v, causal=True, key_mask=key_mask)  # (B, nh, T, hd)
+        out = ops.attention(q, k, v, causal=True, key_start=key_start)  # (B, nh, T, hd)
         return self.out(out.transpose(1, 2).reshape(B, T, nq))
 
 
@@ -92,8 +92,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        attn_out = self.attn(self.attn_norm(x), cos, sin, key_mask, cache)
+                key_start: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        attn_out = self.attn(self.attn_norm(x), cos, sin, key_start, cache)
         normed, h = ops.add_rms_norm(attn_out, x, self.mlp_norm.weight, self.mlp_norm.eps)  # h = x + attn_out
         return h + self.mlp(normed)
 
@@ -108,18 +108,18 @@ class TextDecoder(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor | None = None,
                 cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
         """Embeddings (B, T, H) -> final-normed hidden states (B, T, H).
 
-        position_ids (B, T): rotary positions (not cache slots); key_mask (B,): each row's first
+        position_ids (B, T): rotary positions (not cache slots); key_start (B,): each row's first
         valid key slot (left padding) or None. Appends each layer's input and the last output to
         `hidden_states` when given (the reference's output_hidden_states)."""
         cos, sin = rotary_tables(position_ids, self.cfg.rotary_dim, 10000.0 * self.cfg.rope_ratio, x.dtype)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, cos, sin, key_mask, cache)
+            x = layer(x, cos, sin, key_start, cache)
         if hidden_states is not None:
             hidden_states.append(x)
         if cache is not None:

@@ -1,0 +1,51 @@
+"""Helpers every kernel file shares: where kernels can run, the current device, rounding casts."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Cast fp32 -> DTYPE rounding to nearest even, as torch and the GPU's cvt.rn do.
+
+    The Triton CPU interpreter (3.x) truncates fp32 -> bf16 casts, so there we round by hand:
+    add half an ulp (minus one, plus the lowest kept bit for ties-to-even) and drop 16 bits.
+    """
+    if INTERPRETED and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+def interpreted_on(device: torch.device) -> bool:
+    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, any device); raises
+    where Triton cannot run at all (a CPU tensor without the interpreter)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" or (device.type == "cpu" and interpret):
+        return interpret
+    raise RuntimeError(f"Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 (set before "
+                       f"importing triton) for CPU tensors; got a tensor on {device}")
+
+
+def on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device and stream: make that the tensors' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
