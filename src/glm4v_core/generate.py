@@ -21,10 +21,9 @@ from typing import Protocol
 
 import torch
 
+from . import splice
 from .model import GLM4V, InputError
-
-# The model card promises an 8K context: rotary positions 0..8191 (the config's seq_length is nominal).
-MAX_CONTEXT = 8192
+from .splice import MAX_CONTEXT  # noqa: F401 (8192 cache slots; re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -173,17 +172,8 @@ def check_prompt(model: GLM4V, input_ids: torch.Tensor, pixel_values, attention_
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     pixel_values = stack_images(model, pixel_values)
-    model.check_inputs(input_ids, pixel_values)
-    if position_ids is not None:
-        prompt_len = position_ids.max(dim=1).values + 1
-    elif attention_mask is not None:
-        prompt_len = attention_mask.sum(dim=1)
-    else:
-        prompt_len = torch.full((input_ids.shape[0],), input_ids.shape[1])
-    longest = int(prompt_len.max())
-    if longest + max_new_tokens > MAX_CONTEXT:  # the issue's rule: prompt + new tokens fit the context
-        raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"context of {MAX_CONTEXT} positions (an image counts as its 3 placeholder tokens)")
+    # blocks, images, and the spliced prompt (each image = its cache slots) + new tokens within the context
+    model.check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
     return input_ids, pixel_values, attention_mask, position_ids
 
 
@@ -210,7 +200,7 @@ def spliced_length(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Te
     """Cache slots the prompt fills: each image's 3 placeholder tokens become 2 + (g/2)^2 rows."""
     if pixel_values is None:
         return input_ids.shape[1]
-    return input_ids.shape[1] - 3 + 2 + model.config.vision.num_image_tokens
+    return splice.spliced_length(input_ids, splice.ImageBlock.from_config(model.config))
 
 
 # -- text -----------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """GLM-4V: vision tower + projector spliced into the GLM-4 decoder's token stream (DESIGN 1.4).
 
-A prompt with an image holds `<|begin_of_image|> <|endoftext|> <|end_of_image|>`; those three
-token embeddings are replaced by the image's (grid/2)^2 + 2 embeddings. Positions stay those of
-the unspliced token list: boi keeps p, every patch row shares p + 1, eoi keeps p + 2.
+Each image's block `<|begin_of_image|> <|endoftext|> <|end_of_image|>` in a prompt is replaced by
+the image's (grid/2)^2 + 2 embeddings (splice.py, any number of blocks per row). Positions stay
+those of the unspliced token list: boi keeps p, every patch row shares p + 1, eoi keeps p + 2.
 """
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GLM4VConfig
+from .splice import ImageBlock, InputError, check_image_blocks, splice_images
 from .text import TextDecoder
 from .vision import Projector, VisionEncoder
-
-
-class InputError(ValueError):
-    """Model inputs that do not fit the model or each other; the message says which and how."""
 
 
 @dataclass
@@ -46,10 +43,16 @@ class GLM4V(nn.Module):
         c, w = self.config, self.text.embed.weight
         return KVCache(c.num_layers, batch, c.num_kv_groups, max_len, c.head_dim, w.dtype, w.device)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included."""
-        pixels = pixel_values.to(device=self.text.embed.weight.device, dtype=self.dtype)  # cast before the ViT
-        return self.projector(self.vision(pixels))
+    def encode_images(self, pixel_values: torch.Tensor, max_batch: int = 4) -> torch.Tensor:
+        """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included.
+
+        At most max_batch images go through the ViT at once: its activations, not the N outputs,
+        bound the memory (a 1120 px image is 6401 ViT tokens)."""
+        chunks = []
+        for pixels in pixel_values.split(max_batch):  # (<= max_batch, 3, S, S)
+            pixels = pixels.to(device=self.text.embed.weight.device, dtype=self.dtype)  # cast before the ViT
+            chunks.append(self.projector(self.vision(pixels)))
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -65,7 +68,7 @@ class GLM4V(nn.Module):
         if decoding:  # decode ids come from our own logits: no data-dependent check (host sync)
             check_ids_shape(input_ids)
         else:
-            image_rows = self.check_inputs(input_ids, pixel_values)
+            self.check_inputs(input_ids, pixel_values, attention_mask)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if position_ids is None:
@@ -76,8 +79,9 @@ class GLM4V(nn.Module):
         image_embeds = None
         if pixel_values is not None:  # prefill only (refused above when decoding)
             image_embeds = self.encode_images(pixel_values)
-            embeds, position_ids, attention_mask = splice_images(
-                embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
+            spliced = splice_images(input_ids, embeds, position_ids, attention_mask, image_embeds,
+                                    ImageBlock.from_config(self.config))
+            embeds, position_ids, attention_mask = spliced.embeds, spliced.position_ids, spliced.attention_mask
         key_start = cache.key_start if decoding else first_valid_key(attention_mask)
         if cache is not None and not decoding:
             if cache.batch != input_ids.shape[0]:
@@ -89,10 +93,11 @@ class GLM4V(nn.Module):
             x = x[:, -1:]
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
 
-    def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None = None, max_new_tokens: int = 0) -> torch.Tensor:
         """Prompt checks, before any compute: ids in the vocabulary, pixels of the model's image
-        size, at most one `boi pad eoi` block per row and one image per such row (in row order).
-        Returns (B,) bool: the rows holding an image."""
+        size, well-formed image blocks with one image each (in reading order), and the spliced
+        prompt + max_new_tokens within the context. Returns (B,) the number of images per row."""
         check_ids_shape(input_ids)
         c = self.config
         bad = (input_ids < 0) | (input_ids >= c.vocab_size)
@@ -105,34 +110,8 @@ class GLM4V(nn.Module):
         if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want):
             raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
                              f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
-        is_boi, is_eoi = input_ids == c.boi_token_id, input_ids == c.eoi_token_id
-        n_boi, n_eoi = is_boi.sum(1), is_eoi.sum(1)
-        rows = n_boi > 0
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        placeholder = (f"<|begin_of_image|> <|endoftext|> <|end_of_image|> (ids {c.boi_token_id}, "
-                       f"{c.pad_token_id}, {c.eoi_token_id})")
-        if pixel_values is None and rows.any():
-            raise InputError(f"input_ids row {int(rows.nonzero()[0])} holds the image placeholder "
-                             f"(<|begin_of_image|> id {c.boi_token_id}) but no image was given")
-        if pixel_values is None:
-            return rows
-        if not rows.any():
-            raise InputError(f"{n_images} image(s) given but the prompt has no image placeholder {placeholder}: "
-                             "put the image in a chat message, or drop it")
-        if (n_boi > 1).any() or (n_eoi != n_boi).any():
-            raise InputError(f"each row may hold one image placeholder {placeholder}; found boi counts "
-                             f"{n_boi.tolist()} and eoi counts {n_eoi.tolist()}")
-        if int(rows.sum()) != n_images:
-            raise InputError(f"{n_images} image(s) given for {int(rows.sum())} row(s) with an image placeholder: "
-                             "give one image per such row, in row order")
-        boi_at = is_boi.float().argmax(1)
-        L = input_ids.shape[1]
-        nxt = input_ids.gather(1, (boi_at + 1).clamp(max=L - 1)[:, None])[:, 0]
-        eoi_ok = is_eoi.gather(1, (boi_at + 2).clamp(max=L - 1)[:, None])[:, 0] & (boi_at + 2 < L)
-        if (rows & ~((nxt == c.pad_token_id) & eoi_ok)).any():
-            raise InputError(f"the image placeholder must be exactly <|begin_of_image|> <|endoftext|> <|end_of_image|> "
-                             f"(ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}) in consecutive positions")
-        return rows
+        return check_image_blocks(input_ids, n_images, ImageBlock.from_config(c), attention_mask, max_new_tokens)
 
 
 def check_ids_shape(input_ids: torch.Tensor) -> None:
@@ -166,40 +145,3 @@ def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if (start == mask.shape[1]).any():
         raise InputError("attention_mask has a row with no real token")
     return start
-
-
-def splice_images(embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                  image_rows: torch.Tensor, image_embeds: torch.Tensor, boi_token_id: int,
-                  input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Replace each image row's 3 placeholder tokens by its image embeddings (vectorized, no loop).
-
-    Output length T = L - 3 + N (N = image embedding rows). Rows without an image (in a mixed
-    batch) are shifted right by N - 3 behind extra left pads (mask 0, position 0)."""
-    B, L, H = embeds.shape
-    N = image_embeds.shape[1]
-    T = L - 3 + N
-    t = torch.arange(T, device=embeds.device)[None, :]  # (1, T) output slots
-    boi = (input_ids == boi_token_id).float().argmax(1)[:, None]  # (B, 1)
-    has = image_rows[:, None]
-    in_image = has & (t >= boi) & (t < boi + N)
-    # source token of each output slot: before the image, itself; after, shifted back by N - 3
-    src = torch.where(has & (t < boi), t, t - (N - 3))
-    src = torch.where(in_image, boi + 1, src)  # patch rows take the placeholder's position
-    src = torch.where(in_image & (t == boi), boi, src)  # boi row keeps boi's position
-    src = torch.where(in_image & (t == boi + N - 1), boi + 2, src)  # eoi row keeps eoi's position
-    is_extra_pad = src < 0  # text-only rows of a mixed batch
-    src = src.clamp(min=0)
-    image_index = (image_rows.long().cumsum(0) - 1).clamp(min=0)  # which image belongs to each row
-    img = image_embeds.to(embeds.dtype)[image_index]  # (B, N, H)
-    img_slot = (t - boi).clamp(0, N - 1)
-    spliced = torch.where(in_image[..., None],
-                          img.gather(1, img_slot[..., None].expand(B, T, H)),
-                          embeds.gather(1, src[..., None].expand(B, T, H)))
-    positions = position_ids.gather(1, src).masked_fill(is_extra_pad, 0)
-    mask = None
-    if attention_mask is not None or is_extra_pad.any():
-        base = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        # patch rows are real tokens; boi/eoi rows keep their tokens' mask values
-        mask = base.gather(1, src).masked_fill(in_image & (t > boi) & (t < boi + N - 1), 1)
-        mask = mask.masked_fill(is_extra_pad, 0)
-    return spliced, positions, mask
