@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from glm4v_core.chat import ModelInputs, build_batch, build_inputs, pad_left
+from glm4v_core.image import load_image
 from glm4v_core.tokenizer import Tokenizer, TokenizerError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -101,13 +102,42 @@ def test_model_inputs_to_keeps_none():
     assert moved.pixel_values is None and moved.input_ids.tolist() == [[1, 1, 1]]
 
 
-def test_two_images_are_refused(tok):
-    image = Image.new("RGB", (8, 8))
-    messages = [{"role": "user", "content": "a", "image": image}, {"role": "user", "content": "b", "image": image}]
-    with pytest.raises(TokenizerError, match="one image per conversation"):
-        build_inputs(tok, messages, image_size=56)
-    with pytest.raises(TokenizerError, match="one image per conversation"):
-        build_batch(tok, [[{"role": "user", "content": "ok"}], messages], image_size=56)
+def gray(level: int) -> Image.Image:
+    return Image.new("L", (8, 8), level)
+
+
+def test_build_inputs_stacks_every_image_in_reading_order(tok):
+    """Two images in turn 1 (a list), one in turn 3: three blocks, pixel_values in the same order."""
+    images = [gray(0), gray(128), gray(255)]
+    messages = [{"role": "user", "content": "a", "image": images[:2]}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c", "image": images[2]}]
+    inputs = build_inputs(tok, messages, image_size=56)
+    boi = tok.special_ids["<|begin_of_image|>"]
+    assert inputs.input_ids[0].tolist().count(boi) == 3
+    assert torch.equal(inputs.pixel_values, torch.stack([load_image(im, 56) for im in images]))
+    assert len({float(p.mean()) for p in inputs.pixel_values}) == 3  # three different images, so order is checked
+
+
+def test_build_batch_takes_images_row_by_row(tok):
+    images = [gray(10), gray(90), gray(200)]
+    conversations = [[{"role": "user", "content": "x", "image": images[0]},
+                      {"role": "user", "content": "y", "image": images[1]}],
+                     [{"role": "user", "content": "text only"}],
+                     [{"role": "user", "content": "z", "image": [images[2]]}]]
+    batch = build_batch(tok, conversations, image_size=56)
+    boi = tok.special_ids["<|begin_of_image|>"]
+    assert (batch.input_ids == boi).sum(1).tolist() == [2, 0, 1]
+    assert torch.equal(batch.pixel_values, torch.stack([load_image(im, 56) for im in images]))
+
+
+@pytest.mark.parametrize("falsy", ["", None, False])
+def test_falsy_image_means_no_image(tok, falsy):
+    case = CASES["a_text_single_turn"]
+    conversation = [{**case["conversation"][0], "image": falsy}]
+    inputs = build_inputs(tok, conversation, image_size=56)
+    assert inputs.input_ids.tolist() == [case["ids"]] and inputs.pixel_values is None
+    batch = build_batch(tok, [conversation, with_images(CASES["b_image_text"]["conversation"])], image_size=56)
+    assert batch.pixel_values.shape[0] == 1
 
 
 @pytest.mark.parametrize("conversations", [[], {"role": "user", "content": "hi"}])

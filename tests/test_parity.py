@@ -88,8 +88,9 @@ def test_negative_control_consecutive_image_positions_fails(fixtures_dir, monkey
     real_splice = model_mod.splice_images
 
     def consecutive_positions(*args, **kwargs):
-        embeds, positions, mask = real_splice(*args, **kwargs)
-        return embeds, torch.arange(positions.shape[1]).expand_as(positions), mask
+        spliced = real_splice(*args, **kwargs)
+        spliced.position_ids = torch.arange(spliced.position_ids.shape[1]).expand_as(spliced.position_ids)
+        return spliced
 
     monkeypatch.setattr(model_mod, "splice_images", consecutive_positions)
     reports = {r.name: r for r in run_parity(fixtures_dir / "tiny")}
@@ -102,14 +103,14 @@ def test_cli_json_and_exit_code(fixtures_dir, capsys):
     assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True
-    assert set(out["cases"]) == {"a", "b", "c", "d"}
+    assert set(out["cases"]) == {"a", "b", "c", "d", "m1", "m2", "m3"}  # multi_image cases too
     assert all(0 <= c["logits_max_abs"] <= 1e-4 for c in out["cases"].values())
 
 
 def test_cli_default_is_bundled_tiny_and_table(capsys):
     assert parity.main([]) == 0
     out = capsys.readouterr().out
-    assert "tiny" in out and "decoder.layer1" in out and "parity PASSED: 4/4" in out
+    assert "tiny" in out and "decoder.layer1" in out and "parity PASSED: 7/7" in out
 
 
 def test_cli_fails_with_exit_1_on_drift(fixtures_dir, monkeypatch, capsys):

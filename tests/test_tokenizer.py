@@ -266,9 +266,40 @@ def test_bad_messages(tok, messages, message):
         tok.apply_chat_template(messages)
 
 
-def test_two_images_in_one_conversation(tok):
+# -- several images: one placeholder block per image, before the message's text -------------------
+
+BOI, PAD, EOI = 151339, 151329, 151340
+
+
+def test_images_in_two_turns_each_get_a_block(tok, raw):
     image = Image.new("RGB", (4, 4))
     messages = [{"role": "user", "content": "a", "image": image}, {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c", "image": image}]
-    with pytest.raises(TokenizerError, match=r"messages \[0, 2\] each carry an image.*one image per conversation"):
+                {"role": "user", "content": "c", "image": "second.png"}]
+    bpe = raw.encode_ordinary
+    expected = [151331, 151333, 151336, *bpe("\n"), BOI, PAD, EOI, *bpe("a"), 151337, *bpe("\n"), *bpe("b"),
+                151336, *bpe("\n"), BOI, PAD, EOI, *bpe("c"), 151337]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == expected
+
+
+def test_a_list_of_images_gives_blocks_in_order_before_the_text(tok, raw):
+    bpe = raw.encode_ordinary
+    messages = [{"role": "user", "content": "Which is brighter?", "image": ["a.jpg", Image.new("L", (2, 2))]}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == [
+        151331, 151333, 151336, *bpe("\n"), BOI, PAD, EOI, BOI, PAD, EOI, *bpe("Which is brighter?"), 151337]
+    only_images = [{"role": "user", "content": "", "image": ("a.jpg", "b.jpg", "c.jpg")}]
+    assert tok.apply_chat_template(only_images) == [151331, 151333, 151336, *bpe("\n"), *[BOI, PAD, EOI] * 3]
+
+
+@pytest.mark.parametrize("falsy", ["", None, False, []])
+def test_a_falsy_image_is_no_image(tok, falsy):
+    """As in the reference (`if image:`): no placeholder, and an empty message is still dropped."""
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    with_falsy = [{"role": "user", "content": "hi", "image": falsy}, {"role": "assistant", "content": "", "image": falsy}]
+    assert tok.apply_chat_template(with_falsy, add_generation_prompt=True) == \
+        tok.apply_chat_template(plain, add_generation_prompt=True)
+
+
+def test_an_empty_entry_in_an_image_list_is_an_error(tok):
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": "x", "image": ["a.jpg", ""]}]
+    with pytest.raises(TokenizerError, match=r"message 1: 'image' list entry 1 is empty"):
         tok.apply_chat_template(messages)

@@ -1,7 +1,9 @@
 """Conversation(s) -> model input tensors. The only place that combines template, image and padding.
 
-A row has an image iff its input_ids hold <|begin_of_image|>; `pixel_values` stacks those rows' images
-in row order (the reference's torch.stack over all rows fails as soon as one row has no image).
+Every image of every message gets its own <|begin_of_image|> <|endoftext|> <|end_of_image|> block;
+`pixel_values` stacks all images in reading order, the order of their blocks: row by row, and within a
+row message by message, left to right (the reference's torch.stack over all rows fails as soon as one
+row has no image, and it takes one image per conversation).
 """
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from .image import load_image
-from .tokenizer import Tokenizer, TokenizerError, conversation_image
+from .tokenizer import Tokenizer, TokenizerError, conversation_images
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # (B, L) int64
-    pixel_values: torch.Tensor | None  # (n_images, 3, S, S) float32, one per row with an image, in row order
+    pixel_values: torch.Tensor | None  # (n_images, 3, S, S) float32, one per image block, in reading order
     attention_mask: torch.Tensor | None = None  # (B, L) int64, 0 on left pads; None: no padding
     position_ids: torch.Tensor | None = None  # (B, L) int64, 0 on pads, 0..n-1 on each row's tokens
 
@@ -29,11 +31,9 @@ class ModelInputs:
 def build_inputs(
     tokenizer: Tokenizer, messages: Sequence[Mapping], image_size: int, add_generation_prompt: bool = True
 ) -> ModelInputs:
-    """One conversation -> input_ids (1, L) and pixel_values (1, 3, S, S) or None."""
+    """One conversation -> input_ids (1, L) and pixel_values (n_images, 3, S, S) or None."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    image = conversation_image(messages)
-    pixel_values = None if image is None else load_image(image, image_size)[None]
-    return ModelInputs(torch.tensor([ids], dtype=torch.long), pixel_values)
+    return ModelInputs(torch.tensor([ids], dtype=torch.long), load_images(conversation_images(messages), image_size))
 
 
 def build_batch(
@@ -47,10 +47,13 @@ def build_batch(
         raise TokenizerError("build_batch expects a non-empty list of conversations (lists of message dicts)")
     rows = [tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in conversations]
     input_ids, attention_mask, position_ids = pad_left(rows, tokenizer.pad_id)
-    images = [conversation_image(c) for c in conversations]
-    pixels = [load_image(im, image_size) for im in images if im is not None]
-    pixel_values = torch.stack(pixels) if pixels else None
-    return ModelInputs(input_ids, pixel_values, attention_mask, position_ids)
+    images = [image for c in conversations for image in conversation_images(c)]  # reading order
+    return ModelInputs(input_ids, load_images(images, image_size), attention_mask, position_ids)
+
+
+def load_images(images: Sequence, image_size: int) -> torch.Tensor | None:
+    """Paths or PIL images -> (N, 3, S, S) float32, or None for no image."""
+    return torch.stack([load_image(image, image_size) for image in images]) if images else None
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

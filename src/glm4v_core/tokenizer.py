@@ -34,20 +34,18 @@ ROLES = ("system", "user", "assistant", "observation")
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # generation ends on any of these
 PREFIX_TOKENS = ("[gMASK]", "<sop>")
 # <|endoftext|> doubles as the image slot; the model swaps these 3 embeddings for the image's 1602.
+# One block per image; the reference allows one image per conversation, we allow any number.
 IMAGE_PLACEHOLDER = ("<|begin_of_image|>", "<|endoftext|>", "<|end_of_image|>")
-# The reference splices exactly one image per conversation. More would need one placeholder block per
-# image here and one splice per block in model.py; raise until both exist.
-MAX_IMAGES_PER_CONVERSATION = 1
 MESSAGE_KEYS = ("role", "content", "metadata", "image")
 
 
 class Message(NamedTuple):
-    """One checked chat message; `image` is whatever the caller passed (a path or a PIL image)."""
+    """One checked chat message; `images` holds what the caller passed (paths or PIL images), in order."""
 
     role: str
     content: str
     metadata: str
-    image: Any | None
+    images: tuple[Any, ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +121,25 @@ def check_message(message: Any, index: int) -> Message:
         raise TokenizerError(f"{where} has unknown role {role!r}; expected one of {list(ROLES)}")
     content = _optional_str(message, "content", where)
     metadata = _optional_str(message, "metadata", where)
-    return Message(role, content, metadata, message.get("image"))
+    return Message(role, content, metadata, _images(message.get("image"), where))
+
+
+def _no_image(value: Any) -> bool:
+    """The reference's `if image:` on the values it can meet; a PIL image or a tensor is never falsy here."""
+    return value is None or value is False or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0)
+
+
+def _images(value: Any, where: str) -> tuple[Any, ...]:
+    """'image': one image or a list of them (placed before the text, in order); '', None, False = none."""
+    if _no_image(value):
+        return ()
+    if not isinstance(value, (list, tuple)):
+        return (value,)
+    empty = [i for i, v in enumerate(value) if _no_image(v)]
+    if empty:
+        raise TokenizerError(f"{where}: 'image' list entry {empty[0]} is empty ({value[empty[0]]!r}); "
+                             "give a path or a PIL image, or leave it out of the list")
+    return tuple(value)
 
 
 def _optional_str(message: Mapping, key: str, where: str) -> str:
@@ -137,22 +153,15 @@ def _optional_str(message: Mapping, key: str, where: str) -> str:
 
 
 def check_conversation(messages: Sequence[Mapping]) -> list[Message]:
-    """Validate a whole conversation, including the one-image rule."""
+    """Validate a whole conversation (any number of images, in any messages)."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise TokenizerError(f"a conversation is a list of message dicts, got {type(messages).__name__}")
-    checked = [check_message(m, i) for i, m in enumerate(messages)]
-    with_image = [i for i, m in enumerate(checked) if m.image is not None]
-    if len(with_image) > MAX_IMAGES_PER_CONVERSATION:
-        raise TokenizerError(
-            f"messages {with_image} each carry an image, but GLM-4V supports one image per "
-            f"conversation (MAX_IMAGES_PER_CONVERSATION = {MAX_IMAGES_PER_CONVERSATION})"
-        )
-    return checked
+    return [check_message(m, i) for i, m in enumerate(messages)]
 
 
-def conversation_image(messages: Sequence[Mapping]) -> Any | None:
-    """The conversation's image (path or PIL image) or None; checks the conversation first."""
-    return next((m.image for m in check_conversation(messages) if m.image is not None), None)
+def conversation_images(messages: Sequence[Mapping]) -> list[Any]:
+    """The conversation's images (paths or PIL images) in the order of their placeholder blocks."""
+    return [image for m in check_conversation(messages) for image in m.images]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,17 +240,15 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Mapping], add_generation_prompt: bool = False, add_special_tokens: bool = True
     ) -> list[int]:
-        """[gMASK]<sop> then, per message: <|role|> BPE(metadata + "\\n") [image block] BPE(content)."""
+        """[gMASK]<sop> then, per message: <|role|> BPE(metadata + "\\n") [one image block per image] BPE(content)."""
         sp = self.special_ids
         ids = [sp[t] for t in PREFIX_TOKENS] if add_special_tokens else []
         for m in check_conversation(messages):
-            has_image = m.image is not None
-            if not m.content and not has_image:
+            if not m.content and not m.images:
                 continue  # the reference drops such a message entirely, role token included
             ids.append(sp[f"<|{m.role}|>"])
             ids += self.encode_ordinary(m.metadata + "\n")
-            if has_image:
-                ids += [sp[t] for t in IMAGE_PLACEHOLDER]
+            ids += [sp[t] for t in IMAGE_PLACEHOLDER] * len(m.images)  # in the images' order, before the text
             ids += self.encode_ordinary(m.content)  # plain text: '<|user|>' inside content stays text
         if add_generation_prompt:
             ids.append(sp["<|assistant|>"])  # no end-of-turn token exists in GLM-4's format
