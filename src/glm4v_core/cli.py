@@ -1,7 +1,8 @@
 """The `glm4v` command: `generate` (one prompt, streamed), `chat` (multi-turn REPL), `parity`.
 
-    glm4v generate [--checkpoint DIR] [--image PATH] "Describe this image."
-    glm4v chat [--checkpoint DIR] [--image PATH]
+    glm4v generate [--checkpoint DIR] [--image PATH ...] "Describe this image."
+    glm4v generate --image a.jpg --image b.jpg "Which is brighter?"
+    glm4v chat [--checkpoint DIR] [--image PATH ...]   (then `/image PATH` attaches one to the next turn)
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
@@ -24,9 +25,11 @@ from typing import TextIO
 import torch
 
 from .config import GLM4VConfig
+from .chat import build_inputs
 from .generate import GenerationStats, Sampling, TextDeltas, stream_text
 from .image import load_image
 from .model import InputError
+from .splice import ImageBlock, spliced_length
 from .tokenizer import Tokenizer, TokenizerError, load_ranks
 from .weights import BUNDLED_CHECKPOINT, check_device, load_model
 
@@ -60,7 +63,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.model rank file; default: CHECKPOINT/tokenizer.model, or for a test fixture "
                         "without one, the repository's GLM-4 vocabulary cut to the fixture's size")
-    p.add_argument("--image", type=Path, default=None, help="an image for the (first) user message")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="an image for the (first) user message; repeat for several, in order "
+                        "(in chat, `/image PATH` attaches one to the next message)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
@@ -101,10 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class Session:
-    """A loaded model, its tokenizer, the optional image and the sampling settings."""
+    """A loaded model, its tokenizer, the sampling settings, and the images waiting for the next user turn."""
 
-    def __init__(self, model, tokenizer: Tokenizer, pixel_values: torch.Tensor | None, args: argparse.Namespace):
-        self.model, self.tokenizer, self.pixel_values, self.args = model, tokenizer, pixel_values, args
+    def __init__(self, model, tokenizer: Tokenizer, images: Sequence[str], args: argparse.Namespace):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.pending_images = list(images)  # attached to the next user message, in order
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> Session:
@@ -112,21 +118,26 @@ class Session:
         checkpoint = resolve_checkpoint(args.checkpoint)
         config = GLM4VConfig.from_json(checkpoint / "config.json")
         tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
-        pixel_values = None if args.image is None else load_image(args.image, config.vision.image_size)[None]
+        images = [str(path) for path in args.image]
+        for path in images:
+            load_image(path, config.vision.image_size)  # an unreadable image fails now, not after the load
         if args.max_new_tokens < 1:
             raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # checks the flags
         TextDeltas(tokenizer, args.stop)  # checks the stop strings
         device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        return cls(load_model(checkpoint, dtype=dtype, device=device), tokenizer, pixel_values, args)
+        return cls(load_model(checkpoint, dtype=dtype, device=device), tokenizer, images, args)
 
     def generate(self, prompt: str, out: TextIO, err: TextIO) -> int:
-        self.answer([self.user_message(prompt, first=True)], out, err)
+        self.answer([self.user_message(prompt)], out, err)
         return 0
 
     def chat(self, lines: TextIO, out: TextIO, err: TextIO) -> int:
-        """One user line per turn; the history is re-encoded each turn, the image stays in turn 1."""
+        """One user line per turn; the history (images included) is re-encoded each turn.
+
+        `/image PATH` attaches an image to the next user message. Ctrl-C during an answer cancels
+        it (the partial answer stays in the history); Ctrl-C anywhere else ends the session."""
         messages: list[dict] = []
         while True:
             if lines.isatty():
@@ -135,36 +146,67 @@ class Session:
             text = line.strip()
             if not text or text.lower() in EXIT_WORDS:  # EOF reads as ""
                 return 0
-            turn = [*messages, self.user_message(text, first=not messages)]
+            if text.split(maxsplit=1)[0] == "/image":
+                self.attach(text[len("/image"):].strip().strip("\"'"), err)
+                continue
+            turn = [*messages, self.user_message(text)]
             try:
-                reply = self.answer(turn, out, err)
+                reply = self.answer(turn, out, err, cancellable=True)
             except InputError as e:  # e.g. the history outgrew the context: say so, keep the session
-                print(f"glm4v: error: {e}", file=err, flush=True)
+                print(f"glm4v: error: {e}; this message was dropped (with its images)", file=err, flush=True)
                 continue
             messages = [*turn, {"role": "assistant", "content": reply}]
 
-    def user_message(self, text: str, first: bool) -> dict:
-        image = str(self.args.image) if first and self.pixel_values is not None else None
-        return {"role": "user", "content": text, **({"image": image} if image else {})}
+    def attach(self, path: str, err: TextIO) -> None:
+        """`/image PATH`: check the image now, send it with the next user message."""
+        if not path:
+            print("glm4v: usage: /image PATH (attaches the image to your next message)", file=err, flush=True)
+            return
+        try:
+            load_image(path, self.model.config.vision.image_size)
+        except ValueError as e:
+            print(f"glm4v: error: {e}", file=err, flush=True)
+            return
+        self.pending_images.append(path)
+        print(f"[image {path} attached to your next message ({len(self.pending_images)} waiting)]", file=err, flush=True)
 
-    def answer(self, messages: list[dict], out: TextIO, err: TextIO) -> str:
-        ids = torch.tensor([self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)])
+    def user_message(self, text: str) -> dict:
+        """The next user message; it takes every waiting image, before its text."""
+        images, self.pending_images = self.pending_images, []
+        return {"role": "user", "content": text, **({"image": images} if images else {})}
+
+    def answer(self, messages: list[dict], out: TextIO, err: TextIO, cancellable: bool = False) -> str:
+        """Stream the reply to `out`, the stats line to `err`; return the reply text.
+
+        cancellable: Ctrl-C ends this answer (the text so far is returned) instead of the program."""
+        inputs = build_inputs(self.tokenizer, messages, self.model.config.vision.image_size)
         a = self.args
         generator = None
         if a.seed is not None:
             generator = torch.Generator(device=self.model.text.embed.weight.device).manual_seed(a.seed)
         stats = GenerationStats()
-        pieces = []
-        for delta in stream_text(self.model, self.tokenizer, ids, self.pixel_values, max_new_tokens=a.max_new_tokens,
-                                 stop_strings=a.stop, do_sample=a.do_sample, temperature=a.temperature,
-                                 top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                                 generator=generator, stats=stats):
-            pieces.append(delta)
-            out.write(delta)
-            out.flush()
+        pieces, cancelled = [], False
+        stream = stream_text(self.model, self.tokenizer, inputs.input_ids, inputs.pixel_values,
+                             max_new_tokens=a.max_new_tokens, stop_strings=a.stop, do_sample=a.do_sample,
+                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                             repetition_penalty=a.repetition_penalty, generator=generator, stats=stats)
+        try:
+            for delta in stream:
+                pieces.append(delta)
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            if not cancellable:
+                raise
+            cancelled = True
+        finally:
+            stream.close()
         out.write("\n")
         out.flush()
-        print(f"[{stats.summary()}]", file=err, flush=True)
+        n_images = 0 if inputs.pixel_values is None else inputs.pixel_values.shape[0]
+        slots = spliced_length(inputs.input_ids, ImageBlock.from_config(self.model.config))
+        note = "answer cancelled (Ctrl-C again at the prompt quits); " if cancelled else ""
+        print(f"[{note}{stats.summary()}; {n_images} image(s), spliced prompt {slots} tokens]", file=err, flush=True)
         return "".join(pieces)
 
 
