@@ -145,7 +145,7 @@ def splice_images(input_ids: torch.Tensor, embeds: torch.Tensor, position_ids: t
     source = source.scatter(1, start, tokens).cummax(1).values
     added_pad = source < 0
     source = source.clamp(min=0)
-    is_patch = is_middle.gather(1, source) & ~added_pad
+    is_patch = is_middle.gather(1, source)  # added pads read token 0, never a block's middle
 
     rows = torch.arange(B, device=input_ids.device)[:, None]  # (B, 1)
     out = embeds.new_zeros(B, T, H)
