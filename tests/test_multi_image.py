@@ -72,6 +72,15 @@ def test_parity_cli_runs_the_multi_image_cases(fixtures_dir, capsys):
     assert "case m1" in out and "case m3" in out and "parity PASSED: 7/7" in out
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_multi_image_parity_on_cuda(fixtures_dir, fixture):
+    reports = parity.run_multi_image_parity(fixtures_dir / fixture, device="cuda")
+    assert [r.name for r in reports] == ["m1", "m2", "m3"]
+    assert all(r.ok for r in reports), parity.format_report(reports, "float32")
+
+
 # -- the splice against a per-token loop (the executable definition) ----------------------------------
 
 BLOCK = ImageBlock(boi=60, pad=61, eoi=62, rows=5)  # 3 patch rows per image
@@ -147,6 +156,17 @@ def test_splice_equals_the_loop_definition(seed, padded):
     assert torch.equal(got.source_index, want[3]) and got.source_index.dtype == torch.long
     assert torch.equal(got.is_patch, want[4])
     assert got.embeds.shape[1] == spliced_length(ids, BLOCK)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed", range(8))
+def test_splice_on_cuda_equals_the_loop_definition(seed):
+    ids, embeds, positions, mask, images = random_batch(seed, BLOCK)
+    got = splice_images(*(t.cuda() for t in (ids, embeds, positions, mask, images)), BLOCK)
+    want = loop_splice(ids, embeds, positions, mask, images, BLOCK)
+    for ours, theirs in zip((got.embeds, got.position_ids, got.attention_mask, got.source_index, got.is_patch), want):
+        assert torch.equal(ours.cpu(), theirs)
 
 
 def test_splice_layout_by_hand():
