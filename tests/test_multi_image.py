@@ -229,7 +229,7 @@ def test_too_many_images_for_the_context_names_the_count_and_the_budget():
 def no_compute(tiny, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the model ran before the input error was raised")
-    for name in ("forward", "new_cache", "encode_images"):
+    for name in ("forward", "prefill", "encode_images"):
         monkeypatch.setattr(tiny, name, forbidden)
     return tiny
 
@@ -269,8 +269,9 @@ def test_vit_runs_in_bounded_batches(tiny, ref, monkeypatch):
 
 def test_generate_sizes_the_cache_to_the_spliced_prompt(tiny, ref, monkeypatch):
     sizes = []
-    real_new_cache = tiny.new_cache
-    monkeypatch.setattr(tiny, "new_cache", lambda b, n: sizes.append((b, n)) or real_new_cache(b, n))
+    real_prefill = tiny.prefill
+    monkeypatch.setattr(tiny, "prefill", lambda prompt, n: sizes.append((prompt.input_ids.shape[0], n)) or
+                        real_prefill(prompt, n))
     glm4v_core.generate(tiny, ref["input_ids_m3"], ref["pixel_values"][[0, 1, 3]], ref["attention_mask_m3"],
                         ref["position_ids_in_m3"], max_new_tokens=3, stop_ids=[])
     assert sizes == [(3, ref["logits_m3"].shape[1] + 3)]
