@@ -4,10 +4,10 @@
     python benchmarks/multi_image.py --real --fixtures ""  # real-size GLM-4V-9B, random bf16 weights (CUDA)
     python benchmarks/multi_image.py --real --real-layers 1 --fixtures "" --device cpu   # smoke test
 
-Prompt: [gMASK] <sop> <|user|> N image blocks, 32 text tokens <|assistant|>, batch 1. TTFT (median,
-and best, of --repeat runs after a warm-up) runs from the call to the first token on the host (ViT over N images in bounded batches, splice,
-prefill of N * (2 + num_image_tokens) + text cache slots, first sampling), through
-glm4v_core.generate.stream_tokens, the loop the library uses.
+Prompt: [gMASK] <sop> <|user|> N image blocks, 32 text tokens <|assistant|>, batch 1. TTFT (median
+and best of --repeat runs after a warm-up) runs from the call to the first token on the host: ViT
+over N images in bounded batches, splice, prefill of N * (2 + num_image_tokens) + text cache
+slots, first sampling, through glm4v_core.generate.stream_tokens, the loop the library uses.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the runs of one N, minus what was allocated
 before them (weights). CPU: torch has no allocator statistics, so each N runs in a fresh child
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
-from generate import random_real_model  # noqa: E402  (benchmarks/generate.py)
+from generate import random_model, real_config  # noqa: E402  (benchmarks/generate.py)
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
 from glm4v_core.generate import stream_tokens  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
         print_table(f"{name} fixture, fp32, cpu", rows)
     if args.real:
         device = torch.device(args.device)
-        model = random_real_model(device, torch.bfloat16, args.real_layers)
+        model = random_model(real_config(args.real_layers), device, torch.bfloat16)
         rows = [measure(model, n, args.repeat) for n in args.images]
         if device.type == "cpu":  # smoke test only: no allocator statistics
             for r in rows:
