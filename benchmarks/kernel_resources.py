@@ -94,7 +94,7 @@ def rms_case(dtype, N, residual, backward=False) -> Case:
     return Case(f"rms_norm fwd {t} N{N}{' +residual' if residual else ''}", R._rms_norm_fwd_kernel,
                 {"x_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}", "y_ptr": f"*{t}", "s_ptr": f"*{t}",
                  "rstd_ptr": "*fp32", "eps": "fp32"},
-                dict(HAS_RESIDUAL=residual, STORE_RSTD=True, BLOCK_N=block_n), R._num_warps(block_n),
+                dict(HAS_RESIDUAL=residual, BLOCK_N=block_n), R._num_warps(block_n),
                 expect={"wide_loads"}, aligned=("N",))
 
 

@@ -1,4 +1,5 @@
-"""Helpers every kernel file shares: where kernels can run, the current device, rounding casts."""
+"""Helpers the kernel files share: where kernels can run, the current device, rounding casts, exact
+dots, and the valid key range of a batch row."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,8 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: exp2 replaces exp
 
 
 @triton.jit
@@ -25,6 +28,26 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def dot(a, b, acc, INTERPRETED: tl.constexpr):
+    if INTERPRETED:  # the CPU interpreter multiplies bf16 as raw integers: widen (exactly) first
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")  # fp32 inputs: exact products, no tf32
+
+
+@triton.jit
+def valid_range(key_start_ptr, key_end_ptr, b, Lk, HAS_KEY_START: tl.constexpr, HAS_KEY_END: tl.constexpr):
+    """(key_start, kv_len) of batch row b, loaded on the device: its valid keys are [key_start, kv_len)."""
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(key_start_ptr + b), 0)
+    kv_len = Lk
+    if HAS_KEY_END:
+        kv_len = tl.minimum(tl.maximum(tl.load(key_end_ptr + b), 0), Lk)
+    return key_start, kv_len
 
 
 def interpreted_on(device: torch.device) -> bool:
