@@ -65,6 +65,11 @@ def on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and sequence strides of a (B, H, L, D) tensor (D has unit stride)."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot, interpreted_on, on_device, round_to, sm_count, valid_range
+from ._common import LOG2E, dot, interpreted_on, on_device, round_to, sm_count, strides3, valid_range
 
 DECODE_MAX_LQ = 16  # Lq <= this takes the split-K decode path
 MAX_SPLITS = 64     # the combine kernel holds (splits x BLOCK_D) fp32 partials in registers
@@ -104,18 +104,19 @@ def _attend(q, k_base, v_base, stride_kn, stride_vn, lo, hi, kv_len, key_start, 
     full_begin = tl.maximum(lo, (key_start + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
     full_end = tl.minimum(hi, tl.maximum(tl.minimum(kv_len, first_row_limit + 1), 0) // BLOCK_N * BLOCK_N)
     full_end = tl.maximum(full_end, full_begin)
-    meta = dict(CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                INTERPRETED=INTERPRETED)
     # 1) the block holding the first valid key, when left padding does not end on a block edge
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn,
                                tl.maximum(lo, key_start // BLOCK_N * BLOCK_N), tl.minimum(full_begin, hi),
-                               kv_len, key_start, row_limit, qk_scale, MASKED=True, **meta)
+                               kv_len, key_start, row_limit, qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INTERPRETED=INTERPRETED)
     # 2) blocks that every row of the tile sees in full: no mask
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_begin, full_end,
-                               kv_len, key_start, row_limit, qk_scale, MASKED=False, **meta)
+                               kv_len, key_start, row_limit, qk_scale, MASKED=False, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INTERPRETED=INTERPRETED)
     # 3) the causal diagonal and the ragged tail
     acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full_end, hi,
-                               kv_len, key_start, row_limit, qk_scale, MASKED=True, **meta)
+                               kv_len, key_start, row_limit, qk_scale, MASKED=True, CAUSAL=CAUSAL, HEAD_DIM=HEAD_DIM,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, INTERPRETED=INTERPRETED)
     return acc, l_i, m_i
 
 
@@ -238,10 +239,6 @@ def _attn_combine_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def _shared_meta(q, k, causal, key_start, key_end, interpreted) -> dict:
     """The constexprs the prefill and decode kernels share."""
     D = q.shape[3]
@@ -283,7 +280,7 @@ def _prefill(q, k, v, out, lse, causal, qk_scale, key_start, key_end, config=Non
                                                                         key_start is not None)
     _attn_fwd_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
         q, k, v, out, lse, q if key_start is None else key_start, q if key_end is None else key_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Lq, k.shape[2], qk_scale,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out), Hq, Lq, k.shape[2], qk_scale,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages,
         **_shared_meta(q, k, causal, key_start, key_end, interpreted))
 
@@ -312,11 +309,11 @@ def _decode(q, k, v, out, lse, causal, qk_scale, key_start, key_end, n_splits=No
     _attn_decode_kernel[(n_splits, B * Hkv, m_tiles)](
         q, k, v, out, lse, part_o, part_lse, q if key_start is None else key_start,
         q if key_end is None else key_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), Hq, Lq, Lk, qk_scale,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out), Hq, Lq, Lk, qk_scale,
         SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta)
     if split:
         _attn_combine_kernel[(B * Hq * Lq,)](
-            part_o, part_lse, out, lse, *_strides(out), Hq, Lq, n_splits, HEAD_DIM=D,
+            part_o, part_lse, out, lse, *strides3(out), Hq, Lq, n_splits, HEAD_DIM=D,
             BLOCK_S=max(2, triton.next_power_of_2(n_splits)), BLOCK_D=meta["BLOCK_D"],
             INTERPRETED=interpreted, num_warps=4)
 
@@ -325,12 +322,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
                       scale: float | None = None, key_start: torch.Tensor | None = None,
                       key_end: torch.Tensor | None = None, path: str | None = None,
                       n_splits: int | None = None, config=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward kernels on checked inputs (see `attention`): returns o (B, Hq, Lq, D) in q's dtype
-    and lse (B, Hq, Lq) fp32, log2 domain, +inf for a row that sees no key.
-
-    Lq <= 16 takes the decode kernel, longer queries the prefill kernel; path ("prefill" |
-    "decode"), n_splits and config force a choice (tests and benchmarks).
-    """
+    """The forward on checked inputs (see `attention`): o (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq)
+    fp32, log2 domain, +inf for a row that sees no key. path ("prefill" | "decode"; default: decode
+    for Lq <= 16), n_splits and config force a choice (tests and benchmarks)."""
     # the kernels index the head dim with unit stride; every other stride is passed as it is
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, Hq, Lq, D = q.shape

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot, interpreted_on, on_device, round_to, valid_range
+from ._common import LOG2E, dot, interpreted_on, on_device, round_to, strides3, valid_range
 
 
 @triton.jit
@@ -157,10 +157,6 @@ def _backward_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int
     return 64, 64, 8, 2
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, causal: bool, scale: float | None = None,
                        key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None,
@@ -183,15 +179,15 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     interpreted = interpreted_on(q.device)
     block_m, block_n, num_warps, num_stages = config or _backward_config(D, q.dtype, interpreted)
     common = (q if key_start is None else key_start, q if key_end is None else key_end,
-              *_strides(q), *_strides(k), *_strides(v), *_strides(do))
+              *strides3(q), *strides3(k), *strides3(v), *strides3(do))
     meta = dict(GROUP=Hq // Hkv, CAUSAL=causal, HAS_KEY_START=key_start is not None,
                 HAS_KEY_END=key_end is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted,
                 num_warps=num_warps, num_stages=num_stages)
     with on_device(q.device):
         _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+            q, k, v, do, lse, delta, dk, dv, *common, *strides3(dk), *strides3(dv),
             Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, **meta)
         _attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
-            q, k, v, do, lse, delta, dq, *common, *_strides(dq), Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, **meta)
+            q, k, v, do, lse, delta, dq, *common, *strides3(dq), Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, **meta)
     return dq, dk, dv

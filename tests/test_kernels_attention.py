@@ -325,3 +325,31 @@ def test_real_shapes_on_gpu(B, Hq, Hkv, Lq, Lk, D, causal):
     key_start = torch.randint(0, Lk // 2, (B,), device=DEVICE) if B > 1 else None
     _assert_matches_ref(K.attention(q, k, v, causal=causal, key_start=key_start), q, k, v,
                         causal=causal, key_start=key_start)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("Lq", [1, 4, 64])
+def test_static_cache_step_replays_in_a_cuda_graph(Lq):
+    """One attention call over a fixed (B, Hkv, 4096, D) cache, captured once in a CUDA graph, then
+    replayed with new queries and new key_end values written into the same tensors: no host sync,
+    and a grid that does not depend on key_end, or the replays would be wrong."""
+    B, Hq, Hkv, D, max_len = 4, 32, 2, 128, 4096
+    q, k_buf, v_buf = _inputs(B, Hq, Hkv, Lq, max_len, D, BF16, seed=10)
+    key_start = torch.tensor([0, 100, 5, 0], device=DEVICE, dtype=torch.int32)
+    key_end = torch.tensor([max_len, 700, 64, 129], device=DEVICE, dtype=torch.int32)
+    step = lambda: K.attention(q, k_buf, v_buf, causal=True, key_start=key_start, key_end=key_end)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: compiles the kernels
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed, ends in ((11, [17, 300, max_len, 1]), (12, [4000, 2000, 64, 129 + Lq])):
+        q.copy_(_inputs(B, Hq, Hkv, Lq, 1, D, BF16, seed=seed)[0])
+        key_end.copy_(torch.tensor(ends))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_matches_ref(out, q, k_buf, v_buf, causal=True, key_start=key_start, key_end=key_end)
