@@ -94,6 +94,26 @@ def test_compiled_fullgraph_equals_eager_on_triton_backend():
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("Lq", [1, 6])
+def test_torch_backend_attention_with_key_range_compiles_fullgraph(Lq):
+    """The reference path with per-row key ranges (the static-cache decode step) has no branch on
+    tensor values: torch.compile(fullgraph=True) traces it and matches eager."""
+    def step(q, k, v, key_start, key_end):
+        with ops.use_backend("torch"):
+            return ops.attention(q, k, v, causal=True, key_start=key_start, key_end=key_end)
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, Lq, 16, generator=g)
+    k, v = (torch.randn(2, 2, 32, 16, generator=g) for _ in range(2))
+    key_start, key_end = torch.tensor([0, 4]), torch.tensor([32, 19])
+    compiled = torch.compile(step, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, key_start, key_end), step(q, k, v, key_start, key_end),
+                               rtol=1e-5, atol=1e-6)
+    key_end = torch.tensor([7, 30])  # new values, same shapes: the same graph, right answer
+    torch.testing.assert_close(compiled(q, k, v, key_start, key_end), step(q, k, v, key_start, key_end),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_backend_from_the_environment_is_named_at_first_use(monkeypatch):
     monkeypatch.setattr(ops, "_backend", "cuda-graphs")  # as if GLM4V_BACKEND=cuda-graphs at import
     with pytest.raises(ops.BackendError, match="unknown backend 'cuda-graphs'"):
