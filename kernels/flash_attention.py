@@ -168,7 +168,7 @@ def _attn_decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, part_o_ptr, part_lse_ptr, key_start_ptr, key_end_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-    Hq, Lq, Lk, qk_scale,
+    Hq, Lq, Lk, qk_scale, min_split_blocks,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_KEY_END: tl.constexpr,
     SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -188,8 +188,9 @@ def _attn_decode_kernel(
     key_start, kv_len = valid_range(key_start_ptr, key_end_ptr, b, Lk, HAS_KEY_START=HAS_KEY_START,
                                     HAS_KEY_END=HAS_KEY_END)
     qk_scale = tl.cast(qk_scale, tl.float32)
-    # the filled keys [0, kv_len), not the whole buffer, are shared among the splits
-    keys_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), n_splits) * BLOCK_N
+    # the filled keys [0, kv_len), not the whole buffer, are shared among the splits, at least
+    # min_split_blocks each: trailing splits may get none (and then write no partial output)
+    keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(kv_len, BLOCK_N), n_splits), min_split_blocks) * BLOCK_N
     lo = split * keys_per_split
     first_row_limit = kv_len - 1
     if CAUSAL:
@@ -204,7 +205,8 @@ def _attn_decode_kernel(
     if SPLIT:
         part = ((b * Hq + h) * Lq + qi) * n_splits + split  # (B, Hq, Lq, n_splits) row-major
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe), mask=row_ok)  # -inf if the chunk saw no key
-        tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
+        if lo < kv_len:  # an empty chunk writes no partial output: the combine skips it by its lse
+            tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=io_mask)
     else:
         tl.store(o_ptr + b * stride_ob + h[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :],
                  round_to(o, DTYPE=o_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=io_mask)
@@ -229,7 +231,7 @@ def _attn_combine_kernel(
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m_sub)  # 0 for chunks that saw no key
     o_s = tl.load(part_o_ptr + (row * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
-                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                  mask=(lse > float("-inf"))[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # skip empty
     denom = tl.sum(w, 0)
     o = tl.sum(w[:, None] * o_s, 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + qi * stride_om + offs_d,
@@ -295,11 +297,11 @@ def _decode(q, k, v, out, lse, causal, qk_scale, key_start, key_end, n_splits=No
     block_m = min(max_block_m, max(16, triton.next_power_of_2(group * Lq)))
     m_tiles = triton.cdiv(group * Lq, block_m)
     n_blocks = triton.cdiv(Lk, block_n)
+    # Fill the GPU about twice over, but keep chunks >= 16 * group * Lq keys so that the fp32
+    # partials (written then read back) stay under ~1/8 of the K/V bytes the chunk streams.
+    min_blocks = triton.cdiv(16 * group * Lq, block_n) if n_splits is None else 1
     if n_splits is None:
-        # Fill the GPU about twice over, but keep chunks >= 16 * group * Lq keys so that the fp32
-        # partials (written then read back) stay under ~1/8 of the K/V bytes the chunk streams.
         target = 4 if interpreted else 2 * sm_count(q.device)
-        min_blocks = triton.cdiv(16 * group * Lq, block_n)
         n_splits = max(1, min(triton.cdiv(target, B * Hkv * m_tiles), n_blocks // min_blocks, MAX_SPLITS))
     n_splits = triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(n_splits, n_blocks))))  # none empty at Lk
     split = n_splits > 1
@@ -309,7 +311,7 @@ def _decode(q, k, v, out, lse, causal, qk_scale, key_start, key_end, n_splits=No
     _attn_decode_kernel[(n_splits, B * Hkv, m_tiles)](
         q, k, v, out, lse, part_o, part_lse, q if key_start is None else key_start,
         q if key_end is None else key_end,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(out), Hq, Lq, Lk, qk_scale,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(out), Hq, Lq, Lk, qk_scale, min_blocks,
         SPLIT=split, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **meta)
     if split:
         _attn_combine_kernel[(B * Hq * Lq,)](

@@ -202,18 +202,31 @@ def _static_cache_inputs(Lq, dtype, B=3, Hq=4, Hkv=2, max_len=80, D=112, seed=7)
     return q, k, v, key_start, key_end, filled
 
 
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty returns NaN-filled float tensors: a kernel that reads an output or partial
+    buffer it did not write first shows it."""
+    empty = torch.empty
+
+    def nan_filled(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", nan_filled)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("path,Lq", [("decode", 1), ("decode", 5), ("prefill", 5), ("prefill", 20)])
-def test_key_end_static_cache(path, Lq, causal, dtype):
+def test_key_end_static_cache(path, Lq, causal, dtype, nan_empty):
     """Keys j >= key_end[b] are invisible and causal alignment is to the last valid key; key_end
-    below key_start, or a causal prefill longer than the filled range, leaves rows with zeros."""
+    below key_start, or a causal prefill longer than the filled range, leaves rows with zeros.
+    Neither the cache past key_end nor the splits' unwritten partials (NaN here) are read."""
     q, k, v, key_start, key_end, filled = _static_cache_inputs(Lq, dtype)
     k_nan, v_nan = (t.masked_fill(~filled, float("nan")) for t in (k, v))
     out = _attention(q, k_nan, v_nan, causal, key_start=key_start, key_end=key_end, path=path)
     _assert_matches_ref(out, q, k, v, causal=causal, key_start=key_start, key_end=key_end)
     if path == "decode":
-        for n_splits in (2, 5):  # splits share the filled keys, not the buffer: some chunks are empty
+        for n_splits in (2, 5, 16):  # splits share the filled keys, not the buffer: some chunks are empty
             out = _attention(q, k_nan, v_nan, causal, key_start=key_start, key_end=key_end, path=path,
                              n_splits=n_splits)
             _assert_matches_ref(out, q, k, v, causal=causal, key_start=key_start, key_end=key_end)
