@@ -270,7 +270,7 @@ def _decode_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, 
     if interpreted:
         return 64, 32, 4, 1
     if dtype == torch.float32:
-        return 16, 64, 4 if D <= 64 else 8 if D <= 128 else 16, 2
+        return 16, 64, 8 if D <= 128 else 16, 2
     return 64, 64 if D <= 128 else 32, 8, 3 if D <= 128 else 2  # 4 warps spill the 64-row tile
 
 

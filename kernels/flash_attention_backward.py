@@ -53,6 +53,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bkv = tl.program_id(1)
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     b = (pid_bkv // (Hq // GROUP)).to(tl.int64)
     kv_h = (pid_bkv % (Hq // GROUP)).to(tl.int64)
     key_start, kv_len = valid_range(key_start_ptr, key_end_ptr, b, Lk, HAS_KEY_START=HAS_KEY_START,
@@ -108,6 +109,7 @@ def _attn_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
     b = (pid_bh // Hq).to(tl.int64)
     h = (pid_bh % Hq).to(tl.int64)
     kv_h = h // GROUP
