@@ -60,9 +60,10 @@ fi
 step setup 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
 step tests 200 python -m pytest -q -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
+    tests/test_kernels_attention_backward.py \
     tests/test_kernels_rms_norm.py tests/test_backends.py tests/test_generate.py
 step kernels 150 python benchmarks/kernels.py --out benchmarks/results
-step generate 240 python benchmarks/generate.py --real --fixtures "" --mid ""
+step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
 step train 90 python benchmarks/train.py --device cuda
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
 step resources 40 python benchmarks/kernel_resources.py
