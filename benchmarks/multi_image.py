@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--real", action="store_true", help="also time the real-size model with random bf16 weights")
     p.add_argument("--real-layers", type=int, default=None, help="shrink the real model's depth (smoke tests)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--fixture", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -145,7 +146,7 @@ def main() -> None:
         slug = "cpu_real_smoke"  # a shrunken real model: keeps the fixture numbers' file intact
     else:
         slug = torch.cuda.get_device_name().lower().replace(" ", "-")
-    write_result(f"multi_image_{slug}", results)
+    write_result(f"multi_image_{slug}", results, args.out)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,14 @@ def test_model_refuses_mismatched_counts_before_compute(tiny, ref, monkeypatch):
         tiny(ref["input_ids_m1"], ref["pixel_values"][:3])
 
 
+def test_zero_images_is_no_image(tiny, ref):
+    """pixel_values (0, 3, S, S) with a text-only prompt: the text-only forward."""
+    ids = ref["input_ids_m3"][1:2, 3:]  # the text-only row without its pads
+    size = tiny.config.vision.image_size
+    with torch.no_grad():
+        assert torch.equal(tiny(ids, torch.zeros(0, 3, size, size)).logits, tiny(ids).logits)
+
+
 # -- the ViT in bounded batches, cache sizing -------------------------------------------------------
 
 def test_vit_runs_in_bounded_batches(tiny, ref, monkeypatch):
@@ -275,6 +283,20 @@ def test_generate_sizes_the_cache_to_the_spliced_prompt(tiny, ref, monkeypatch):
     glm4v_core.generate(tiny, ref["input_ids_m3"], ref["pixel_values"][[0, 1, 3]], ref["attention_mask_m3"],
                         ref["position_ids_in_m3"], max_new_tokens=3, stop_ids=[])
     assert sizes == [(3, ref["logits_m3"].shape[1] + 3)]
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/multi_image.py end to end on the tiny fixture (one fresh process per image count)."""
+    import json
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "benchmarks" / "multi_image.py"
+    subprocess.run([sys.executable, str(script), "--fixtures", "tiny", "--images", "1,2", "--repeat", "1",
+                    "--threads", "1", "--out", str(tmp_path)], check=True, capture_output=True, text=True)
+    rows = json.loads((tmp_path / "multi_image_cpu.json").read_text())["fixtures"]["tiny"]
+    assert [r["images"] for r in rows] == [1, 2]
+    assert [r["cache_slots"] for r in rows] == [r["prompt_tokens"] + r["images"] * 3 for r in rows]  # tiny: 6 rows
+    assert all(r["ttft_ms"] > 0 and r["peak_mem_MiB"] >= 0 for r in rows)
 
 
 # -- CLI -------------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ class GLM4V(nn.Module):
             check_position_ids(position_ids, input_ids)
         # image blocks, one image each, and the cache budget: each image fills 2 + (g/2)^2 slots
         images_per_row = self.check_inputs(input_ids, pixel_values, attention_mask, max_new_tokens)
+        if pixel_values is not None and pixel_values.shape[0] == 0:
+            pixel_values = None  # (0, 3, S, S): no image, nothing for the ViT
         longest = int(position_ids.max()) + 1  # rotary positions: an image counts as its 3 placeholder ids
         if longest + max_new_tokens > MAX_CONTEXT:
             raise InputError(f"prompt of {longest} positions + max_new_tokens {max_new_tokens} exceeds the model's "
