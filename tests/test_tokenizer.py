@@ -303,3 +303,24 @@ def test_an_empty_entry_in_an_image_list_is_an_error(tok):
     messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": "x", "image": ["a.jpg", ""]}]
     with pytest.raises(TokenizerError, match=r"message 1: 'image' list entry 1 is empty"):
         tok.apply_chat_template(messages)
+
+
+def test_random_conversations_follow_the_template_rule(tok, raw):
+    """The template rule written out with raw tiktoken, on random conversations with 0, 1 or several
+    images per message (paths, lists, falsy values): one block per image, before the text."""
+    rng = random.Random(1)
+    texts = ["", "hi", "你好 world", "<|user|> stays text", " trailing ", "\n"]
+    images = [None, "", False, [], "a.png", ["a.png"], ["a.png", "b.png"], ("a.png", "b.png", "c.png")]
+    role_ids = {"system": 151335, "user": 151336, "assistant": 151337, "observation": 151338}
+    for _ in range(300):
+        messages, expected = [], [151331, 151333]
+        for _ in range(rng.randint(0, 5)):
+            m = {"role": rng.choice(list(role_ids)), "content": rng.choice(texts), "image": rng.choice(images)}
+            if rng.random() < 0.3:
+                m["metadata"] = rng.choice(["tool", "x "])
+            messages.append(m)
+            n_images = 0 if not m["image"] else 1 if isinstance(m["image"], str) else len(m["image"])
+            if m["content"] or n_images:
+                expected += [role_ids[m["role"]], *raw.encode_ordinary(m.get("metadata", "") + "\n"),
+                             *[BOI, PAD, EOI] * n_images, *raw.encode_ordinary(m["content"])]
+        assert tok.apply_chat_template(messages, add_generation_prompt=True) == [*expected, 151337], messages
