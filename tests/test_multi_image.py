@@ -220,6 +220,10 @@ def test_too_many_images_for_the_context_names_the_count_and_the_budget():
     with pytest.raises(InputError, match=r"context of 8192: 3 text tokens \+ 5 image\(s\) x 1602 cache slots "
                                          r"\+ max_new_tokens 180 = 8193 slots; .*at most 4 image\(s\) fit"):
         check_image_blocks(ids, 5, real, max_new_tokens=180)
+    with pytest.raises(InputError, match=r"row 1 exceeds the model's context of 8192: 8190 tokens \+ max_new_tokens 3 "
+                                         r"= 8193 cache slots$"):
+        check_image_blocks(torch.tensor([[5] * 8190, [6] * 8190]), 0, real, max_new_tokens=3,
+                           attention_mask=torch.tensor([[0] * 10 + [1] * 8180, [1] * 8190]))
     six = torch.tensor([[1, 2] + [60, 61, 62] * 6 + [3]])
     with pytest.raises(InputError, match=r"6 image\(s\) x 1602 .*at most 5 image\(s\) fit"):
         check_image_blocks(six, 6, real)

@@ -109,6 +109,9 @@ def check_context(input_ids: torch.Tensor, blocks_per_row: torch.Tensor, block: 
     if need <= context:
         return
     n_images, n_text = int(blocks_per_row[row]), int(tokens[row] - 3 * blocks_per_row[row])
+    if n_images == 0:
+        raise InputError(f"prompt row {row} exceeds the model's context of {context}: {n_text} tokens + "
+                         f"max_new_tokens {max_new_tokens} = {need} cache slots")
     fit = max(0, (context - max_new_tokens - n_text) // block.rows)
     raise InputError(f"prompt row {row} exceeds the model's context of {context}: {n_text} text tokens + "
                      f"{n_images} image(s) x {block.rows} cache slots + max_new_tokens {max_new_tokens} = {need} "
