@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         reports = run_parity(checkpoint, args.reference, DTYPES[args.dtype], args.device)
         if args.dtype == "float32":  # the multi-image file holds fp32 outputs only
             reports += run_multi_image_parity(checkpoint, device=args.device)
+        elif (checkpoint / "multi_image.safetensors").exists():
+            print("note: the multi_image cases run in float32 only (their reference holds fp32 outputs)",
+                  file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
