@@ -1,0 +1,455 @@
+"""`glm4v make-reference`: run a checkpoint's own HF remote code and record what `glm4v parity` compares.
+
+    glm4v make-reference --checkpoint DIR --out REF [--prompt TEXT ...] [--image IMG|none ...]
+                         [--dtype float32|bfloat16] [--device DEV] [--max-new-tokens N] [--layers N]
+
+The checkpoint folder ships the reference implementation (`modeling_chatglm.py`, `visual.py`, ...,
+named by `auto_map` in its config.json). It is loaded through transformers with
+`trust_remote_code` and run unchanged: forward hooks on its modules capture the intermediate
+tensors (vision stages, image embeddings, the rotary rows it used, each decoder layer's output),
+never an edit of its code. The inputs are built by glm4v_core (tokenizer, chat template, image
+preprocessing), so the reference and our model see identical token ids and pixels.
+
+Each prompt is one case (batch of one, no padding), with the image given at the same position
+among the --image flags (`none` for a text-only case). The output folder holds
+`reference.safetensors` + `reference.json` in the fixtures' format; stored tensors go to disk as
+they are captured and are assembled into the final file at the end (temp folder, then rename).
+
+transformers is imported here only, inside the functions, never by the rest of glm4v_core.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glm4v_conversion.safetensors_io import list_tensors, write_file
+
+from .chat import build_inputs
+from .config import GLM4VConfig
+
+TRANSFORMERS_VERSION = "4.44.2"  # the version the GLM-4V remote code was written and checked against
+INSTALL_HINT = "pip install -e '.[reference]'  (transformers==" + TRANSFORMERS_VERSION + ")"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPT = "Describe this image."
+GiB = 1024 ** 3
+
+# Reference module -> recorded tensor (without the case suffix); the module names of the real
+# GLM-4V remote code (THUDM/glm-4v-9b). The decoder layers and the rotary rows are hooked apart.
+VISION_HOOKS = {
+    "transformer.vision.patch_embedding": "vision_patch_embed",
+    "transformer.vision.transformer": "vision_vit_out",
+    "transformer.vision.conv": "vision_conv_out",
+    "transformer.vision.linear_proj": "vision_glu_out",
+    "transformer.vision": "image_embeds",
+}
+LAYERS = "transformer.encoder.layers"
+FINAL_NORM = "transformer.encoder.final_layernorm"
+ROTARY = "transformer.rotary_pos_emb"
+ENCODER = "transformer.encoder"
+
+
+class ReferenceError(ValueError):
+    """A problem with make-reference's arguments, the checkpoint's remote code, or the machine."""
+
+
+@dataclass
+class Case:
+    name: str
+    prompt: str
+    image: Path | None
+
+
+# ---------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="glm4v make-reference",
+        description="Run the checkpoint's own HF remote code (transformers, trust_remote_code) on prompts built by "
+                    "glm4v-core and record a parity reference (reference.safetensors + reference.json).")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint folder holding the remote code")
+    p.add_argument("--out", type=Path, required=True, help="output folder (created; replaced only with --overwrite)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a user message; repeat for several cases (default: one 'Describe this image.' per image)")
+    p.add_argument("--image", action="append", default=[], metavar="IMG",
+                   help="image of the prompt at the same position; 'none' for a text-only case; "
+                        "prompts after the last --image are text-only")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="reference dtype (default float32: parity judges fp32 within 1e-4; a bfloat16 recording "
+                        "is shown, not judged)")
+    p.add_argument("--device", default="cpu", help="torch device for the reference (default cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to record per case (default 16)")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="record the hidden states of the first N decoder layers only (default: all)")
+    p.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds what is available")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        out = make_reference(args.checkpoint, args.out, cases_from_args(args.prompt, args.image),
+                             dtype=DTYPES[args.dtype], device=args.device, max_new_tokens=args.max_new_tokens,
+                             layers=args.layers, tokenizer=args.tokenizer, force=args.force, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"glm4v make-reference: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'reference.safetensors'} and {out / 'reference.json'}\n"
+          f"compare: glm4v parity --checkpoint {args.checkpoint} --reference {out / 'reference.safetensors'}")
+    return 0
+
+
+def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
+    """Prompt i goes with image i ('none': no image); without prompts, one default prompt per image."""
+    if not prompts:
+        prompts = [DEFAULT_PROMPT] * max(1, len(images))
+    if len(images) > len(prompts):
+        raise ReferenceError(f"{len(images)} --image flags for {len(prompts)} --prompt flags: give one prompt per image "
+                             "(use --image none for a text-only prompt among image prompts)")
+    cases = []
+    for i, prompt in enumerate(prompts):
+        image = images[i] if i < len(images) else "none"
+        if not prompt.strip():
+            raise ReferenceError(f"--prompt number {i + 1} is empty")
+        path = None if image.lower() == "none" else Path(image)
+        if path is not None and not path.is_file():
+            raise ReferenceError(f"--image {image}: no such file")
+        cases.append(Case(f"p{i:02d}", prompt, path))
+    return cases
+
+
+# ---------------------------------------------------------------- the run
+
+def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.dtype = torch.float32,
+                   device: str = "cpu", max_new_tokens: int = 16, layers: int | None = None,
+                   tokenizer: Path | None = None, force: bool = False, overwrite: bool = False) -> Path:
+    """Record the reference's outputs for `cases` into the folder `out`; returns `out`."""
+    from .cli import resolve_checkpoint, resolve_tokenizer
+    from .weights import check_device
+
+    checkpoint = resolve_checkpoint(Path(checkpoint))
+    config = GLM4VConfig.from_json(checkpoint / "config.json")
+    raw_config = json.loads((checkpoint / "config.json").read_text())
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ReferenceError(f"output folder {out} exists; pass --overwrite to replace it")
+    if max_new_tokens < 1:
+        raise ReferenceError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if layers is not None and not 0 <= layers <= config.num_layers:
+        raise ReferenceError(f"--layers must be in 0..{config.num_layers} (the checkpoint's decoder layers), got {layers}")
+    n_layers = config.num_layers if layers is None else layers
+    device = str(check_device(device))
+    tok = resolve_tokenizer(tokenizer, checkpoint, config)
+    inputs = {c.name: prepare_case(c, tok, config, raw_config, max_new_tokens) for c in cases}
+    transformers = import_transformers()  # before the slow part: a missing extra fails fast
+    print(memory_report(checkpoint, config, dtype, device, inputs, force), file=sys.stderr)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same disk: the rename is atomic
+    try:
+        start = time.perf_counter()
+        model = load_reference(transformers, checkpoint, dtype, device)
+        loaded = time.perf_counter() - start
+        spill = SpillWriter(work / "spill")
+        meta = new_meta(checkpoint, dtype, device, transformers.__version__, n_layers, config.num_layers)
+        from .parity import reference_kernels  # the same exact kernels parity uses (no TF32, no oneDNN bf16)
+        with reference_kernels(dtype), torch.no_grad():
+            for case in cases:
+                ids, pixels = inputs[case.name]
+                print(f"reference: case {case.name} ({ids.shape[1]} tokens"
+                      f"{', image ' + str(case.image) if case.image else ''})", file=sys.stderr)
+                tokens = record_case(model, case.name, ids, pixels, spill, n_layers, max_new_tokens, device)
+                meta["inputs"][case.name] = {"input_ids": ids[0].tolist(), "prompt": case.prompt,
+                                             "image": str(case.image) if case.image else None,
+                                             "desc": f"{'image + text' if case.image else 'text only'}: {case.prompt[:60]}"}
+                meta["generation"][case.name] = tokens
+        del model
+        meta["seconds"] = {"load": round(loaded, 1), "run": round(time.perf_counter() - start - loaded, 1)}
+        meta["tensors"] = spill.describe()
+        final = work / "final"
+        final.mkdir()
+        spill.finish(final / "reference.safetensors", {"generator": "glm4v make-reference"})
+        (final / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def prepare_case(case: Case, tokenizer, config: GLM4VConfig, raw_config: dict,
+                 max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Our token ids (1, L) and pixels (1, 3, S, S) or None, checked against the reference's limits."""
+    message = {"role": "user", "content": case.prompt, **({"image": str(case.image)} if case.image else {})}
+    inputs = build_inputs(tokenizer, [message], config.vision.image_size)
+    last_position = inputs.input_ids.shape[1] + max_new_tokens - 1  # positions are unspliced token indices
+    seq_length = raw_config.get("seq_length")
+    if seq_length is not None and last_position >= seq_length:
+        raise ReferenceError(f"case {case.name}: the prompt ({inputs.input_ids.shape[1]} tokens) plus --max-new-tokens "
+                             f"{max_new_tokens} needs rotary position {last_position}, but the reference code builds its "
+                             f"rotary table for config.json seq_length = {seq_length} positions")
+    return inputs.input_ids, inputs.pixel_values
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ReferenceError(f"glm4v make-reference runs the checkpoint's HF remote code and needs transformers "
+                             f"({e}); install it with: {INSTALL_HINT}") from None
+    if transformers.__version__ != TRANSFORMERS_VERSION:
+        print(f"warning: transformers {transformers.__version__} is installed; the GLM-4V remote code was written "
+              f"for {TRANSFORMERS_VERSION} ({INSTALL_HINT})", file=sys.stderr)
+    return transformers
+
+
+def load_reference(transformers, checkpoint: Path, dtype: torch.dtype, device: str):
+    """The checkpoint's own model class (config.json auto_map), in `dtype`, eval mode, on `device`."""
+    auto_map = json.loads((checkpoint / "config.json").read_text()).get("auto_map", {})
+    if "AutoModelForCausalLM" not in auto_map:
+        raise ReferenceError(f"{checkpoint / 'config.json'} has no auto_map.AutoModelForCausalLM: this folder does not "
+                             "ship the HF remote code (modeling_chatglm.py) that make-reference runs")
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def record_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor | None, spill: SpillWriter,
+                n_layers: int, max_new_tokens: int, device: str) -> list[int]:
+    """One prompt through the reference: the prefill under hooks, then greedy decoding with its KV cache.
+
+    Greedy decoding is the reference's own forward with `past_key_values`, one token a step, argmax,
+    EOS stopping off (what its generate(do_sample=False) does, minus stopping); the new token's
+    position is its index in the unspliced token list, as its generation code counts."""
+    ids = input_ids.to(device)
+    images = None if pixels is None else pixels.to(device)
+    spill.add(f"input_ids_{case}", input_ids)
+    if pixels is not None:
+        spill.add(f"pixel_values_{case}", pixels)
+    hooks = Hooks(model, case, spill, n_layers, with_image=pixels is not None)
+    try:
+        out = model(input_ids=ids, images=images, use_cache=True, return_dict=True)
+    finally:
+        hooks.remove()
+    hooks.check()
+    spill.add(f"position_ids_{case}", hooks.position_ids())
+    spill.add(f"logits_{case}", out.logits)
+    step_logits = [out.logits[:, -1].float().cpu()]
+    past = out.past_key_values
+    del out
+    tokens = [int(step_logits[-1].argmax(-1))]
+    for k in range(1, max_new_tokens):
+        position = torch.tensor([[input_ids.shape[1] + k - 1]], device=device)
+        step = model(input_ids=torch.tensor([[tokens[-1]]], device=device), position_ids=position,
+                     past_key_values=past, use_cache=True, return_dict=True)
+        past = step.past_key_values
+        step_logits.append(step.logits[:, -1].float().cpu())
+        tokens.append(int(step_logits[-1].argmax(-1)))
+    spill.add(f"gen_tokens_{case}", torch.tensor([tokens]))
+    spill.add(f"gen_step_logits_{case}", torch.stack(step_logits, dim=1))
+    return tokens
+
+
+class Hooks:
+    """Forward hooks on the reference's modules for one prefill; each capture goes straight to disk.
+
+    hidden_states_<case> (n_layers + 1, T, H): the first decoder layer's input (the spliced
+    embeddings), then each layer's output; position ids: the rows of the rotary table the decoder
+    received, matched back to their row numbers in the table the reference built."""
+
+    def __init__(self, model, case: str, spill: SpillWriter, n_layers: int, with_image: bool):
+        self.case, self.spill, self.n_layers = case, spill, n_layers
+        self.handles, self.seen, self.expected = [], set(), []
+        self.table = self.rows = None
+        modules = dict(model.named_modules())
+        names = [*(VISION_HOOKS if with_image else ()), LAYERS, FINAL_NORM, ROTARY, ENCODER]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ReferenceError(f"the reference model has no module(s) {missing}: make-reference expects the module "
+                                 "tree of the GLM-4V remote code (THUDM/glm-4v-9b modeling_chatglm.py / visual.py)")
+        if with_image:
+            for name, stored in VISION_HOOKS.items():
+                self.on_output(modules[name], name, lambda out, stored=stored: self.store(stored, out))
+        layers = modules[LAYERS]
+        if n_layers > 0:
+            self.expected.append("embeddings")
+            self.handles.append(layers[0].register_forward_pre_hook(self.embeddings, with_kwargs=True))
+        for i in range(n_layers):  # a layer returns (hidden_states, kv_cache)
+            self.on_output(layers[i], f"{LAYERS}.{i}", lambda out: self.spill.append(f"hidden_states_{case}", out[0][0]))
+        self.on_output(modules[FINAL_NORM], FINAL_NORM, lambda out: self.store("final_norm_out", out))
+        self.on_output(modules[ROTARY], ROTARY, lambda out: setattr(self, "table", out))
+        self.handles.append(modules[ENCODER].register_forward_pre_hook(self.rotary_rows, with_kwargs=True))
+
+    def on_output(self, module, name: str, take) -> None:
+        def hook(_module, _args, output):
+            self.seen.add(name)
+            take(output)
+        self.expected.append(name)
+        self.handles.append(module.register_forward_hook(hook))
+
+    def store(self, stored: str, tensor: torch.Tensor) -> None:
+        self.spill.add(f"{stored}_{self.case}", tensor)
+
+    def embeddings(self, _module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.spill.append(f"hidden_states_{self.case}", hidden[0])
+        self.seen.add("embeddings")
+
+    def rotary_rows(self, _module, args, kwargs):
+        self.rows = kwargs["rotary_pos_emb"] if "rotary_pos_emb" in kwargs else args[2]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def check(self) -> None:
+        """Every hooked module ran: otherwise the remote code's forward differs from what we record."""
+        missed = [n for n in self.expected if n not in self.seen]
+        if self.table is None or self.rows is None:
+            missed.append(ROTARY)
+        if missed:
+            raise ReferenceError(f"the reference's forward did not run module(s) {missed}: its code differs from "
+                                 "the GLM-4V remote code make-reference was written for")
+
+    def position_ids(self) -> torch.Tensor:
+        """(1, T): the index of each rotary row the decoder received in the reference's own table."""
+        return rows_to_positions(self.table, self.rows[0])[None]
+
+
+def rows_to_positions(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """table (S, ...) and rows (T, ...) -> (T,) int64 with table[result[t]] == rows[t] exactly."""
+    flat = table.detach().reshape(table.shape[0], -1).cpu().contiguous().view(torch.uint8)
+    index: dict[bytes, int] = {}
+    for p, row in enumerate(flat):
+        index.setdefault(row.numpy().tobytes(), p)  # the first row wins: the table starts at position 0
+    want = rows.detach().reshape(rows.shape[0], -1).cpu().contiguous().view(torch.uint8)
+    positions = [index.get(row.numpy().tobytes(), -1) for row in want]
+    if -1 in positions:
+        raise ReferenceError("a rotary row the reference's decoder received is not in its rotary table: cannot "
+                             "recover its position ids")
+    return torch.tensor(positions, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- memory
+
+def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, device: str,
+                  inputs: dict, force: bool) -> str:
+    """What the run needs, said before loading; an error if clearly more than the machine has."""
+    n_params = sum(math.prod(info.shape) for info in list_tensors(checkpoint).values())
+    weights = n_params * dtype.itemsize
+    longest = max(ids.shape[1] - 3 + (config.vision.grid // 2) ** 2 + 2 if px is not None else ids.shape[1]
+                  for ids, px in inputs.values())
+    v = config.vision
+    # the largest transients: the logits of every prompt position (kept in fp32 too), the ViT's
+    # attention scores if the reference's SDPA falls back to its math path, one MLP activation
+    activations = (longest * config.vocab_size * (dtype.itemsize + 4)
+                   + v.num_heads * v.num_positions ** 2 * dtype.itemsize
+                   + longest * 2 * config.ffn_hidden_size * dtype.itemsize)
+    need = weights + activations
+    lines = [f"make-reference: {n_params / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}: "
+             f"{weights / GiB:.1f} GiB of weights + ~{activations / GiB:.1f} GiB of activations "
+             f"(longest prompt {longest} positions)"]
+    if dtype == torch.float32 and n_params > 1e9:
+        lines.append(f"  (--dtype bfloat16 halves the weights to {n_params * 2 / GiB:.1f} GiB; parity then only shows "
+                     "the errors, it judges fp32 recordings)")
+    cpu = available_cpu_memory()
+    # transformers without accelerate builds the model in CPU memory before .to(device)
+    lines.append(f"  CPU memory available: {cpu / GiB:.1f} GiB" if cpu else "  CPU memory available: unknown")
+    short = cpu is not None and weights + (0 if device.startswith("cuda") else activations) > cpu
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        lines.append(f"  {device} memory free: {free / GiB:.1f} GiB")
+        short = short or need > free
+    if short and not force:
+        raise ReferenceError("\n".join(lines) + "\nnot enough memory for this run: use --dtype bfloat16, another "
+                             "--device, or --force to try anyway")
+    return "\n".join(lines)
+
+
+def available_cpu_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- output
+
+def new_meta(checkpoint: Path, dtype: torch.dtype, device: str, transformers_version: str,
+             n_layers: int, total_layers: int) -> dict:
+    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(checkpoint.glob("*.py"))}
+    return {
+        "generator": "glm4v make-reference",
+        "reference_code": code,  # sha256 of each remote-code file that ran
+        "checkpoint": str(checkpoint.resolve()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "versions": {"torch": torch.__version__, "transformers": transformers_version,
+                     "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "layers_recorded": n_layers,
+        "num_layers": total_layers,
+        "inputs": {},
+        "generation": {"method": "greedy with the reference's KV cache, EOS stopping off"},
+    }
+
+
+class SpillWriter:
+    """Captured tensors go to raw files as they come (fp32, or int64 for integers), so memory holds
+    one capture at a time; `finish` streams them into one safetensors file."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True)
+        self.layout: dict[str, tuple[torch.dtype, list[int], Path]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.layout:
+            raise ReferenceError(f"tensor {name} captured twice: the reference ran a hooked module more than once")
+        self.append(name, tensor, stack=False)
+
+    def append(self, name: str, tensor: torch.Tensor, stack: bool = True) -> None:
+        """Write `tensor`; with stack=True, add it as the next entry of a stacked tensor `name`."""
+        t = tensor.detach()
+        t = (t.long() if not t.is_floating_point() else t.float()).cpu().contiguous()
+        if name not in self.layout:
+            path = self.folder / f"{len(self.layout)}.bin"
+            self.layout[name] = (t.dtype, [0, *t.shape] if stack else list(t.shape), path)
+        dtype, shape, path = self.layout[name]
+        if stack:
+            if list(t.shape) != shape[1:]:
+                raise ReferenceError(f"{name}: entry of shape {list(t.shape)} after entries of shape {shape[1:]}")
+            shape[0] += 1
+        with open(path, "ab") as f:
+            f.write(t.view(torch.uint8).numpy().tobytes())
+
+    def describe(self) -> dict:
+        return {name: {"shape": shape, "dtype": str(dtype).removeprefix("torch.")}
+                for name, (dtype, shape, _) in self.layout.items()}
+
+    def finish(self, path: Path, metadata: dict[str, str]) -> None:
+        tensors = {}
+        for name, (dtype, shape, file) in self.layout.items():
+            n = math.prod(shape)
+            data = torch.from_file(str(file), shared=False, size=n, dtype=dtype) if n else torch.empty(0, dtype=dtype)
+            tensors[name] = data.view(shape)
+        write_file(path, tensors, metadata)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
