@@ -359,24 +359,31 @@ def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, dev
                    + v.num_heads * v.num_positions ** 2 * dtype.itemsize
                    + longest * 2 * config.ffn_hidden_size * dtype.itemsize)
     need = weights + activations
-    lines = [f"make-reference: {n_params / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}: "
-             f"{weights / GiB:.1f} GiB of weights + ~{activations / GiB:.1f} GiB of activations "
-             f"(longest prompt {longest} positions)"]
-    if dtype == torch.float32 and n_params > 1e9:
-        lines.append(f"  (--dtype bfloat16 halves the weights to {n_params * 2 / GiB:.1f} GiB; parity then only shows "
-                     "the errors, it judges fp32 recordings)")
+    lines = [f"make-reference: {count(n_params)} parameters in {str(dtype).removeprefix('torch.')}: "
+             f"{size(weights)} of weights + ~{size(activations)} of activations (longest prompt {longest} positions)"]
+    if dtype == torch.float32:
+        lines.append(f"  (--dtype bfloat16 halves the weights to {size(n_params * 2)}; parity shows the errors of a "
+                     "bf16 recording but judges fp32 ones)")
     cpu = available_cpu_memory()
     # transformers without accelerate builds the model in CPU memory before .to(device)
-    lines.append(f"  CPU memory available: {cpu / GiB:.1f} GiB" if cpu else "  CPU memory available: unknown")
+    lines.append(f"  CPU memory available: {size(cpu)}" if cpu else "  CPU memory available: unknown")
     short = cpu is not None and weights + (0 if device.startswith("cuda") else activations) > cpu
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0]
-        lines.append(f"  {device} memory free: {free / GiB:.1f} GiB")
+        lines.append(f"  {device} memory free: {size(free)}")
         short = short or need > free
     if short and not force:
         raise ReferenceError("\n".join(lines) + "\nnot enough memory for this run: use --dtype bfloat16, another "
                              "--device, or --force to try anyway")
     return "\n".join(lines)
+
+
+def count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
 def available_cpu_memory() -> int | None:
