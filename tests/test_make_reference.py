@@ -239,3 +239,13 @@ def test_transformers_is_imported_only_by_make_reference():
                 if re.match(r"\s*(import|from)\s+transformers\b", line):
                     importers.append((path.name, line.startswith((" ", "\t"))))
     assert importers == [("make_reference.py", True)], importers
+
+
+@pytest.mark.gpu
+def test_round_trip_on_cuda(hf_modules, tmp_path, fixtures_dir, capsys):
+    """The device path: the stand-in recorded on CUDA (TF32 off, CUDA memory in the estimate), parity on CUDA."""
+    checkpoint = standin_checkpoint(tmp_path / "standin_cuda", fixtures_dir)
+    assert record(checkpoint, tmp_path / "ref", "--device", "cuda") == 0
+    assert "cuda memory free" in capsys.readouterr().err
+    code, report = parity_json(checkpoint, tmp_path / "ref", capsys, "--device", "cuda")
+    assert code == 0 and report["ok"], report
