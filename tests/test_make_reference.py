@@ -65,10 +65,11 @@ def parity_json(checkpoint: Path, ref: Path, capsys, *extra: str) -> tuple[int, 
 
 @pytest.fixture(scope="module")
 def recorded(hf_modules, tmp_path_factory, fixtures_dir):
-    """One recording through the unperturbed stand-in: an image + text case and a text-only case."""
+    """One recording through the unperturbed stand-in: an image + text case and a text-only case, in fp32
+    and (--with-bf16) cast to bf16."""
     root = tmp_path_factory.mktemp("standin")
     checkpoint = standin_checkpoint(root / "standin_ok", fixtures_dir)
-    assert record(checkpoint, root / "ref") == 0
+    assert record(checkpoint, root / "ref", "--with-bf16") == 0
     return checkpoint, root / "ref"
 
 
@@ -142,6 +143,20 @@ def test_negative_control_perturbed_reference_fails_parity(hf_modules, tmp_path,
     assert report["cases"]["p01"]["ok"]  # the text-only case has no image rows
 
 
+def test_with_bf16_parity_judges_our_bf16_run(recorded, capsys):
+    """--with-bf16 records the reference's own bf16 error: parity --dtype bfloat16 then applies the bf16 criteria
+    (2x that error on the logits, argmax, greedy tokens) instead of refusing."""
+    checkpoint, ref = recorded
+    observed = json.loads((ref / "reference.json").read_text())["tolerances_observed"]
+    assert 1e-3 < observed["bf16_vs_fp32_logits_a_maxabs"] < 1 and observed["bf16_vs_fp32_image_embeds_a_maxabs"] > 0
+    code, report = parity_json(checkpoint, ref, capsys, "--dtype", "bfloat16")
+    assert code == 0 and report["ok"], report
+    stages = {s["name"]: s for s in report["cases"]["p00"]["stages"]}
+    assert stages["logits"]["tol"] == 2 * observed["bf16_vs_fp32_logits_a_maxabs"]
+    assert stages["logits vs reference bf16"]["max_abs"] == 0.0  # same math in the stand-in: bit for bit
+    assert stages["greedy_tokens"]["ok"]
+
+
 def test_layer_cap_and_bf16_recording(recorded, tmp_path, capsys):
     """--layers 1 records the embeddings and the first layer only; a bf16 recording is shown, not judged,
     except for the exact stages."""
@@ -151,6 +166,8 @@ def test_layer_cap_and_bf16_recording(recorded, tmp_path, capsys):
     tensors = load_file(str(out / "reference.safetensors"))
     assert tensors["hidden_states_p00"].shape[0] == 2 and tensors["gen_tokens_p00"].shape == (1, 3)
     assert json.loads((out / "reference.json").read_text())["dtype"] == "bfloat16"
+    # the reference loaded in bf16 computes what --with-bf16's cast computes
+    assert torch.equal(tensors["logits_p00"], load_file(str(recorded[1] / "reference.safetensors"))["logits_p00_bf16"])
     code, report = parity_json(checkpoint, out, capsys)
     assert code == 0, report
     stages = {s["name"]: s for s in report["cases"]["p00"]["stages"]}

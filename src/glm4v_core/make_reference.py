@@ -54,6 +54,7 @@ VISION_HOOKS = {
     "transformer.vision.linear_proj": "vision_glu_out",
     "transformer.vision": "image_embeds",
 }
+VISION_OUT = "transformer.vision"
 LAYERS = "transformer.encoder.layers"
 FINAL_NORM = "transformer.encoder.final_layernorm"
 ROTARY = "transformer.rotary_pos_emb"
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to record per case (default 16)")
     p.add_argument("--layers", type=int, default=None, metavar="N",
                    help="record the hidden states of the first N decoder layers only (default: all)")
+    p.add_argument("--with-bf16", action="store_true",
+                   help="after the float32 pass, run the reference cast to bfloat16 too and record its logits, image "
+                        "embeddings, greedy tokens and error: then `glm4v parity --dtype bfloat16` judges our bf16 run")
     p.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds what is available")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = make_reference(args.checkpoint, args.out, cases_from_args(args.prompt, args.image),
                              dtype=DTYPES[args.dtype], device=args.device, max_new_tokens=args.max_new_tokens,
-                             layers=args.layers, tokenizer=args.tokenizer, force=args.force, overwrite=args.overwrite)
+                             layers=args.layers, tokenizer=args.tokenizer, force=args.force, overwrite=args.overwrite,
+                             with_bf16=args.with_bf16)
     except (ValueError, FileNotFoundError) as e:
         print(f"glm4v make-reference: error: {e}", file=sys.stderr)
         return 2
@@ -135,7 +140,8 @@ def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
 
 def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.dtype = torch.float32,
                    device: str = "cpu", max_new_tokens: int = 16, layers: int | None = None,
-                   tokenizer: Path | None = None, force: bool = False, overwrite: bool = False) -> Path:
+                   tokenizer: Path | None = None, force: bool = False, overwrite: bool = False,
+                   with_bf16: bool = False) -> Path:
     """Record the reference's outputs for `cases` into the folder `out`; returns `out`."""
     from .cli import resolve_checkpoint, resolve_tokenizer
     from .weights import check_device
@@ -150,6 +156,8 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
         raise ReferenceError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if layers is not None and not 0 <= layers <= config.num_layers:
         raise ReferenceError(f"--layers must be in 0..{config.num_layers} (the checkpoint's decoder layers), got {layers}")
+    if with_bf16 and dtype != torch.float32:
+        raise ReferenceError("--with-bf16 adds a bf16 pass to a float32 recording; drop it or use --dtype float32")
     n_layers = config.num_layers if layers is None else layers
     device = str(check_device(device))
     tok = resolve_tokenizer(tokenizer, checkpoint, config)
@@ -176,6 +184,8 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
                                              "image": str(case.image) if case.image else None,
                                              "desc": f"{'image + text' if case.image else 'text only'}: {case.prompt[:60]}"}
                 meta["generation"][case.name] = tokens
+            if with_bf16:
+                record_bf16(model, cases, inputs, spill, meta, max_new_tokens, device)
         del model
         meta["seconds"] = {"load": round(loaded, 1), "run": round(time.perf_counter() - start - loaded, 1)}
         meta["tensors"] = spill.describe()
@@ -183,12 +193,33 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
         final.mkdir()
         spill.finish(final / "reference.safetensors", {"generator": "glm4v make-reference"})
         (final / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # move the old folder aside first: `out` is always either the old or the new one
+            os.replace(out, work / "old")
         os.replace(final, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def record_bf16(model, cases: list[Case], inputs: dict, spill: SpillWriter, meta: dict, max_new_tokens: int,
+                device: str) -> None:
+    """Cast the reference to bf16 in place (the weights were bf16 in the checkpoint: no new rounding)
+    and record each case again; the largest errors become the recording's `tolerances_observed`."""
+    from .parity import reference_kernels
+    model.to(torch.bfloat16)
+    errors = []
+    with reference_kernels(torch.bfloat16):
+        for case in cases:
+            ids, pixels = inputs[case.name]
+            print(f"reference in bfloat16: case {case.name}", file=sys.stderr)
+            tokens, logits_error, image_error = record_bf16_case(model, case.name, ids, pixels, spill, max_new_tokens,
+                                                                 device)
+            meta["generation"][f"{case.name}_bf16"] = tokens
+            errors.append((logits_error, image_error))
+    # the key names are the fixtures' (their case a); here: the largest over this recording's cases
+    meta["tolerances_observed"] = {"bf16_vs_fp32_logits_a_maxabs": max(e[0] for e in errors),
+                                   "bf16_vs_fp32_image_embeds_a_maxabs": max(e[1] for e in errors),
+                                   "note": "largest over this recording's cases (key names as in the fixtures)"}
 
 
 def prepare_case(case: Case, tokenizer, config: GLM4VConfig, raw_config: dict,
@@ -229,11 +260,7 @@ def load_reference(transformers, checkpoint: Path, dtype: torch.dtype, device: s
 
 def record_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor | None, spill: SpillWriter,
                 n_layers: int, max_new_tokens: int, device: str) -> list[int]:
-    """One prompt through the reference: the prefill under hooks, then greedy decoding with its KV cache.
-
-    Greedy decoding is the reference's own forward with `past_key_values`, one token a step, argmax,
-    EOS stopping off (what its generate(do_sample=False) does, minus stopping); the new token's
-    position is its index in the unspliced token list, as its generation code counts."""
+    """One prompt through the reference: the prefill under hooks, then greedy decoding with its KV cache."""
     ids = input_ids.to(device)
     images = None if pixels is None else pixels.to(device)
     spill.add(f"input_ids_{case}", input_ids)
@@ -247,20 +274,54 @@ def record_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor 
     hooks.check()
     spill.add(f"position_ids_{case}", hooks.position_ids())
     spill.add(f"logits_{case}", out.logits)
-    step_logits = [out.logits[:, -1].float().cpu()]
-    past = out.past_key_values
-    del out
+    tokens, step_logits = greedy(model, out, input_ids.shape[1], max_new_tokens, device)
+    spill.add(f"gen_tokens_{case}", torch.tensor([tokens]))
+    spill.add(f"gen_step_logits_{case}", step_logits)
+    return tokens
+
+
+def greedy(model, prefill, prompt_len: int, max_new_tokens: int, device: str) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens after a prefill output, and each step's logits (1, N, V) in fp32.
+
+    The reference's own forward with `past_key_values`, one token a step, argmax, EOS stopping off
+    (what its generate(do_sample=False) does, minus stopping); the new token's position is its index
+    in the unspliced token list, as its generation code counts."""
+    step_logits = [prefill.logits[:, -1].float().cpu()]
+    past = prefill.past_key_values
     tokens = [int(step_logits[-1].argmax(-1))]
     for k in range(1, max_new_tokens):
-        position = torch.tensor([[input_ids.shape[1] + k - 1]], device=device)
+        position = torch.tensor([[prompt_len + k - 1]], device=device)
         step = model(input_ids=torch.tensor([[tokens[-1]]], device=device), position_ids=position,
                      past_key_values=past, use_cache=True, return_dict=True)
         past = step.past_key_values
         step_logits.append(step.logits[:, -1].float().cpu())
         tokens.append(int(step_logits[-1].argmax(-1)))
-    spill.add(f"gen_tokens_{case}", torch.tensor([tokens]))
-    spill.add(f"gen_step_logits_{case}", torch.stack(step_logits, dim=1))
-    return tokens
+    return tokens, torch.stack(step_logits, dim=1)
+
+
+def record_bf16_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor | None, spill: SpillWriter,
+                     max_new_tokens: int, device: str) -> tuple[list[int], float, float]:
+    """The same prompt through the reference cast to bf16 (after its fp32 pass): its logits, image
+    embeddings and greedy tokens under the fixtures' `*_bf16` names, and its max-abs error against
+    its own fp32 logits and image embeddings (0 when there is no image): the bound parity's bf16
+    criteria are built on."""
+    captured = []
+    vision = model.get_submodule(VISION_OUT)
+    handle = vision.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    try:
+        out = model(input_ids=input_ids.to(device), images=None if pixels is None else pixels.to(device),
+                    use_cache=True, return_dict=True)
+    finally:
+        handle.remove()
+    spill.add(f"logits_{case}_bf16", out.logits)
+    logits_error = (out.logits.float().cpu() - spill.read(f"logits_{case}")).abs().max().item()
+    image_error = 0.0
+    if pixels is not None:
+        spill.add(f"image_embeds_{case}_bf16", captured[0])
+        image_error = (captured[0].float().cpu() - spill.read(f"image_embeds_{case}")).abs().max().item()
+    tokens, _ = greedy(model, out, input_ids.shape[1], max_new_tokens, device)
+    spill.add(f"gen_tokens_{case}_bf16", torch.tensor([tokens]))
+    return tokens, logits_error, image_error
 
 
 class Hooks:
@@ -445,17 +506,17 @@ class SpillWriter:
         with open(path, "ab") as f:
             f.write(t.view(torch.uint8).numpy().tobytes())
 
+    def read(self, name: str) -> torch.Tensor:
+        """A tensor written so far, memory-mapped from its spill file."""
+        dtype, shape, file = self.layout[name]
+        return torch.from_file(str(file), shared=False, size=math.prod(shape), dtype=dtype).view(shape)
+
     def describe(self) -> dict:
         return {name: {"shape": shape, "dtype": str(dtype).removeprefix("torch.")}
                 for name, (dtype, shape, _) in self.layout.items()}
 
     def finish(self, path: Path, metadata: dict[str, str]) -> None:
-        tensors = {}
-        for name, (dtype, shape, file) in self.layout.items():
-            n = math.prod(shape)
-            data = torch.from_file(str(file), shared=False, size=n, dtype=dtype) if n else torch.empty(0, dtype=dtype)
-            tensors[name] = data.view(shape)
-        write_file(path, tensors, metadata)
+        write_file(path, {name: self.read(name) for name in self.layout}, metadata)
 
 
 if __name__ == "__main__":
