@@ -1,7 +1,7 @@
 """`glm4v make-reference`: run a checkpoint's own HF remote code and record what `glm4v parity` compares.
 
     glm4v make-reference --checkpoint DIR --out REF [--prompt TEXT ...] [--image IMG|none ...]
-                         [--dtype float32|bfloat16] [--device DEV] [--max-new-tokens N] [--layers N]
+                         [--dtype float32|bfloat16] [--with-bf16] [--device DEV] [--max-new-tokens N] [--layers N]
 
 The checkpoint folder ships the reference implementation (`modeling_chatglm.py`, `visual.py`, ...,
 named by `auto_map` in its config.json). It is loaded through transformers with
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"glm4v make-reference: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out / 'reference.safetensors'} and {out / 'reference.json'}\n"
+    print(f"wrote {out / 'reference.safetensors'} ({size((out / 'reference.safetensors').stat().st_size)}) and "
+          f"{out / 'reference.json'}\n"
           f"compare: glm4v parity --checkpoint {args.checkpoint} --reference {out / 'reference.safetensors'}")
     return 0
 
@@ -504,7 +505,7 @@ class SpillWriter:
                 raise ReferenceError(f"{name}: entry of shape {list(t.shape)} after entries of shape {shape[1:]}")
             shape[0] += 1
         with open(path, "ab") as f:
-            f.write(t.view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.view(torch.uint8).numpy()))  # no extra copy of a large capture
 
     def read(self, name: str) -> torch.Tensor:
         """A tensor written so far, memory-mapped from its spill file."""
