@@ -108,7 +108,7 @@ def draw_case(ax, report: CaseReport) -> None:
     ax.plot(x, [clip(s.max_rel) for s in stages], "s--", color="tab:orange", ms=3, lw=1, label="max-rel")
     judged = [i for i, s in enumerate(stages) if s.tol is not None]
     ax.hlines([stages[i].tol for i in judged], [i - 0.45 for i in judged], [i + 0.45 for i in judged],
-              color="tab:red", lw=1.5, label="tolerance (on max-abs)")
+              color="tab:red", lw=1.5, label="tolerance on max-abs (none: shown, not judged)")
     bad = [i for i, s in enumerate(stages) if not s.ok]
     ax.plot(bad, [clip(stages[i].max_abs) for i in bad], "x", color="red", ms=10, mew=2.5, label="fails")
     ax.axhline(EXACT_FLOOR, color="grey", lw=0.6, ls=":")
