@@ -164,7 +164,7 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     tok = resolve_tokenizer(tokenizer, checkpoint, config)
     inputs = {c.name: prepare_case(c, tok, config, raw_config, max_new_tokens) for c in cases}
     transformers = import_transformers()  # before the slow part: a missing extra fails fast
-    print(memory_report(checkpoint, config, dtype, device, inputs, force), file=sys.stderr)
+    print(memory_report(checkpoint, config, dtype, device, inputs, force, with_bf16), file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same disk: the rename is atomic
@@ -408,7 +408,7 @@ def rows_to_positions(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- memory
 
 def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, device: str,
-                  inputs: dict, force: bool) -> str:
+                  inputs: dict, force: bool, with_bf16: bool = False) -> str:
     """What the run needs, said before loading; an error if clearly more than the machine has."""
     n_params = sum(math.prod(info.shape) for info in list_tensors(checkpoint).values())
     weights = n_params * dtype.itemsize
@@ -426,6 +426,9 @@ def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, dev
     if dtype == torch.float32:
         lines.append(f"  (--dtype bfloat16 halves the weights to {size(n_params * 2)}; parity shows the errors of a "
                      "bf16 recording but judges fp32 ones)")
+    if device == "cpu" and (dtype == torch.bfloat16 or with_bf16) and n_params > 1e9:
+        lines.append("  warning: bf16 on the CPU runs ATen's own bf16 matmuls (oneDNN off, as bit-exact bf16 parity "
+                     "needs), orders of magnitude slower than fp32 on most CPUs: use --device cuda for bf16")
     cpu = available_cpu_memory()
     # transformers without accelerate builds the model in CPU memory before .to(device)
     lines.append(f"  CPU memory available: {size(cpu)}" if cpu else "  CPU memory available: unknown")
