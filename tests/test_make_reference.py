@@ -29,11 +29,13 @@ PROMPTS = ["What is in this picture?", "Write one line about the sea, please."]
 
 @pytest.fixture(scope="module")
 def hf_modules(tmp_path_factory):
-    """transformers copies remote code into its modules cache: keep it inside the test's temp folder."""
-    import transformers.dynamic_module_utils as dmu
+    """transformers copies remote code into its modules cache: keep it inside the test's temp folder.
+    Everything is local: the hub is never asked (CI may be offline)."""
     cache = tmp_path_factory.mktemp("hf_modules")
     mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("HF_MODULES_CACHE", str(cache))
+    import transformers.dynamic_module_utils as dmu
     mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
     yield cache
     mp.undo()
