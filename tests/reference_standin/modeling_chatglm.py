@@ -139,6 +139,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     config_class = ChatGLMConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True  # as the real class declares (config.json asks for "sdpa"; transformers 5 checks it)
 
     def _init_weights(self, module):
         return  # every weight comes from the checkpoint
@@ -157,6 +158,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.vision = EVA2CLIPModel(config)
+        self.post_init()  # the transformers convention (transformers 5 relies on it)
 
     def forward(self, input_ids=None, images=None, position_ids=None, attention_mask=None,
                 full_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
@@ -189,6 +191,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.transformer = ChatGLMModel(config)
+        self.post_init()
 
     def forward(self, input_ids=None, images=None, position_ids=None, attention_mask=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
