@@ -19,7 +19,8 @@ from glm4v_core import cli, make_reference, parity
 from glm4v_core.chat import build_inputs
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.image import load_image
-from glm4v_core.make_reference import Case, ReferenceError, SpillWriter, cases_from_args, rows_to_positions
+from glm4v_core.make_reference import Case, ReferenceError, cases_from_args
+from glm4v_core.reference_capture import SpillWriter, rows_to_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).parent / "reference_standin"
@@ -248,7 +249,7 @@ def test_transformers_is_imported_only_by_make_reference():
     """Importing every glm4v module (make_reference included) does not import transformers; only
     make_reference.py mentions it in an import, and only inside a function."""
     code = ("import sys, glm4v_core, glm4v_core.cli, glm4v_core.parity, glm4v_core.parity_report, "
-            "glm4v_core.make_reference, glm4v_core.generate, glm4v_kernels, glm4v_conversion, glm4v_conversion.cli; "
+            "glm4v_core.make_reference, glm4v_core.reference_capture, glm4v_core.generate, glm4v_kernels, glm4v_conversion, glm4v_conversion.cli; "
             "assert 'transformers' not in sys.modules, 'transformers imported'; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
