@@ -206,6 +206,18 @@ def test_remote_code_without_the_expected_modules_is_named_and_leaves_nothing(hf
     assert not (tmp_path / "ref").exists() and not list(tmp_path.glob(".ref.*"))
 
 
+def test_remote_code_that_skips_a_hooked_module_is_named(hf_modules, tmp_path, fixtures_dir, capsys):
+    """A forward that never runs a hooked module (here the final norm) would leave a stage unrecorded: refused."""
+    def skip_final_norm(name, text):
+        old = "return self.final_layernorm(hidden_states), presents, all_hidden, None"
+        assert name != "modeling_chatglm.py" or old in text
+        return text.replace(old, "return hidden_states, presents, all_hidden, None")
+    checkpoint = standin_checkpoint(tmp_path / "standin_no_final_norm", fixtures_dir, skip_final_norm)
+    assert record(checkpoint, tmp_path / "ref") == 2
+    assert "did not run module(s) ['transformer.encoder.final_layernorm']" in capsys.readouterr().err
+    assert not (tmp_path / "ref").exists()
+
+
 def test_memory_estimate_refuses_before_loading_unless_forced(recorded, tmp_path, monkeypatch, capsys):
     checkpoint, _ = recorded
     monkeypatch.setattr(make_reference, "available_cpu_memory", lambda: 1024)
