@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .config_check import ConfigError, check_config
+from .files import read_text
 from .names import HF_IGNORED_BUFFERS, hf_to_native, is_hf_name, native_to_hf
 from .safetensors_io import CheckpointError, TensorInfo, list_tensors
 
@@ -97,16 +99,20 @@ def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a plain dict (the converter never interprets more than the sizes)."""
+    """config.json as a plain dict, checked by the same validator the loader uses (so the converter
+    never writes a folder the loader refuses); returned unchanged, as the file holds it."""
     path = folder / CONFIG_FILE
+    if not (path.exists() or path.is_symlink()):
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config")
+    text = read_text(path, "config file", CheckpointError)
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object")
+    try:
+        check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config
 
 
@@ -127,11 +133,12 @@ def _check_one_dtype(ckpt: Checkpoint) -> None:
 
 def _read_provenance(folder: Path) -> dict[str, Any] | None:
     path = folder / PROVENANCE_FILE
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None  # a native folder written by other means: names alone identify it
+    text = read_text(path, "provenance file", CheckpointError)
     try:
-        provenance = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        provenance = json.loads(text)
+    except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(provenance, dict) or provenance.get("format") != NATIVE_FORMAT:
         raise CheckpointError(f"{path}: not a {NATIVE_FORMAT} provenance file")

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from .config_check import ConfigError
 from .convert import ConversionError, convert
 from .safetensors_io import CheckpointError
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _print_warning
             result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
                              max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConversionError, OSError) as e:
+    except (CheckpointError, ConfigError, ConversionError, OSError) as e:
         print(f"glm4v-convert: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
