@@ -99,5 +99,5 @@ def human_size(n: float) -> str:
     for unit in ("kB", "MB", "GB", "TB"):
         n /= 1000
         if n < 999.5 or unit == "TB":
-            return f"{n:.3g} {unit}" if n < 100 else f"{n:.0f} {unit}"
+            return f"{n:.{2 if n < 9.995 else 1 if n < 99.95 else 0}f} {unit}"
     raise AssertionError("unreachable")

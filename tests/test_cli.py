@@ -99,7 +99,7 @@ def test_chat_runs_the_model(capsys, monkeypatch):
 def test_parity_subcommand_forwards_its_arguments(monkeypatch):
     from glm4v_core import parity
     seen = []
-    monkeypatch.setattr(parity, "main", lambda argv=None: seen.append(argv) or 7)
+    monkeypatch.setattr(parity, "main", lambda argv=None, prog=None: seen.append(argv) or 7)
     assert cli.main(["parity", "--dtype", "bfloat16", "--json"]) == 7
     assert seen == [["--dtype", "bfloat16", "--json"]]
 
