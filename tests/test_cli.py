@@ -119,7 +119,7 @@ def test_unreadable_image(capsys, tmp_path, no_model_load):
     rc, _, err = run(capsys, ["generate", "--image", str(bad), "hi"])
     assert rc == 1 and "glm4v: error:" in err and "broken.png" in err
     rc, _, err = run(capsys, ["generate", "--image", str(tmp_path / "missing.jpg"), "hi"])
-    assert rc == 1 and "does not exist" in err
+    assert rc == 1 and "missing.jpg not found" in err
 
 
 def test_empty_prompt(capsys, no_model_load):
