@@ -59,9 +59,10 @@ def destination_lock(dst: Path) -> Iterator[None]:
     created: list[Path] = []
     try:
         try:
+            _check_writable_file_system(dst)
             created += _make_parents(dst.parent)
             fd = _take_lock(lock, dst)
-        except OSError as e:  # a read-only or virtual file system, or no permission: not "no space"
+        except OSError as e:  # a read-only file system or no permission: not "no space"
             raise ConversionError(f"cannot write {dst}: {e.filename or dst.parent} {os_reason(e)}") from None
         try:
             _remove_leftovers(dst)
@@ -76,6 +77,21 @@ def destination_lock(dst: Path) -> Iterator[None]:
             except OSError:
                 break
         raise
+
+
+def _check_writable_file_system(dst: Path) -> None:
+    """Name a read-only or virtual (/proc, /sys: no storage blocks) file system before trying to write."""
+    place = dst.parent
+    while not place.exists():
+        place = place.parent
+    if not hasattr(os, "statvfs"):
+        return
+    fs = os.statvfs(place)
+    if fs.f_flag & getattr(os, "ST_RDONLY", 1):
+        raise ConversionError(f"cannot write {dst}: {place} is on a read-only file system")
+    if fs.f_blocks == 0:
+        raise ConversionError(f"cannot write {dst}: {place} is on a virtual file system with no storage "
+                              "(such as /proc or /sys)")
 
 
 def _make_parents(folder: Path) -> list[Path]:
