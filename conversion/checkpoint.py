@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config_check import ConfigError, check_config
-from .files import read_text
+from .files import check_folder, read_text
 from .names import HF_IGNORED_BUFFERS, hf_to_native, is_hf_name, native_to_hf
 from .safetensors_io import CheckpointError, TensorInfo, list_tensors
 
@@ -101,6 +101,7 @@ def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], config
 def read_config(folder: Path) -> dict[str, Any]:
     """config.json as a plain dict, checked by the same validator the loader uses (so the converter
     never writes a folder the loader refuses); returned unchanged, as the file holds it."""
+    check_folder(folder, "checkpoint folder", CheckpointError)
     path = folder / CONFIG_FILE
     if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config")
@@ -145,4 +146,36 @@ def _read_provenance(folder: Path) -> dict[str, Any] | None:
     if provenance.get("format_version") != NATIVE_FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {provenance.get('format_version')!r}; this version of "
                               f"glm4v-core reads version {NATIVE_FORMAT_VERSION}")
+    _check_provenance_types(provenance, path)
     return provenance
+
+
+def _check_provenance_types(provenance: dict, path: Path) -> None:
+    """The fields `--to hf` reads have the types it expects (an edited file is named, not a traceback)."""
+    def require(ok: bool, key: str, want: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: {key} must be {want}")
+
+    def str_map(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    require(isinstance(provenance.get("dtype", ""), str), "dtype", "a string")
+    source = provenance.get("source", {})
+    require(isinstance(source, dict), "source", "an object")
+    require(isinstance(source.get("dtype", ""), str), "source.dtype", "a string")
+    require(isinstance(source.get("index", True), bool), "source.index", "true or false")
+    require(source.get("weight_map") is None or str_map(source["weight_map"]), "source.weight_map",
+            "an object mapping tensor names to file names")
+    files = source.get("files", {})
+    require(isinstance(files, dict), "source.files", "an object")
+    for name, record in files.items():
+        require(isinstance(record, dict) and isinstance(record.get("sha256", ""), str)
+                and str_map(record.get("metadata", {})), f"source.files.{name}",
+                "an object with a sha256 string and a metadata object of strings")
+    buffers = source.get("buffers", {})
+    require(isinstance(buffers, dict), "source.buffers", "an object")
+    for name, record in buffers.items():
+        require(isinstance(record, dict) and isinstance(record.get("dtype"), str) and isinstance(record.get("base64"), str)
+                and isinstance(record.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record["shape"]),
+                f"source.buffers.{name}", "an object with dtype, shape (a list of sizes) and base64")

@@ -243,7 +243,15 @@ def _recorded_buffer(record: dict | None, dtype: torch.dtype) -> torch.Tensor | 
     """A buffer glm4v_native.json stored byte for byte (e.g. inv_freq), if stored in `dtype`."""
     if not isinstance(record, dict) or DTYPES.get(record.get("dtype")) != dtype:
         return None
-    raw = bytearray(base64.b64decode(record["base64"]))
+    try:
+        raw = bytearray(base64.b64decode(record["base64"], validate=True))
+    except ValueError as e:
+        raise CheckpointError(f"{PROVENANCE_FILE}: a recorded buffer's base64 is invalid ({e})") from None
+    if len(raw) != tensor_nbytes(tuple(record["shape"]), dtype):
+        raise CheckpointError(f"{PROVENANCE_FILE}: a recorded buffer holds {len(raw)} bytes, shape {record['shape']} "
+                              f"{dtype_name(dtype)} needs {tensor_nbytes(tuple(record['shape']), dtype)}")
+    if not raw:  # frombuffer refuses an empty buffer
+        return torch.empty(record["shape"], dtype=dtype)
     return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(record["shape"]).clone()
 
 

@@ -9,6 +9,7 @@ import struct
 import tracemalloc
 
 import pytest
+import torch
 
 from glm4v_conversion.config_check import ConfigError, check_config
 from glm4v_conversion.convert import convert
@@ -186,3 +187,48 @@ def test_config_dataclasses_and_validator_agree_on_the_keys(tiny_config):
     text = {GLM4VConfig._HF_NAMES.get(f.name, f.name) for f in dataclasses.fields(GLM4VConfig)}
     vision = {VisionConfig._HF_NAMES.get(f.name, f.name) for f in dataclasses.fields(VisionConfig)}
     assert text == set(TEXT_KEYS) and vision == set(VISION_KEYS)
+
+
+# --- provenance (glm4v_native.json) edited by hand ------------------------------------------------------
+
+def _edit(change):
+    def apply(record):
+        change(record)
+        return record
+    return apply
+
+
+BAD_PROVENANCE = {
+    "source not an object": _edit(lambda r: r.update(source=[1])),
+    "source.files not an object": _edit(lambda r: r["source"].update(files=[1])),
+    "a file record not an object": _edit(lambda r: r["source"]["files"].update({"model-00001-of-00002.safetensors": 5})),
+    "metadata values not strings": _edit(lambda r: r["source"]["files"]["model-00001-of-00002.safetensors"].update(
+        metadata={"format": 1})),
+    "weight_map values not strings": _edit(lambda r: r["source"].update(weight_map={"a": 1})),
+    "buffers not an object": _edit(lambda r: r["source"].update(buffers="x")),
+    "buffer base64 not base64": _edit(lambda r: next(iter(r["source"]["buffers"].values())).update(base64="@@@")),
+    "buffer of the wrong size": _edit(lambda r: next(iter(r["source"]["buffers"].values())).update(shape=[3])),
+    "buffer shape not sizes": _edit(lambda r: next(iter(r["source"]["buffers"].values())).update(shape=["a"])),
+    "index not a boolean": _edit(lambda r: r["source"].update(index="yes")),
+    "dtype not a string": _edit(lambda r: r.update(dtype=16)),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROVENANCE)
+def test_edited_provenance_is_a_named_error(fixtures_dir, tmp_path, case):
+    convert(fixtures_dir / "tiny", tmp_path / "native")
+    path = tmp_path / "native" / "glm4v_native.json"
+    path.write_text(json.dumps(BAD_PROVENANCE[case](json.loads(path.read_text()))))
+    with pytest.raises(CheckpointError, match="glm4v_native.json"):
+        convert(tmp_path / "native", tmp_path / "hf", to="hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float64", torch.int8, "bf16", 16, None])
+def test_load_model_refuses_unknown_dtypes_by_name(fixtures_dir, dtype):
+    with pytest.raises(CheckpointError, match="model dtype must be one of"):
+        load_model(fixtures_dir / "tiny", dtype=dtype)
+
+
+def test_load_model_accepts_dtype_names(fixtures_dir):
+    assert load_model(fixtures_dir / "tiny", dtype="bfloat16").dtype == torch.bfloat16

@@ -132,6 +132,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.temperature <= 0 and args.do_sample:
         raise CLIError(f"--temperature must be > 0 with --do-sample, got {args.temperature} "
                        "(leave out --do-sample for greedy decoding)")
+    if any(not text for text in args.stop):
+        raise CLIError("--stop needs a non-empty text")
     if args.device is not None:
         check_device(args.device)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint
+from glm4v_conversion.files import check_folder
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
@@ -63,13 +64,27 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32/bfloat16/float16 or their names; anything else is a named CheckpointError."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    raise CheckpointError(f"model dtype must be one of {list(MODEL_DTYPES)} (a torch.dtype or its name), got {dtype!r}")
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
-    Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
-    ValueErrors whose message names the file and tensor at fault."""
+    Raises CheckpointError (files, names, shapes, dtypes), ConfigError (config.json) or DeviceError,
+    all ValueErrors whose message names the file, tensor or argument at fault."""
     device = check_device(device)
+    dtype = check_dtype(dtype)
     folder = Path(path)
+    check_folder(folder, "checkpoint folder", CheckpointError)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
     model = build_meta_model(config)
