@@ -177,7 +177,7 @@ def test_bad_device(capsys, no_model_load, device, message):
 
 def test_empty_stop_string(capsys, no_model_load):
     rc, _, err = run(capsys, ["generate", "--stop", "", "hi"])
-    assert rc == 1 and "stop_strings" in err
+    assert rc == 1 and "--stop needs a non-empty text" in err
 
 
 def test_chat_turn_error_keeps_the_session(capsys, monkeypatch):
