@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config_check import ConfigError, check_config
-from .files import check_folder, read_text
+from .files import check_folder, parse_json, read_text
 from .names import HF_IGNORED_BUFFERS, hf_to_native, is_hf_name, native_to_hf
 from .safetensors_io import CheckpointError, TensorInfo, list_tensors
 
@@ -105,11 +105,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not (path.exists() or path.is_symlink()):
         raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config")
-    text = read_text(path, "config file", CheckpointError)
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    config = parse_json(read_text(path, "config file", CheckpointError), path, CheckpointError)
     try:
         check_config(config)
     except ConfigError as e:
@@ -136,11 +132,7 @@ def _read_provenance(folder: Path) -> dict[str, Any] | None:
     path = folder / PROVENANCE_FILE
     if not (path.exists() or path.is_symlink()):
         return None  # a native folder written by other means: names alone identify it
-    text = read_text(path, "provenance file", CheckpointError)
-    try:
-        provenance = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    provenance = parse_json(read_text(path, "provenance file", CheckpointError), path, CheckpointError)
     if not isinstance(provenance, dict) or provenance.get("format") != NATIVE_FORMAT:
         raise CheckpointError(f"{path}: not a {NATIVE_FORMAT} provenance file")
     if provenance.get("format_version") != NATIVE_FORMAT_VERSION:

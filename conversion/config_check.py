@@ -30,6 +30,7 @@ VISION_KEYS = {
     "layer_norm_eps": "float", "image_size": "int", "patch_size": "int", "in_channels": "int",
     "num_positions": "int", "scaling_factor": "float",
 }
+MAX_SIZE = 2**31 - 1  # larger sizes overflow torch's layer constructors long before they could be real
 DEFAULTS = {"rope_ratio": 1.0}  # the real glm-4v-9b config.json has no rope_ratio
 # HF keys that carry no information for the forward pass (bookkeeping, training-only dropout).
 IGNORED_KEYS = {
@@ -85,16 +86,14 @@ def _check_keys(raw: dict, where: str, keys: dict[str, str], fixed: dict, defaul
 
 
 def _check_values(hf: dict, v: dict) -> None:
-    positive = [f"config: {k}" for k in ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                                         "multi_query_group_num", "kv_channels", "ffn_hidden_size", "seq_length")
-                if hf[k] <= 0]
-    positive += [f"vision_config: {k}" for k in ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
-                                                 "image_size", "patch_size", "in_channels", "num_positions")
-                 if v[k] <= 0]
-    if positive:
-        where, key = positive[0].split(": ")
-        value = hf[key] if where == "config" else v[key]
-        raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+    sizes = [("config", hf, ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                             "multi_query_group_num", "kv_channels", "ffn_hidden_size", "seq_length")),
+             ("vision_config", v, ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
+                                   "image_size", "patch_size", "in_channels", "num_positions"))]
+    for where, raw, keys in sizes:
+        for key in keys:
+            if not 0 < raw[key] <= MAX_SIZE:
+                raise ConfigError(f"{where}: {key} must be a positive integer below 2**31, got {raw[key]!r}")
     for where, key, value in (("config", "layernorm_epsilon", hf["layernorm_epsilon"]),
                               ("vision_config", "layer_norm_eps", v["layer_norm_eps"]),
                               ("config", "rope_ratio", hf["rope_ratio"]),

@@ -10,6 +10,7 @@ subclass), with the path and what was expected in the message.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -90,6 +91,24 @@ def read_text(path: str | Path, what: str, error: type[Exception]) -> str:
         return read_bytes(path, what, error).decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{what} {path} is not UTF-8 text ({e})") from None
+
+
+def parse_json(text: str | bytes, where: str | Path, error: type[Exception]):
+    """json.loads that names the file on any defect: bad syntax, nesting too deep for the parser,
+    or a key given twice in one object (JSON parsers disagree on which one wins, so we refuse)."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise error(f"{where}: key {twice!r} appears twice in one JSON object")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply to parse") from None
 
 
 def human_size(n: float) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .files import check_folder, check_regular_file, open_regular, read_text
+from .files import check_folder, check_regular_file, open_regular, parse_json, read_text
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -75,15 +75,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {header_len} header "
                                   f"bytes, file has {size}; the format allows at most {MAX_HEADER_BYTES})")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header = parse_json(raw, f"{path}: corrupt safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + header_len
     data_size = size - data_start
     tensors = {}
@@ -143,10 +140,10 @@ def read_index(folder: Path) -> dict[str, str] | None:
     index_path = folder / INDEX_FILE
     if not (index_path.exists() or index_path.is_symlink()):
         return None
-    text = read_text(index_path, "index file", CheckpointError)
+    index = parse_json(read_text(index_path, "index file", CheckpointError), index_path, CheckpointError)
     try:
-        weight_map = json.loads(text)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        weight_map = index["weight_map"]
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: malformed index ({e!r})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: malformed index ('weight_map' must map names to file names)")

@@ -51,6 +51,10 @@ BAD_HEADERS = {
     "unknown dtype": (entry(dtype="F8_E4M3"), {}, "does not support"),
     "dtype not a string": (entry(dtype=7), {}, "dtype must be a string"),
     "two tensors on the same bytes": ({"a": GOOD["a"], "b": {**GOOD["a"]}}, {}, "share bytes"),
+    "metadata values not strings": ({**GOOD, "__metadata__": {"format": 1}}, {}, "__metadata__ must map"),
+    "tensor named twice": (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+                           b'"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}', {}, "'a' appears twice"),
+    "header nested too deeply": (b"[" * 100_000 + b"]" * 100_000, {}, "nested too deeply"),
     "two tensors overlapping": ({"a": GOOD["a"], "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, {},
                                 "share bytes"),
 }
@@ -110,15 +114,15 @@ def _t(**change):
 
 
 BAD_CONFIGS = {
-    "hidden_size 0": (_t(hidden_size=0), "hidden_size must be a positive integer"),
-    "num_layers -1": (_t(num_layers=-1), "num_layers must be a positive integer"),
-    "padded_vocab_size 0": (_t(padded_vocab_size=0), "padded_vocab_size must be a positive integer"),
-    "seq_length 0": (_t(seq_length=0), "seq_length must be a positive integer"),
-    "kv groups 0": (_t(multi_query_group_num=0), "multi_query_group_num must be a positive integer"),
+    "hidden_size 0": (_t(hidden_size=0), "hidden_size must be a positive integer below 2"),
+    "num_layers -1": (_t(num_layers=-1), "num_layers must be a positive integer below 2"),
+    "padded_vocab_size 0": (_t(padded_vocab_size=0), "padded_vocab_size must be a positive integer below 2"),
+    "seq_length 0": (_t(seq_length=0), "seq_length must be a positive integer below 2"),
+    "kv groups 0": (_t(multi_query_group_num=0), "multi_query_group_num must be a positive integer below 2"),
     "heads not divisible by groups": (_t(multi_query_group_num=3), "not a multiple of multi_query_group_num"),
     "kv_channels not a multiple of 4": (_t(kv_channels=30), "multiple of 4"),
     "vision hidden not divisible by heads": (_v(num_heads=3), "not a multiple of num_heads"),
-    "vision heads 0": (_v(num_heads=0), "num_heads must be a positive integer"),
+    "vision heads 0": (_v(num_heads=0), "num_heads must be a positive integer below 2"),
     "epsilon 0": (_t(layernorm_epsilon=0), "layernorm_epsilon must be a finite number > 0"),
     "epsilon negative": (_t(layernorm_epsilon=-1e-5), "layernorm_epsilon must be a finite number > 0"),
     "epsilon NaN": (_t(layernorm_epsilon=math.nan), "layernorm_epsilon must be a finite number > 0"),
@@ -142,6 +146,8 @@ BAD_CONFIGS = {
     "unsupported switch": (_t(rmsnorm=False), "rmsnorm=False is not supported"),
     "vision_config missing": (lambda c: {k: v for k, v in c.items() if k != "vision_config"}, "vision_config"),
     "vision_config not an object": (_t(vision_config=[1]), "vision_config"),
+    "size past 2**31": (_t(ffn_hidden_size=2**40), "ffn_hidden_size must be a positive integer below 2"),
+    "vocabulary past 2**31": (_t(padded_vocab_size=10**30), "padded_vocab_size must be a positive integer below 2"),
     "missing key": (lambda c: {k: v for k, v in c.items() if k != "kv_channels"}, "missing required key 'kv_channels'"),
 }
 
@@ -232,3 +238,25 @@ def test_load_model_refuses_unknown_dtypes_by_name(fixtures_dir, dtype):
 
 def test_load_model_accepts_dtype_names(fixtures_dir):
     assert load_model(fixtures_dir / "tiny", dtype="bfloat16").dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("text,words", [
+    ('{"hidden_size": 1, "hidden_size": 2}', "'hidden_size' appears twice"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("{not json", "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+])
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json", "glm4v_native.json"])
+def test_json_files_that_cannot_be_read_unambiguously(fixtures_dir, tmp_path, text, words, file):
+    if file == "glm4v_native.json":
+        convert(fixtures_dir / "tiny", tmp_path / "ckpt")
+        folder = tmp_path / "ckpt"
+    else:
+        folder = linked_copy(fixtures_dir / "tiny", tmp_path / "ckpt")
+        (folder / file).unlink()
+    (folder / file).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises((ConfigError, CheckpointError), match=f"{file}.*{words}"):
+        load_model(folder)
+    if file != "glm4v_native.json":  # the converter reads the HF folder's JSON files
+        with pytest.raises((ConfigError, CheckpointError), match=f"{file}.*{words}"):
+            convert(folder, tmp_path / "out")

@@ -8,13 +8,12 @@ This module does not import torch.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from glm4v_conversion.config_check import FIXED_TEXT, FIXED_VISION, ConfigError, check_config
-from glm4v_conversion.files import read_text
+from glm4v_conversion.files import parse_json, read_text
 
 __all__ = ["ConfigError", "GLM4VConfig", "VisionConfig"]
 
@@ -91,11 +90,7 @@ class GLM4VConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "GLM4VConfig":
         path = Path(path)
-        text = read_text(path, "config file", ConfigError)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        data = parse_json(read_text(path, "config file", ConfigError), path, ConfigError)
         try:
             return cls.from_hf(data)
         except ConfigError as e:

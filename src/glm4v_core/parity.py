@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from glm4v_conversion import __version__
-from glm4v_conversion.files import check_folder, read_text
+from glm4v_conversion.files import check_folder, parse_json, read_text
 from glm4v_conversion.safetensors_io import MappedFiles, read_header
 from glm4v_conversion.streams import quiet_broken_pipe
 
@@ -297,10 +297,8 @@ def check_reference(ref_path: Path, config: GLM4VConfig) -> None:
     infos, _ = read_header(ref_path)  # regular file, valid header (else a CheckpointError naming it)
     meta_path = ref_path.with_suffix(".json")
     if meta_path.exists() or meta_path.is_symlink():
-        try:
-            meta = json.loads(read_text(meta_path, "reference metadata", ReferenceFileError))
-        except json.JSONDecodeError as e:
-            raise ReferenceFileError(f"{meta_path}: not valid JSON ({e})") from None
+        meta = parse_json(read_text(meta_path, "reference metadata", ReferenceFileError), meta_path,
+                          ReferenceFileError)
         if not isinstance(meta, dict):
             raise ReferenceFileError(f"{meta_path}: must hold a JSON object")
     cases = reference_cases(infos)
