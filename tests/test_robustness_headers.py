@@ -260,3 +260,15 @@ def test_json_files_that_cannot_be_read_unambiguously(fixtures_dir, tmp_path, te
     if file != "glm4v_native.json":  # the converter reads the HF folder's JSON files
         with pytest.raises((ConfigError, CheckpointError), match=f"{file}.*{words}"):
             convert(folder, tmp_path / "out")
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_index_naming_a_file_outside_the_folder_is_refused(fixtures_dir, tmp_path, shard):
+    folder = linked_copy(fixtures_dir / "tiny", tmp_path / "ckpt")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = shard
+    index_path.unlink()
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"names shard {shard!r}; shards are file names inside"):
+        load_model(folder)
