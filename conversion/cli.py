@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from . import __version__
-from .files import human_size
+from .files import human_size, os_reason
 from .streams import WriteCounter, quiet_broken_pipe
 from .config_check import ConfigError
 from .convert import ConversionError, convert
@@ -81,8 +81,12 @@ def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
             warnings.showwarning = _print_warning
             result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
                              max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ConversionError, OSError) as e:
+    except (CheckpointError, ConfigError, ConversionError) as e:
         print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # while writing: ENOSPC, EIO, a quota...; the unfinished output was removed
+        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)

@@ -136,6 +136,8 @@ def _real_destination(dst: Path, force: bool) -> Path:
 
 
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
+    if dst.name in ("", ".", ".."):
+        raise ConversionError(f"DST must name the folder to create, got {str(dst)!r}")
     s, d = Path(os.path.realpath(src)), Path(os.path.realpath(dst))  # realpath: no error on a link loop
     if d == s or s in d.parents or d in s.parents:
         raise ConversionError(f"{dst}: the destination must not be SRC ({src}), inside it, or contain it")

@@ -135,3 +135,24 @@ def test_package_names_still_resolve_in_any_import_order():
             "assert g is generate\n"
             "assert 'torch' in __import__('sys').modules")
     _modules_after(code)
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left on the device"), (errno.EIO, "Input/output error"),
+                                        (errno.EDQUOT, "disk quota exceeded")])
+def test_write_error_midway_is_one_line_and_leaves_nothing(fixtures_dir, tmp_path, monkeypatch, capsys, code, words):
+    def failing_write(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+    monkeypatch.setattr(convert_module, "write_file", failing_write)
+    assert convert_cli.main([str(fixtures_dir / "tiny"), str(tmp_path / "native"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "was not written" in err and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dst", [".", "..", ""])
+def test_destination_must_name_a_folder(fixtures_dir, tmp_path, monkeypatch, dst):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")  # looks like a checkpoint: --force must still not replace it
+    with pytest.raises(ConversionError, match="DST must name the folder"):
+        convert(fixtures_dir / "tiny", dst, force=True)
+    assert os.listdir(tmp_path) == ["config.json"]
