@@ -77,8 +77,17 @@ def open_regular(path: str | Path, what: str, error: type[Exception]) -> BinaryI
         raise
 
 
+# Config, index and provenance JSON and tokenizer vocabularies are kilobytes to a few MB: a bigger
+# file is the wrong file (a weight shard passed as --tokenizer), refused before it is read into memory.
+MAX_SMALL_FILE_BYTES = 256 * 10**6
+
+
 def read_bytes(path: str | Path, what: str, error: type[Exception]) -> bytes:
     with open_regular(path, what, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_SMALL_FILE_BYTES:
+            raise error(f"{what} {path} is {human_size(size)}, more than such a file can be "
+                        f"({human_size(MAX_SMALL_FILE_BYTES)} at most): is it the right file?")
         try:
             return f.read()
         except OSError as e:

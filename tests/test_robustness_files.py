@@ -135,3 +135,15 @@ def test_force_refuses_a_destination_that_is_a_special_file(fixtures_dir, tmp_pa
     make_special(dst, kind)
     with deadline(), pytest.raises(ConversionError, match="not a checkpoint folder"):
         convert(fixtures_dir / "tiny", dst, force=True)
+
+
+def test_a_huge_file_where_a_small_one_is_expected_is_not_read(tmp_path, monkeypatch):
+    import glm4v_conversion.files as files
+    monkeypatch.setattr(files, "MAX_SMALL_FILE_BYTES", 1000)
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(bytes(5000))
+    with pytest.raises(TokenizerError, match=r"tokenizer vocabulary .*model.safetensors is 5.00 kB, more than"):
+        Tokenizer.from_file(big)
+    (tmp_path / "config.json").write_bytes(b" " * 5000)
+    with pytest.raises(ConfigError, match="config.json is 5.00 kB"):
+        load_model(tmp_path)
