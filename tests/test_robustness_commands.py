@@ -232,3 +232,17 @@ def test_json_output_is_strict(capsys, monkeypatch):
     out = json.loads(capsys.readouterr().out, parse_constant=no_constants)
     stage = out["cases"]["a"]["stages"][0]
     assert (stage["max_abs"], stage["max_rel"], out["cases"]["a"]["logits_max_abs"]) == ("inf", "nan", "inf")
+
+
+@pytest.mark.gpu
+def test_cuda_index_past_the_last_gpu_is_named(capsys, no_model_load):
+    import torch
+    device = f"cuda:{torch.cuda.device_count()}"
+    rc, _, err = run(capsys, ["generate", "--device", device, "hi"])
+    assert rc == 1 and f"only {torch.cuda.device_count()} CUDA device(s) exist" in err, err
+
+
+@pytest.mark.gpu
+def test_parity_json_on_cuda_is_strict(capsys):
+    assert parity.main(["--device", "cuda", "--json"]) == 0
+    json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"non-standard constant {name}"))
