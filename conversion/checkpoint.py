@@ -8,7 +8,6 @@ converter both go through these two functions.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path

@@ -3,7 +3,6 @@ output; the leftovers of a SIGKILLed run are removed (and reported) by the next 
 destination; a second conversion to a destination being written is refused, naming the writer."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
