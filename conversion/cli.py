@@ -115,7 +115,8 @@ def stop_signals() -> Iterator[None]:
             signal.signal(s, signal.SIG_IGN)
         raise Stopped(signum)
 
-    names = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    names = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if s is not None and signal.getsignal(s) is not signal.SIG_IGN]  # under nohup, SIGHUP stays ignored
     saved = {s: signal.signal(s, stop) for s in names}
     try:
         yield

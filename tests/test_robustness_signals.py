@@ -33,9 +33,10 @@ SLOW_CONVERT = textwrap.dedent("""
 """)
 
 
-def start_slow_convert(src: Path, dst: Path, marker: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst), str(marker)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_slow_convert(src: Path, dst: Path, marker: Path, ignore_hup: bool = False) -> subprocess.Popen:
+    argv = [sys.executable, "-c", SLOW_CONVERT, str(src), str(dst), str(marker)]
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup else None  # as nohup does
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
     end = time.monotonic() + 60
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > end:
@@ -65,6 +66,19 @@ def test_signal_mid_conversion_leaves_nothing(fixtures_dir, tmp_path, sig, code,
     assert proc.returncode == code and words in err and "was not written" in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()  # staging folder, lock and the folder made for them: all gone
+
+
+def test_sighup_stays_ignored_under_nohup(fixtures_dir, tmp_path):
+    dst = tmp_path / "native"
+    proc = start_slow_convert(fixtures_dir / "tiny", dst, tmp_path / "marker", ignore_hup=True)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)  # still running: the hangup was ignored, as nohup asked
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 143 and hidden(tmp_path) == []
 
 
 def test_leftovers_of_a_killed_run_are_removed_by_the_next(fixtures_dir, tmp_path):
