@@ -147,3 +147,14 @@ def test_a_huge_file_where_a_small_one_is_expected_is_not_read(tmp_path, monkeyp
     (tmp_path / "config.json").write_bytes(b" " * 5000)
     with pytest.raises(ConfigError, match="config.json is 5.00 kB"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "symlink_loop"])
+def test_checkpoint_tokenizer_that_is_not_a_file_is_named_not_skipped(tiny, capsys, kind):
+    """The CLI must not fall back to the bundled vocabulary when the checkpoint's own tokenizer.model is unusable."""
+    from glm4v_core import cli
+    make_special(tiny / "tokenizer.model", kind)
+    with deadline():
+        rc = cli.main(["generate", "--checkpoint", str(tiny), "hi"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "tokenizer.model" in err and SPECIAL_KINDS[kind] in err, err

@@ -226,8 +226,8 @@ def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig) 
     """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit."""
     if path is not None:
         tokenizer = Tokenizer.from_file(path)
-    elif (checkpoint / "tokenizer.model").is_file():
-        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    elif (checkpoint / "tokenizer.model").exists() or (checkpoint / "tokenizer.model").is_symlink():
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)  # a FIFO or folder there is named, not skipped
     elif BUNDLED_VOCABULARY.is_file():
         tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id)
     else:
