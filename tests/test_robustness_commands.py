@@ -199,7 +199,28 @@ def _broken_json(tmp_path, fixtures_dir):
     return tmp_path / "reference.safetensors"
 
 
+def _edited_reference(**changes):
+    """The tiny reference with some tensors replaced (a reference made with other inputs or sizes)."""
+    def make(tmp_path, fixtures_dir):
+        from safetensors.torch import load_file, save_file
+        ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+        ref.update({k: f(ref[k]).contiguous() for k, f in changes.items()})
+        save_file(ref, tmp_path / "reference.safetensors")
+        return tmp_path / "reference.safetensors"
+    return make
+
+
 REFERENCES = {
+    "negative token id": (_edited_reference(input_ids_b=lambda t: t - 10_000), "tiny", "holds token id -"),
+    "token id past the vocabulary": (_edited_reference(input_ids_b=lambda t: t + 10_000), "tiny", "outside this"),
+    "four-channel pixels": (_edited_reference(pixel_values_a=lambda t: t.repeat(1, 2, 1, 1)[:, :4]), "tiny",
+                            "vision_config.in_channels is 3"),
+    "pixels of another size": (_edited_reference(pixel_values_a=lambda t: t[..., :28, :28]), "tiny",
+                               "vision_config.image_size is 56"),
+    "pixels of rank 3": (_edited_reference(pixel_values_a=lambda t: t[0]), "tiny", "pixel_values_a has shape [3, 56, 56]"),
+    "hidden states of another width": (_edited_reference(hidden_states_a=lambda t: t[..., :64]), "tiny",
+                                       "hidden_size is 128"),
+    "float token ids": (_edited_reference(input_ids_b=lambda t: t.float()), "tiny", "needs an integer input_ids_b"),
     "config.json given as the reference": (lambda t, f: f / "tiny" / "config.json", "tiny", "corrupt safetensors header"),
     "reference of another checkpoint": (lambda t, f: f / "narrow" / "reference.safetensors", "tiny",
                                         "was made for another model"),
