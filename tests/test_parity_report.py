@@ -58,7 +58,7 @@ def test_without_matplotlib_the_plot_names_the_extra_and_the_rest_works(fixtures
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code = parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--plot", str(tmp_path / "r.png")])
     captured = capsys.readouterr()
-    assert code == 2 and "pip install -e '.[plot]'" in captured.err
+    assert code == 1 and "pip install -e '.[plot]'" in captured.err
     assert "parity PASSED" in captured.out and not (tmp_path / "r.png").exists()
     assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--html", str(tmp_path / "r.html")]) == 0
     assert "no plot: --plot needs matplotlib" in (tmp_path / "r.html").read_text()

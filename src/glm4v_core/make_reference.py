@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=DTYPES[args.dtype], device=args.device, max_new_tokens=args.max_new_tokens,
                              layers=args.layers, tokenizer=args.tokenizer, force=args.force, overwrite=args.overwrite,
                              with_bf16=args.with_bf16)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # a refused input: exit 1, as every glm4v command
         print(f"glm4v make-reference: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {out / 'reference.safetensors'} ({size((out / 'reference.safetensors').stat().st_size)}) and "
           f"{out / 'reference.json'}\n"
           f"compare: glm4v parity --checkpoint {args.checkpoint} --reference {out / 'reference.safetensors'}")

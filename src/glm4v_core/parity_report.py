@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write an HTML report (tables per case; the plot embedded if matplotlib is installed)")
 
 
-def write_requested(reports: list[CaseReport], args: argparse.Namespace, title: str) -> bool:
+def write_requested(reports: list[CaseReport], args: argparse.Namespace, title: str,
+                    prog: str = "glm4v parity") -> bool:
     """Write the files asked for by --plot / --html; False (after saying why on stderr) if one failed."""
     try:
         if args.plot is not None:
@@ -48,7 +49,7 @@ def write_requested(reports: list[CaseReport], args: argparse.Namespace, title: 
             atomic_write(args.html, html_report(reports, title).encode())
             print(f"html: {args.html}", file=sys.stderr)
     except (ReportError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return False
     return True
 
