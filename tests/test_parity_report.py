@@ -21,7 +21,7 @@ def test_plot_and_html_of_a_passing_run(fixtures_dir, tmp_path, capsys):
     width, height = png_size(png.read_bytes())
     assert width >= 900 and height >= 4 * 200, (width, height)  # one readable panel per case
     html = page.read_text()
-    assert "PASSED</b>: 4/4 cases" in html and "data:image/png;base64," in html
+    assert "PASSED</b>: 7/7 cases" in html  # a-d and the multi_image cases m1-m3 and "data:image/png;base64," in html
     for name in ("case a", "vision.vit_out", "decoder.layer1", "greedy_tokens"):
         assert name in html
     assert "class='fail'" not in html
@@ -34,7 +34,7 @@ def test_a_failing_run_is_marked_in_both_reports(fixtures_dir, tmp_path, monkeyp
     code = parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--plot", str(tmp_path / "r.png"), "--html", str(page)])
     assert code == 1
     html = page.read_text()
-    assert "FAILED</b>: 0/4 cases" in html
+    assert "FAILED</b>: 0/7 cases" in html
     assert "<tr class='fail'><td>decoder.layer0</td>" in html and "<tr class=''><td>embeddings</td>" in html
 
 
