@@ -1,4 +1,5 @@
-"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention) and their torch references.
+"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention, weight-only quantized matmul) and their
+torch references.
 
 Depends on torch and triton only. Every kernel has a `*_ref` beside it: the spec and the fallback.
 The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before import).
@@ -6,5 +7,9 @@ The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (se
 from .flash_attention import attention
 from .reference import add_rms_norm_ref, attention_ref, rms_norm_ref
 from .fused_rms_norm import add_rms_norm, rms_norm
+from .quant_matmul import (dequantize_int4_ref, dequantize_int8_ref, int4_matmul, int4_matmul_ref, int8_matmul,
+                           int8_matmul_ref)
 
-__all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention"]
+__all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention",
+           "int8_matmul", "int8_matmul_ref", "int4_matmul", "int4_matmul_ref", "dequantize_int8_ref",
+           "dequantize_int4_ref"]

@@ -85,3 +85,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             k, v = k[:, :, :end], v[:, :, :end]
         return K.attention(q, k, v, causal=causal, key_start=key_start)
     return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                 group_size: int = 0, cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x (..., K) @ dequant(W).T -> (..., N) for a weight-only quantized W (see glm4v_kernels.quant_matmul):
+    int8 when `zero` is None, else int4 with groups of `group_size`.
+
+    Triton kernels (fused dequantization) on CUDA; on CPU PyTorch's packed weight-only kernels
+    (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` when the caller passes its packed weight and
+    scale-and-zero tensor as `cpu_int4`); the dequantize-then-matmul reference elsewhere and whenever
+    gradients must flow to x (the packed kernels have no backward, e.g. QLoRA training)."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    backend = backend_for(x)
+    if backend == "triton" and not (needs_grad and _backend == "auto"):
+        return K.int8_matmul(x, qweight, scale) if zero is None else K.int4_matmul(x, qweight, scale, zero, group_size)
+    fast_cpu = x.device.type == "cpu" and not needs_grad and _backend == "auto" and x.dtype in (torch.float32, torch.bfloat16)
+    if fast_cpu and zero is None:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    if fast_cpu and cpu_int4 is not None:
+        packed, scale_and_zero = cpu_int4
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, group_size,
+                                              scale_and_zero.to(x.dtype))
+        return y.view(*x.shape[:-1], packed.shape[0])
+    if zero is None:
+        return K.int8_matmul_ref(x, qweight, scale)
+    return K.int4_matmul_ref(x, qweight, scale, zero, group_size)

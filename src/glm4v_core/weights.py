@@ -13,10 +13,14 @@ from pathlib import Path
 import torch
 
 from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint
+from glm4v_conversion.quantize import quantization_record
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
 from .model import GLM4V
+from .quant import check_compute_dtype, load_quantized
+
+DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 __all__ = ["CheckpointError", "build_meta_model", "check_against_model", "load_model"]
 
@@ -57,9 +61,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
     ValueErrors whose message names the file and tensor at fault."""
     device = check_device(device)
+    dtype = check_compute_dtype(dtype)
     folder = Path(path)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
+    record = quantization_record(ckpt)
+    if record is not None:  # weight-only quantized: packed weights stay packed, `dtype` is the compute dtype
+        model = build_meta_model(config).to(DTYPES_BY_NAME[ckpt.provenance["dtype"]])
+        return load_quantized(ckpt, record, model, folder / CONFIG_FILE, dtype, device).eval().requires_grad_(False)
     model = build_meta_model(config)
     check_against_model(ckpt, model, folder / CONFIG_FILE)
     files = MappedFiles()

@@ -1,0 +1,190 @@
+"""Weight-only int8 / int4 quantization as a transform on a built model, and QLoRA on top of it.
+
+`quantize_model(model, scheme, group_size)` swaps every nn.Linear (ViT, projector, decoder,
+lm_head included) for a `QuantLinear` holding packed weights; embeddings, norms, biases and
+convolutions stay as they are, in the model's dtype, which is also the compute dtype (activations
+are never quantized). The math and the stored format (names, packing, scale/zero dtypes, the rule
+for a layer whose input width is not a multiple of the group size: int8 for that layer) are
+documented in glm4v_conversion.quantize, shared with `glm4v-convert --quantize`.
+
+Compute (ops.quant_matmul): Triton kernels with fused dequantization on CUDA, PyTorch's packed
+weight-only CPU kernels on CPU, dequantize-then-matmul otherwise and whenever gradients are needed.
+
+QLoRA: `add_lora(model, rank, alpha)` wraps every QuantLinear in a `LoRALinear`; only the adapters
+train, the packed weights are buffers and receive no gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from glm4v_conversion.quantize import (GROUP_SIZES, SCHEMES, QuantizationError, check_request, layer_scheme,
+                                       quantize_weight, quantized_layout)
+
+from . import ops
+
+__all__ = ["QuantLinear", "QuantizationError", "ComputeDtypeError", "check_compute_dtype", "load_quantized", "LoRALinear", "quantize_model", "add_lora", "quantized_linears",
+           "SCHEMES", "GROUP_SIZES"]
+
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ComputeDtypeError(ValueError):
+    """load_model's dtype is the compute dtype: a float dtype, never int8 / int4 (quantize instead)."""
+
+
+def check_compute_dtype(dtype: object) -> torch.dtype:
+    if dtype in COMPUTE_DTYPES:
+        return dtype
+    hint = (" ; weights are quantized with `glm4v-convert SRC DST --quantize int8|int4` (or quant.quantize_model), "
+            "then loaded with a float compute dtype") if dtype in (torch.int8, torch.uint8, torch.quint4x2) else ""
+    raise ComputeDtypeError(f"dtype must be one of {[str(d) for d in COMPUTE_DTYPES]} (the compute dtype), "
+                            f"got {dtype!r}{hint}")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W).T + bias, W stored packed: int8 per-row, or int4 in groups along the input dim.
+
+    Buffers as stored on disk: `weight_int8` + `weight_scale`, or `weight_int4` + `weight_scale` +
+    `weight_zero`. The bias (if any) is a float parameter like the rest of the model."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int | None,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = layer_scheme(in_features, scheme, group_size)
+        self.group_size = group_size if self.scheme == "int4" else None
+        layout = quantized_layout("weight", (out_features, in_features), self.scheme, self.group_size)
+        for name, (t_dtype, shape) in layout.items():
+            self.register_buffer(name.removeprefix("weight."), torch.empty(shape, dtype=t_dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, method: str = "rtn") -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
+                linear.weight.dtype, linear.weight.device)
+        if linear.weight.device.type != "meta":
+            stored = quantize_weight(linear.weight.detach(), "weight", q.scheme, q.group_size, method)
+            for name, t in stored.items():
+                getattr(q, name.removeprefix("weight.")).copy_(t)
+            if linear.bias is not None:
+                q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # integer codes are never cast by model.to(dtype); scales and zeros are
+        self._cpu_int4 = None  # the device or dtype may have changed: rebuild on first use
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        import glm4v_kernels as K  # only for the reference dequantizers; ops dispatches the matmul
+        if self.scheme == "int8":
+            return K.dequantize_int8_ref(self.weight_int8, self.weight_scale, dtype)
+        return K.dequantize_int4_ref(self.weight_int4, self.weight_scale, self.weight_zero, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "int8":
+            y = ops.quant_matmul(x, self.weight_int8, self.weight_scale)
+        else:
+            y = ops.quant_matmul(x, self.weight_int4, self.weight_scale, self.weight_zero, self.group_size,
+                                 cpu_int4=self._cpu_int4_weight(x))
+        return y + self.bias if self.bias is not None else y
+
+    def _cpu_int4_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """PyTorch's CPU int4 kernel wants its own tiled layout and (q - 8) * s + z' with z' = z + 8 s:
+        converted once, on first use (it needs N to be a multiple of 16, else the reference runs)."""
+        if x.device.type != "cpu" or self.out_features % 16 or self.in_features % 2:
+            return None
+        if self._cpu_int4 is None:
+            codes = torch.stack((self.weight_int4 & 0xF, self.weight_int4 >> 4), dim=-1).flatten(-2)  # (N, K)
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            s, z = self.weight_scale.float(), self.weight_zero.float()
+            scale_and_zero = torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+            self._cpu_int4 = (packed, scale_and_zero)
+        return self._cpu_int4
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}"
+
+
+def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None, method: str = "rtn") -> nn.Module:
+    """Replace every nn.Linear of `model` in place by a QuantLinear (see the module docstring).
+
+    On the meta device only the layout is built (what a quantized checkpoint is checked against)."""
+    check_request(scheme, group_size, method)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, QuantLinear.from_linear(child, scheme, group_size, method))
+    return model
+
+
+def load_quantized(ckpt, record: dict, model: nn.Module, config_path, dtype: torch.dtype,
+                   device: torch.device) -> nn.Module:
+    """Fill meta `model` (built in the folder's float dtype) from a quantized native folder.
+
+    The expected tensors are the state_dict of the model after quantize_model on the meta device,
+    so names, shapes and dtypes are checked exactly; float tensors are then cast to `dtype`, packed
+    ones stay as stored. glm4v_native.json's per-layer list must agree with the group rule."""
+    from glm4v_conversion.quantize import check_quantized_tensors
+    from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
+    quantize_model(model, record["scheme"], record.get("group_size"), record.get("method") or "rtn")
+    layers = {f"{name}.weight": m.scheme for name, m in quantized_linears(model).items()}
+    if record.get("layers") is not None and record["layers"] != layers:
+        raise CheckpointError(f"{ckpt.folder}: glm4v_native.json's quantization.layers does not match the "
+                              f"{record['scheme']} group rule for this config")
+    expected = {name: (t.dtype, tuple(t.shape)) for name, t in model.state_dict().items()}
+    check_quantized_tensors(ckpt, expected, config_path)
+    files = MappedFiles()
+    state = {}
+    for name, info in ckpt.tensors.items():
+        t = files.tensor(info)
+        state[name] = t.to(device=device, dtype=dtype) if _is_model_float(name, record) else t.to(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
+def _is_model_float(name: str, record: dict) -> bool:
+    """Every tensor but the quantized ones (codes, scales, zeros) takes the compute dtype."""
+    return not any(name.endswith(s) for s in (".weight_int8", ".weight_int4", ".weight_scale", ".weight_zero"))
+
+
+def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+# --- QLoRA ---------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """base(x) + (alpha / rank) * B(A(x)): a frozen base layer plus a trainable low-rank update.
+
+    A starts random and B at zero, so the wrapped layer starts equal to its base. With a QuantLinear
+    base, gradients reach x through the dequantized weight; the packed buffers get none."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0):
+        super().__init__()
+        self.base = base
+        device = next(iter(base.buffers())).device
+        # adapters train in fp32 whatever the compute dtype; they are cast to x's dtype in forward
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.to(x.dtype).T @ self.lora_b.to(x.dtype).T) * self.scaling
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
+    """Freeze `model`, wrap every QuantLinear in a LoRALinear, return the trainable adapter parameters."""
+    model.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+    return [p for n, p in model.named_parameters() if "lora_" in n]
