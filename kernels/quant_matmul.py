@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreted_on, on_device, round_to
+
 GEMV_MAX_ROWS = 8
 
 
@@ -62,7 +64,8 @@ def _load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, offs_k, N, K, stride_w
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                 GROUP: tl.constexpr, IS_INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 GROUP: tl.constexpr, IS_INT4: tl.constexpr, INTERPRETED: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -73,12 +76,13 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, N, K, stride_xm, stri
         acc += tl.sum(w * x[None, :], axis=1)
     if not IS_INT4:
         acc *= tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+    y = round_to(acc, y_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(y_ptr + m * stride_ym + offs_n, y, mask=offs_n < N)
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                 GROUP: tl.constexpr, IS_INT4: tl.constexpr,
+                 GROUP: tl.constexpr, IS_INT4: tl.constexpr, INTERPRETED: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,11 +92,15 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, stride_xm, s
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _load_weight_tile(w_ptr, scale_ptr, zero_ptr, offs_n, offs_k, N, K, stride_wn, stride_sn, GROUP, IS_INT4)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if INTERPRETED:  # the CPU interpreter multiplies bf16 as raw integers: widen (exactly) first
+            acc = tl.dot(x.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:  # fp32 activations: exact products (no tf32); bf16/fp16: the weight tile rounded to x's dtype
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
     if not IS_INT4:
         acc *= tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y = round_to(acc, y_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, N: int,
@@ -103,14 +111,17 @@ def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.T
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     is_int4 = zero is not None
     zero = zero if is_int4 else scale  # unused pointer for int8
-    if M <= GEMV_MAX_ROWS:
-        grid = (M, triton.cdiv(N, 64))
-        _gemv_kernel[grid](x2, w, scale, zero, y, N, K, x2.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-                           GROUP=group_size, IS_INT4=is_int4, BLOCK_N=64, BLOCK_K=128)
-    else:
-        grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
-        _gemm_kernel[grid](x2, w, scale, zero, y, M, N, K, x2.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-                           GROUP=group_size, IS_INT4=is_int4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    interpreted = interpreted_on(x.device)
+    with on_device(x.device):
+        if M <= GEMV_MAX_ROWS:
+            grid = (M, triton.cdiv(N, 64))
+            _gemv_kernel[grid](x2, w, scale, zero, y, N, K, x2.stride(0), w.stride(0), scale.stride(0), y.stride(0),
+                               GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted, BLOCK_N=64, BLOCK_K=128)
+        else:
+            grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+            _gemm_kernel[grid](x2, w, scale, zero, y, M, N, K, x2.stride(0), w.stride(0), scale.stride(0),
+                               y.stride(0), GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted,
+                               BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     return y.view(*x.shape[:-1], N)
 
 
