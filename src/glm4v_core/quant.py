@@ -73,12 +73,39 @@ class QuantLinear(nn.Module):
                 getattr(q, name.removeprefix("weight.")).copy_(t)
             if linear.bias is not None:
                 q.bias.data.copy_(linear.bias.detach())
+            q.prepare()
+        if q.bias is not None:
+            q.bias.requires_grad_(linear.bias.requires_grad)
         return q
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # integer codes are never cast by model.to(dtype); scales and zeros are
-        self._cpu_int4 = None  # the device or dtype may have changed: rebuild on first use
+        self.prepare()  # the device may have changed
         return self
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Build what the device's fast kernel needs beside the stored buffers (once, after the
+        weights are in place; forward never mutates the module, so decode steps compile whole).
+
+        PyTorch's CPU int4 kernel takes its own tiled layout and computes (q - 8) * s + z' with
+        z' = z + 8 s. It needs N to be a multiple of 16; other layers run the reference."""
+        self._cpu_int4 = None
+        w = self._buffers.get("weight_int4")
+        if w is None or w.device.type != "cpu" or self.out_features % 16:
+            return
+        codes = torch.stack((w & 0xF, w >> 4), dim=-1).flatten(-2)  # (N, K/2, 2) -> (N, K)
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        s, z = self.weight_scale.float(), self.weight_zero.float()
+        self._cpu_int4 = (packed, torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1).contiguous())  # (K/G, N, 2)
+
+    @torch.no_grad()
+    def merge_delta(self, delta: torch.Tensor) -> None:
+        """W <- quantize(dequantize(W) + delta) in this layer's scheme (LoRA merging into a quantized base)."""
+        w = self.dequantized_weight(torch.float32) + delta.to(self.weight_scale.device, torch.float32)
+        for name, t in quantize_weight(w, "weight", self.scheme, self.group_size).items():
+            getattr(self, name.removeprefix("weight.")).copy_(t)
+        self.prepare()
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         import glm4v_kernels as K  # only for the reference dequantizers; ops dispatches the matmul
@@ -91,21 +118,8 @@ class QuantLinear(nn.Module):
             y = ops.quant_matmul(x, self.weight_int8, self.weight_scale)
         else:
             y = ops.quant_matmul(x, self.weight_int4, self.weight_scale, self.weight_zero, self.group_size,
-                                 cpu_int4=self._cpu_int4_weight(x))
+                                 cpu_int4=self._cpu_int4 if x.device.type == "cpu" else None)
         return y + self.bias if self.bias is not None else y
-
-    def _cpu_int4_weight(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """PyTorch's CPU int4 kernel wants its own tiled layout and (q - 8) * s + z' with z' = z + 8 s:
-        converted once, on first use (it needs N to be a multiple of 16, else the reference runs)."""
-        if x.device.type != "cpu" or self.out_features % 16 or self.in_features % 2:
-            return None
-        if self._cpu_int4 is None:
-            codes = torch.stack((self.weight_int4 & 0xF, self.weight_int4 >> 4), dim=-1).flatten(-2)  # (N, K)
-            packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            s, z = self.weight_scale.float(), self.weight_zero.float()
-            scale_and_zero = torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-            self._cpu_int4 = (packed, scale_and_zero)
-        return self._cpu_int4
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -146,6 +160,8 @@ def load_quantized(ckpt, record: dict, model: nn.Module, config_path, dtype: tor
         t = files.tensor(info)
         state[name] = t.to(device=device, dtype=dtype) if _is_model_float(name, record) else t.to(device)
     model.load_state_dict(state, assign=True, strict=True)
+    for layer in quantized_linears(model).values():
+        layer.prepare()
     return model
 
 
@@ -171,13 +187,13 @@ class LoRALinear(nn.Module):
         self.base = base
         device = next(iter(base.buffers())).device
         # adapters train in fp32 whatever the compute dtype; they are cast to x's dtype in forward
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.to(x.dtype).T @ self.lora_b.to(x.dtype).T) * self.scaling
+        return self.base(x) + (x @ self.lora_A.to(x.dtype).T @ self.lora_B.to(x.dtype).T) * self.scaling
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
