@@ -125,12 +125,36 @@ def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.T
     return y.view(*x.shape[:-1], N)
 
 
+# One torch custom op per kernel call: an opaque node to torch.compile (no graph break; shapes from
+# the fake), a plain kernel launch to a CUDA graph. Checks run before the op, in Python.
+
+@torch.library.custom_op("glm4v_kernels::int8_matmul", mutates_args=())
+def _int8_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _launch(x, q, scale, None, q.shape[0], 1)
+
+
+@_int8_op.register_fake
+def _(x, q, scale):
+    return x.new_empty(*x.shape[:-1], q.shape[0])
+
+
+@torch.library.custom_op("glm4v_kernels::int4_matmul", mutates_args=())
+def _int4_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    return _launch(x, packed, scale, zero, packed.shape[0], group_size)
+
+
+@_int4_op.register_fake
+def _(x, packed, scale, zero, group_size):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Triton version of int8_matmul_ref (forward only)."""
     if q.dtype != torch.int8 or q.shape[1] != x.shape[-1] or scale.shape != (q.shape[0],):
         raise ValueError(f"int8_matmul: x (..., {x.shape[-1]}), q {q.dtype} {tuple(q.shape)}, scale "
                          f"{tuple(scale.shape)}: expected int8 (N, K) and (N,)")
-    return _launch(x, q.contiguous(), scale.contiguous(), None, q.shape[0], 1)
+    return _int8_op(x, q.contiguous(), scale.contiguous())
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -141,4 +165,4 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
         raise ValueError(f"int4_matmul: x (..., {x.shape[-1]}), packed {packed.dtype} {tuple(packed.shape)}, scale "
                          f"{tuple(scale.shape)}, zero {tuple(zero.shape)}, group {group_size}: expected uint8 "
                          "(N, K/2) and (N, K/G) twice")
-    return _launch(x, packed.contiguous(), scale.contiguous(), zero.contiguous(), N, group_size)
+    return _int4_op(x, packed.contiguous(), scale.contiguous(), zero.contiguous(), group_size)

@@ -312,3 +312,18 @@ def test_qlora_overfits_one_sample_on_an_int4_base(converted, tiny):
     for n, b in model.named_buffers():  # the packed base never changes and carries no gradient
         if "weight_int4" in n:
             assert not b.requires_grad and torch.equal(b, packed[n.replace(".base", "")])
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_quantized_linear_traces_whole_for_torch_compile(scheme, group):
+    """decode steps compile with fullgraph=True: the quantized forward must not break the graph
+    (CPU packed kernels; the Triton path is a custom op, checked under the interpreter when enabled)."""
+    import os
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 48), scheme, group)
+    x = torch.randn(2, 64)
+    backends = ["auto"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for backend in backends:
+        with torch.no_grad(), ops.use_backend(backend):
+            torch._dynamo.reset()
+            compiled = torch.compile(q, fullgraph=True, backend="eager")
+            assert torch.allclose(compiled(x), q(x), atol=1e-5)
