@@ -3,6 +3,7 @@
     python benchmarks/quant.py                 # CPU: mid-size random model (~0.5 GB fp32), every scheme
     python benchmarks/quant.py --real          # CUDA: real GLM-4V-9B shapes, random weights, bf16 compute
     python benchmarks/quant.py --kernels       # CUDA: the Triton quantized matmuls alone (GB/s, % of peak)
+    python benchmarks/quant.py --accuracy      # logits error vs the HF fp32 reference, both fixtures, every scheme
 
 Every run also prints the real 9B checkpoint's size under each scheme (tests/fixtures/real_manifest.json).
 int8/int4 rows quantize the same random weights with glm4v_core.quant.quantize_model; activations
@@ -136,12 +137,62 @@ def kernel_rows(device: torch.device) -> list[dict]:
     return rows
 
 
+def accuracy_rows() -> dict:
+    """Per fixture and scheme: logits max-abs and RMS vs the fp32 reference over the real rows of
+    every case, argmax agreement, and the Linear weights' relative reconstruction error."""
+    from safetensors.torch import load_file
+    from glm4v_conversion.quantize import quantize_int4, quantize_int8, unpack_int4
+    from glm4v_core.parity import _case_logits, reference_cases
+    from glm4v_core.weights import load_model
+    out = {}
+    for fixture in ("tiny", "narrow"):
+        folder = FIXTURES / fixture
+        ref = load_file(str(folder / "reference.safetensors"))
+        meta = json.loads((folder / "reference.json").read_text())
+        bf16 = meta["tolerances_observed"]["bf16_vs_fp32_logits_a_maxabs"]
+        rows = {"bf16_vs_fp32_logits_a_maxabs (reference)": bf16, "int8 budget (3x)": 3 * bf16}
+        schemes = [("int8", None, "rtn")] + [("int4", g, m) for g in (32, 64, 128) for m in ("rtn", "mse")]
+        for scheme, group, method in schemes:
+            model = quantize_model(load_model(folder), scheme, group, method)
+            diffs, same, total = [], 0, 0
+            with torch.no_grad():
+                for case in reference_cases(ref):
+                    logits, rows_mask = _case_logits(model, ref, case)
+                    want = ref[f"logits_{case}"]
+                    a, b = (logits[rows_mask], want[rows_mask]) if rows_mask is not None else (logits, want)
+                    diffs.append((a - b).flatten(0, -2))
+                    same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+                    total += a.shape[:-1].numel()
+            d = torch.cat(diffs)
+            w_err = w_norm = 0.0
+            for name, w in load_model(folder).state_dict().items():
+                if not is_linear_weight(name):
+                    continue
+                if layer_scheme(w.shape[1], scheme, group) == "int8":
+                    q, sc = quantize_int8(w)
+                    deq = q.float() * sc[:, None]
+                else:
+                    p, sc, z = quantize_int4(w, group, method)
+                    deq = unpack_int4(p).float() * sc.float().repeat_interleave(group, 1) + z.float().repeat_interleave(group, 1)
+                w_err += (deq - w.float()).square().sum().item()
+                w_norm += w.float().square().sum().item()
+            label = scheme + (f" g{group} {method}" if group else "")
+            rows[label] = {"logits_max_abs": d.abs().max().item(), "logits_rms": d.square().mean().sqrt().item(),
+                           "argmax_agreement": same / total, "weight_rel_error": (w_err / w_norm) ** 0.5}
+            r = rows[label]
+            print(f"  {fixture:<7} {label:<16} logits max-abs {r['logits_max_abs']:.4f}  rms {r['logits_rms']:.4f}  "
+                  f"argmax {r['argmax_agreement']:.3f}  weight rel. error {r['weight_rel_error']:.4f}", flush=True)
+        out[fixture] = rows
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--real", action="store_true", help="real GLM-4V-9B shapes, random weights (CUDA)")
     p.add_argument("--real-layers", type=int, default=None, help="shrink the real model's depth (smoke tests)")
     p.add_argument("--kernels", action="store_true", help="microbenchmark the Triton kernels (CUDA)")
+    p.add_argument("--accuracy", action="store_true", help="logits error on the HF fixtures (CPU, fp32 compute)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
@@ -157,7 +208,9 @@ def main() -> None:
         print(f"  {k:<10} {v / 1e9:7.2f} GB")
     peak = peak_bandwidth(device)
     results["peak_GB_s"] = peak / 1e9 if peak else None
-    if args.kernels:
+    if args.accuracy:
+        results["accuracy"] = accuracy_rows()
+    elif args.kernels:
         results["kernels"] = kernel_rows(device)
     elif args.real:
         config = real_config(args.real_layers)
@@ -170,7 +223,7 @@ def main() -> None:
         results["mid"] = run_models(mid_size_config(), device, ROWS, args.prompt_tokens, args.new_tokens,
                                     args.repeat, args.compile)
     slug = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    mode = "kernels" if args.kernels else "real" if args.real else "mid"
+    mode = "accuracy" if args.accuracy else "kernels" if args.kernels else "real" if args.real else "mid"
     write_result(f"quant_{mode}_{slug}", results)
 
 
