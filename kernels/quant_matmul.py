@@ -29,10 +29,10 @@ def dequantize_int8_ref(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def dequantize_int4_ref(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
                         dtype: torch.dtype) -> torch.Tensor:
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)  # (N, K/2, 2) -> (N, K)
-    s = scale.float().repeat_interleave(group_size, dim=1)  # (N, K/G) -> (N, K)
-    z = zero.float().repeat_interleave(group_size, dim=1)
-    return (codes.float() * s + z).to(dtype)
+    N = packed.shape[0]
+    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(N, -1, group_size)  # (N, K/G, G), k in order
+    w = codes.to(torch.float32) * scale.float()[..., None] + zero.float()[..., None]
+    return w.view(N, -1).to(dtype)  # (N, K)
 
 
 def int8_matmul_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

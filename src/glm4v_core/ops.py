@@ -86,6 +86,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
 
 
+CPU_FP32_PACKED_MAX_ROWS = 8
+
+
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
                  group_size: int = 0, cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x (..., K) @ dequant(W).T -> (..., N) for a weight-only quantized W (see glm4v_kernels.quant_matmul):
@@ -99,7 +102,11 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     backend = backend_for(x)
     if backend == "triton" and not (needs_grad and _backend == "auto"):
         return K.int8_matmul(x, qweight, scale) if zero is None else K.int4_matmul(x, qweight, scale, zero, group_size)
-    fast_cpu = x.device.type == "cpu" and not needs_grad and _backend == "auto" and x.dtype in (torch.float32, torch.bfloat16)
+    rows = x.numel() // x.shape[-1]
+    # PyTorch's packed CPU kernels are vectorized for bf16 activations; with fp32 ones they beat
+    # dequantize-then-matmul only for a few rows (decode), and lose 10x on a prefill
+    fast_cpu = (x.device.type == "cpu" and not needs_grad and _backend == "auto"
+                and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and rows <= CPU_FP32_PACKED_MAX_ROWS)))
     if fast_cpu and zero is None:
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
         return y.view(*x.shape[:-1], qweight.shape[0])
