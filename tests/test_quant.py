@@ -199,6 +199,27 @@ def test_int8_logits_within_3x_the_reference_bf16_error(converted, tiny):
     assert same / total >= 0.9
 
 
+def test_int8_budget_holds_on_the_narrow_fixture_too(fixtures_dir):
+    """In memory (quantize_model), every case, real rows only: the wider fixture has 224/256/688 widths."""
+    from glm4v_core.parity import _case_logits, reference_cases
+    folder = fixtures_dir / "narrow"
+    ref = load_file(str(folder / "reference.safetensors"))
+    budget = 3 * json.loads((folder / "reference.json").read_text())["tolerances_observed"][
+        "bf16_vs_fp32_logits_a_maxabs"]
+    model = quantize_model(load_model(folder), "int8")
+    same = total = 0
+    with torch.no_grad():
+        for case in reference_cases(ref):
+            logits, rows = _case_logits(model, ref, case)
+            want = ref[f"logits_{case}"]
+            a, b = (logits[rows], want[rows]) if rows is not None else (logits, want)
+            err = (a - b).abs().max().item()
+            assert err <= budget, f"narrow case {case}: int8 logits max-abs {err:.4f} > budget {budget:.4f}"
+            same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+            total += a.shape[:-1].numel()
+    assert same / total >= 0.9
+
+
 def _plain_rtn_model(folder, group):
     """An independent round-to-nearest int4 model: fp32 min/max per group, weights dequantized in place."""
     model = load_model(folder)
