@@ -181,6 +181,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)  # (N, K/2, 2) -> (N, K)
 
 
+def dequantize(stored: dict[str, torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """The fp32 weight (N, K) a layer's stored tensors stand for (keys as quantized_layout names them,
+    any prefix): the inverse of quantize_weight up to rounding."""
+    by_suffix = {name.rsplit(".", 1)[-1]: t for name, t in stored.items()}
+    scale = by_suffix["weight_scale"].float()
+    if "weight_int8" in by_suffix:
+        return by_suffix["weight_int8"].float() * scale[:, None]
+    codes = unpack_int4(by_suffix["weight_int4"]).float()
+    N = codes.shape[0]
+    w = codes.view(N, -1, group_size) * scale[..., None] + by_suffix["weight_zero"].float()[..., None]
+    return w.view(N, -1)
+
+
 def quantize_weight(w: torch.Tensor, name: str, scheme: str, group_size: int | None, method: str = "rtn"
                     ) -> dict[str, torch.Tensor]:
     """The stored tensors (named as quantized_layout names them) for Linear weight `name`."""

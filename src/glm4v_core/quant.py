@@ -20,13 +20,13 @@ import math
 import torch
 from torch import nn
 
-from glm4v_conversion.quantize import (GROUP_SIZES, SCHEMES, QuantizationError, check_request, layer_scheme,
-                                       quantize_weight, quantized_layout)
+from glm4v_conversion.quantize import (GROUP_SIZES, SCHEMES, QuantizationError, check_request, dequantize,
+                                       layer_scheme, quantize_weight, quantized_layout)
 
 from . import ops
 
-__all__ = ["QuantLinear", "QuantizationError", "ComputeDtypeError", "check_compute_dtype", "load_quantized", "LoRALinear", "quantize_model", "add_lora", "quantized_linears",
-           "SCHEMES", "GROUP_SIZES"]
+__all__ = ["QuantLinear", "QuantizationError", "ComputeDtypeError", "check_compute_dtype", "load_quantized",
+           "LoRALinear", "quantize_model", "add_lora", "quantized_linears", "SCHEMES", "GROUP_SIZES"]
 
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,9 +57,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.scheme = layer_scheme(in_features, scheme, group_size)
         self.group_size = group_size if self.scheme == "int4" else None
-        layout = quantized_layout("weight", (out_features, in_features), self.scheme, self.group_size)
+        # the stored tensors of a Linear `P.weight` are `P.weight_int8`, ...: here as buffers `weight_int8`, ...
+        layout = quantized_layout("P.weight", (out_features, in_features), self.scheme, self.group_size)
         for name, (t_dtype, shape) in layout.items():
-            self.register_buffer(name.removeprefix("weight."), torch.empty(shape, dtype=t_dtype, device=device))
+            self.register_buffer(name.removeprefix("P."), torch.empty(shape, dtype=t_dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -68,9 +69,9 @@ class QuantLinear(nn.Module):
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
                 linear.weight.dtype, linear.weight.device)
         if linear.weight.device.type != "meta":
-            stored = quantize_weight(linear.weight.detach(), "weight", q.scheme, q.group_size, method)
+            stored = quantize_weight(linear.weight.detach(), "P.weight", q.scheme, q.group_size, method)
             for name, t in stored.items():
-                getattr(q, name.removeprefix("weight.")).copy_(t)
+                getattr(q, name.removeprefix("P.")).copy_(t)
             if linear.bias is not None:
                 q.bias.data.copy_(linear.bias.detach())
             q.prepare()
@@ -103,15 +104,13 @@ class QuantLinear(nn.Module):
     def merge_delta(self, delta: torch.Tensor) -> None:
         """W <- quantize(dequantize(W) + delta) in this layer's scheme (LoRA merging into a quantized base)."""
         w = self.dequantized_weight(torch.float32) + delta.to(self.weight_scale.device, torch.float32)
-        for name, t in quantize_weight(w, "weight", self.scheme, self.group_size).items():
-            getattr(self, name.removeprefix("weight.")).copy_(t)
+        for name, t in quantize_weight(w, "P.weight", self.scheme, self.group_size).items():
+            getattr(self, name.removeprefix("P.")).copy_(t)
         self.prepare()
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        import glm4v_kernels as K  # only for the reference dequantizers; ops dispatches the matmul
-        if self.scheme == "int8":
-            return K.dequantize_int8_ref(self.weight_int8, self.weight_scale, dtype)
-        return K.dequantize_int4_ref(self.weight_int4, self.weight_scale, self.weight_zero, self.group_size, dtype)
+        """W (N, K) in `dtype`, as the stored tensors stand for it."""
+        return dequantize(dict(self.named_buffers()), self.group_size).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8":
@@ -158,16 +157,16 @@ def load_quantized(ckpt, record: dict, model: nn.Module, config_path, dtype: tor
     state = {}
     for name, info in ckpt.tensors.items():
         t = files.tensor(info)
-        state[name] = t.to(device=device, dtype=dtype) if _is_model_float(name, record) else t.to(device)
+        state[name] = t.to(device) if _is_quantized_tensor(name) else t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     for layer in quantized_linears(model).values():
         layer.prepare()
     return model
 
 
-def _is_model_float(name: str, record: dict) -> bool:
-    """Every tensor but the quantized ones (codes, scales, zeros) takes the compute dtype."""
-    return not any(name.endswith(s) for s in (".weight_int8", ".weight_int4", ".weight_scale", ".weight_zero"))
+def _is_quantized_tensor(name: str) -> bool:
+    """Codes, scales and zeros keep their stored dtype; every other tensor takes the compute dtype."""
+    return name.endswith((".weight_int8", ".weight_int4", ".weight_scale", ".weight_zero"))
 
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
