@@ -103,6 +103,17 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, stride_xm, s
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
 
 
+def launch_config(gemv: bool, dtype: torch.dtype, is_int4: bool) -> tuple[dict, int, int]:
+    """(block sizes, num_warps, num_stages): chosen so that no config spills registers on sm_90
+    (tests/test_kernels_quant_matmul.py compiles each one ahead of time and checks). int4 tiles hold a
+    scale and a zero per element, so they get fewer elements per thread."""
+    if gemv:
+        return (dict(BLOCK_N=16, BLOCK_K=256) if is_int4 else dict(BLOCK_N=64, BLOCK_K=128)), 4, 1
+    if dtype == torch.float32:  # fp32 dots run on CUDA cores: small tiles
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32), 4, 2
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, N: int,
             group_size: int) -> torch.Tensor:
     K = x.shape[-1]
@@ -112,16 +123,19 @@ def _launch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero: torch.T
     is_int4 = zero is not None
     zero = zero if is_int4 else scale  # unused pointer for int8
     interpreted = interpreted_on(x.device)
+    gemv = M <= GEMV_MAX_ROWS
+    blocks, num_warps, num_stages = launch_config(gemv, x.dtype, is_int4)
     with on_device(x.device):
-        if M <= GEMV_MAX_ROWS:
-            grid = (M, triton.cdiv(N, 64))
+        if gemv:
+            grid = (M, triton.cdiv(N, blocks["BLOCK_N"]))
             _gemv_kernel[grid](x2, w, scale, zero, y, N, K, x2.stride(0), w.stride(0), scale.stride(0), y.stride(0),
-                               GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted, BLOCK_N=64, BLOCK_K=128)
+                               GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted, **blocks,
+                               num_warps=num_warps, num_stages=num_stages)
         else:
-            grid = (triton.cdiv(M, 64), triton.cdiv(N, 64))
+            grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(N, blocks["BLOCK_N"]))
             _gemm_kernel[grid](x2, w, scale, zero, y, M, N, K, x2.stride(0), w.stride(0), scale.stride(0),
-                               y.stride(0), GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted,
-                               BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+                               y.stride(0), GROUP=group_size, IS_INT4=is_int4, INTERPRETED=interpreted, **blocks,
+                               num_warps=num_warps, num_stages=num_stages)
     return y.view(*x.shape[:-1], N)
 
 
