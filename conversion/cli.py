@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from .convert import ConversionError, convert
-from .quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizationError, quantize_checkpoint
+from .quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizationError, quantize_checkpoint, quantized_scheme_of
 from .safetensors_io import CheckpointError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quantize is not None:
         return _quantize(args, parser)
+    scheme = quantized_scheme_of(args.src)
+    if scheme is not None:  # packed weights have no HF (or other native) form
+        print(f"glm4v-convert: error: {args.src} is a weight-only quantized folder ({scheme}); it cannot be "
+              "converted back: convert the float checkpoint it was made from", file=sys.stderr)
+        return 1
     try:
         with warnings.catch_warnings():  # restores the default printer on exit
             warnings.showwarning = _print_warning

@@ -308,6 +308,15 @@ def quantization_record(ckpt: Checkpoint) -> dict[str, Any] | None:
     return record
 
 
+def quantized_scheme_of(folder: str | Path) -> str | None:
+    """The scheme a folder's glm4v_native.json records (None: not a quantized folder); reads nothing else."""
+    try:
+        record = json.loads((Path(folder) / PROVENANCE_FILE).read_text()).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record.get("scheme", "?") if isinstance(record, dict) else None
+
+
 def check_quantized_tensors(ckpt: Checkpoint, expected: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                             config_path: Path) -> None:
     """Every expected tensor present, nothing extra, the exact dtype and shape of each."""

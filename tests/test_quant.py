@@ -301,6 +301,12 @@ def test_library_refuses_bad_requests(tiny, tmp_path, converted):
         quantize_checkpoint(converted["int8"], tmp_path / "x", "int4", 32)
 
 
+def test_cli_refuses_to_convert_a_quantized_folder_back(converted, tmp_path, capsys):
+    assert convert_main([str(converted["int8"]), str(tmp_path / "hf"), "--to", "hf", "--no-progress"]) == 1
+    assert "weight-only quantized folder (int8)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_cli_writes_a_loadable_folder(tiny, tmp_path, capsys):
     assert convert_main([str(tiny[0]), str(tmp_path / "q"), "--quantize", "int4", "--no-progress"]) == 0
     assert "group size 128" in capsys.readouterr().out
