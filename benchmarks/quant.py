@@ -104,30 +104,46 @@ def run_models(config: dict, device: torch.device, rows, n_text: int, new_tokens
 
 
 def kernel_rows(device: torch.device) -> list[dict]:
-    """Triton int8/int4 GEMV and GEMM vs a bf16 torch matmul at the real decoder's Linear shapes."""
+    """Triton int8/int4 GEMV and GEMM vs a bf16 torch matmul at the real decoder's Linear shapes.
+
+    weight bytes = codes + scales (+ zeros); GB/s = weight bytes / time; % = that over the peak.
+    On CPU (TRITON_INTERPRET=1) a smoke pass: small shapes, wall-clock timing, no peak."""
     import triton.testing
     import glm4v_kernels as K
     from glm4v_conversion.quantize import quantize_int4, quantize_int8
     cfg = real_config(None)
     H, F, V = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["padded_vocab_size"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * cfg["kv_channels"]
-    match = datasheet_peaks(torch.cuda.get_device_name(device))
-    peak = match[2] * 1e9 if match else None
+    if device.type == "cpu":
+        shapes, Ms, peak = [("smoke", 96, 256)], (1, 17), None
+        def bench(fn):  # noqa: E306
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+    else:
+        shapes, Ms = [("qkv", qkv, H), ("gate_up", 2 * F, H), ("down", H, F), ("lm_head", V, H)], (1, 8, 1602)
+        match = datasheet_peaks(torch.cuda.get_device_name(device))
+        peak = match[2] * 1e9 if match else None
+        def bench(fn):  # noqa: E306
+            ms = triton.testing.do_bench(fn, quantiles=[0.5])
+            return ms[0] if isinstance(ms, (list, tuple)) else ms
     rows = []
-    for name, N, Kd in [("qkv", qkv, H), ("gate_up", 2 * F, H), ("down", H, F), ("lm_head", V, H)]:
+    for name, N, Kd in shapes:
         w = torch.randn(N, Kd, device=device) / Kd ** 0.5
         q8, s8 = quantize_int8(w)
         p4, s4, z4 = quantize_int4(w, 128)
         wb = w.bfloat16()
-        for M in (1, 8, 1602):
+        for M in Ms:
             x = torch.randn(M, Kd, device=device, dtype=torch.bfloat16)
             providers = {"torch bf16": (lambda: x @ wb.T, wb.numel() * 2),
                          "triton int8": (lambda: K.int8_matmul(x, q8, s8), q8.numel() + s8.numel() * 4),
                          "triton int4": (lambda: K.int4_matmul(x, p4, s4, z4, 128),
                                          p4.numel() + (s4.numel() + z4.numel()) * 2)}
+            want = (x.float() @ w.T).float()
             for provider, (fn, nbytes) in providers.items():
-                ms = triton.testing.do_bench(fn, quantiles=[0.5])
-                ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+                err = (fn().float() - want).abs().max().item()  # every row is checked, not only timed
+                assert err < 0.1 * want.abs().max().item() + 0.1, f"{provider} {name} M={M}: max error {err}"
+                ms = bench(fn)
                 rows.append({"layer": name, "M": M, "N": N, "K": Kd, "provider": provider, "ms": ms,
                              "weight_GB_s": nbytes / ms / 1e6, "tflop_s": 2 * M * N * Kd / ms / 1e9,
                              "pct_of_bandwidth": 100 * nbytes / (ms / 1e3) / peak if peak else None})
@@ -198,6 +214,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="time compile=True decode steps instead of eager")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="folder for the JSON (default benchmarks/results)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,7 +241,7 @@ def main() -> None:
                                     args.repeat, args.compile)
     slug = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
     mode = "accuracy" if args.accuracy else "kernels" if args.kernels else "real" if args.real else "mid"
-    write_result(f"quant_{mode}_{slug}", results)
+    write_result(f"quant_{mode}_{slug}", results, args.out)
 
 
 if __name__ == "__main__":

@@ -388,3 +388,20 @@ def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
     eager = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[])
     compiled = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True)
     assert torch.equal(eager, compiled)
+
+
+def test_benchmark_kernel_rows_smoke(tmp_path):
+    """benchmarks/quant.py --kernels on CPU under the interpreter: every provider's output is checked
+    against an fp32 matmul and a row is written for each (the GPU run uses the same code)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "quant.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(script), "--kernels", "--device", "cpu", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((tmp_path / "quant_kernels_cpu.json").read_text())
+    assert {r["provider"] for r in record["kernels"]} == {"torch bf16", "triton int8", "triton int4"}
+    assert record["real_checkpoint_bytes"]["int8"] < 0.53 * record["real_checkpoint_bytes"]["bf16"]
