@@ -53,6 +53,7 @@ INT8_SCALE_DTYPE = torch.float32
 INT4_SCALE_DTYPE = torch.bfloat16
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5: the "mse" search grid
 REFIT_ROUNDS = 3  # "mse": least-squares refits of (scale, zero) after the clipping search
+ROWS_PER_CHUNK = 4096  # rows quantized at once: bounds the fp32 temporaries
 DEFAULT_QUANTIZED_SHARD_SIZE = 2 * 10**9  # a shard is quantized in memory before it is written
 
 # Native names of the Linear weights; `{}` is a layer index.
@@ -196,12 +197,15 @@ def dequantize(stored: dict[str, torch.Tensor], group_size: int | None) -> torch
 
 def quantize_weight(w: torch.Tensor, name: str, scheme: str, group_size: int | None, method: str = "rtn"
                     ) -> dict[str, torch.Tensor]:
-    """The stored tensors (named as quantized_layout names them) for Linear weight `name`."""
-    if layer_scheme(w.shape[1], scheme, group_size) == "int8":
-        values = quantize_int8(w)
-        scheme = "int8"
-    else:
-        values = quantize_int4(w, group_size, method)
+    """The stored tensors (named as quantized_layout names them) for Linear weight `name`.
+
+    Rows are quantized in chunks (each row is independent), so the fp32 temporaries of the
+    151552-row lm_head stay small."""
+    scheme = layer_scheme(w.shape[1], scheme, group_size)
+    parts = []
+    for rows in w.split(ROWS_PER_CHUNK):
+        parts.append(quantize_int8(rows) if scheme == "int8" else quantize_int4(rows, group_size, method))
+    values = [torch.cat(p) for p in zip(*parts)]
     return dict(zip(quantized_layout(name, tuple(w.shape), scheme, group_size), values))
 
 

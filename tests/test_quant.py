@@ -405,3 +405,13 @@ def test_benchmark_kernel_rows_smoke(tmp_path):
     record = json.loads((tmp_path / "quant_kernels_cpu.json").read_text())
     assert {r["provider"] for r in record["kernels"]} == {"torch bf16", "triton int8", "triton int4"}
     assert record["real_checkpoint_bytes"]["int8"] < 0.53 * record["real_checkpoint_bytes"]["bf16"]
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32)])
+def test_row_chunks_quantize_like_the_whole_tensor(monkeypatch, scheme, group):
+    from glm4v_conversion import quantize as Q
+    w = torch.randn(50, 64)
+    whole = Q.quantize_weight(w, "x.weight", scheme, group, "mse")
+    monkeypatch.setattr(Q, "ROWS_PER_CHUNK", 7)
+    chunked = Q.quantize_weight(w, "x.weight", scheme, group, "mse")
+    assert list(whole) == list(chunked) and all(torch.equal(whole[k], chunked[k]) for k in whole)
