@@ -415,3 +415,15 @@ def test_row_chunks_quantize_like_the_whole_tensor(monkeypatch, scheme, group):
     monkeypatch.setattr(Q, "ROWS_PER_CHUNK", 7)
     chunked = Q.quantize_weight(w, "x.weight", scheme, group, "mse")
     assert list(whole) == list(chunked) and all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
+@pytest.mark.parametrize("key", ["int8", "int4-32"])
+def test_compiled_decode_on_cpu_gives_the_eager_tokens(converted, tiny, key):
+    """generate(compile=True) runs the decode step through torch.compile (inductor) with PyTorch's
+    packed CPU kernels inside; bf16 compute is the case their lowering is picky about."""
+    from glm4v_core.generate import generate
+    model = load_model(converted[key], dtype=torch.bfloat16)
+    inputs = case_inputs(tiny[1], "b")
+    eager = generate(model, **inputs, max_new_tokens=4, stop_ids=[])
+    torch._dynamo.reset()
+    assert torch.equal(generate(model, **inputs, max_new_tokens=4, stop_ids=[], compile=True), eager)

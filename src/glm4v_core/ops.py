@@ -108,12 +108,15 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     fast_cpu = (x.device.type == "cpu" and not needs_grad and _backend == "auto"
                 and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and rows <= CPU_FP32_PACKED_MAX_ROWS)))
     if fast_cpu and zero is None:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale.to(x.dtype))
+        scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale)
         return y.view(*x.shape[:-1], qweight.shape[0])
     if fast_cpu and cpu_int4 is not None:
         packed, scale_and_zero = cpu_int4
+        if scale_and_zero.dtype != x.dtype:
+            scale_and_zero = scale_and_zero.to(x.dtype)
         y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, group_size,
-                                              scale_and_zero.to(x.dtype))
+                                              scale_and_zero)
         return y.view(*x.shape[:-1], packed.shape[0])
     if zero is None:
         return K.int8_matmul_ref(x, qweight, scale)

@@ -63,6 +63,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(name.removeprefix("P."), torch.empty(shape, dtype=t_dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self._cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.compute_dtype = dtype  # the activations' dtype: what the CPU kernels' scales are kept in
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, method: str = "rtn") -> "QuantLinear":
@@ -74,7 +75,7 @@ class QuantLinear(nn.Module):
                 getattr(q, name.removeprefix("P.")).copy_(t)
             if linear.bias is not None:
                 q.bias.data.copy_(linear.bias.detach())
-            q.prepare()
+            q.use_compute_dtype(linear.weight.dtype)
         if q.bias is not None:
             q.bias.requires_grad_(linear.bias.requires_grad)
         return q
@@ -83,6 +84,14 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)  # integer codes are never cast by model.to(dtype); scales and zeros are
         self.prepare()  # the device may have changed
         return self
+
+    def use_compute_dtype(self, dtype: torch.dtype) -> None:
+        """int8 row scales in the compute dtype (PyTorch's packed int8 kernel takes them so; a cast
+        inside every call would also break its compiled lowering), then prepare()."""
+        self.compute_dtype = dtype
+        if self.scheme == "int8":
+            self.weight_scale = self.weight_scale.to(dtype)
+        self.prepare()
 
     @torch.no_grad()
     def prepare(self) -> None:
@@ -98,7 +107,8 @@ class QuantLinear(nn.Module):
         codes = torch.stack((w & 0xF, w >> 4), dim=-1).flatten(-2)  # (N, K/2, 2) -> (N, K)
         packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         s, z = self.weight_scale.float(), self.weight_zero.float()
-        self._cpu_int4 = (packed, torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1).contiguous())  # (K/G, N, 2)
+        scale_and_zero = torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1)  # (K/G, N, 2)
+        self._cpu_int4 = (packed, scale_and_zero.to(self.compute_dtype).contiguous())
 
     @torch.no_grad()
     def merge_delta(self, delta: torch.Tensor) -> None:
@@ -160,7 +170,7 @@ def load_quantized(ckpt, record: dict, model: nn.Module, config_path, dtype: tor
         state[name] = t.to(device) if _is_quantized_tensor(name) else t.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
     for layer in quantized_linears(model).values():
-        layer.prepare()
+        layer.use_compute_dtype(dtype)
     return model
 
 
