@@ -82,7 +82,9 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # integer codes are never cast by model.to(dtype); scales and zeros are
-        self.prepare()  # the device may have changed
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
+        self.prepare()  # the device or dtype may have changed
         return self
 
     def use_compute_dtype(self, dtype: torch.dtype) -> None:
