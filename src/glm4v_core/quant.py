@@ -25,24 +25,7 @@ from glm4v_conversion.quantize import (GROUP_SIZES, SCHEMES, QuantizationError, 
 
 from . import ops
 
-__all__ = ["QuantLinear", "QuantizationError", "ComputeDtypeError", "check_compute_dtype", "load_quantized",
-           "LoRALinear", "quantize_model", "add_lora", "quantized_linears", "SCHEMES", "GROUP_SIZES"]
-
-
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class ComputeDtypeError(ValueError):
-    """load_model's dtype is the compute dtype: a float dtype, never int8 / int4 (quantize instead)."""
-
-
-def check_compute_dtype(dtype: object) -> torch.dtype:
-    if dtype in COMPUTE_DTYPES:
-        return dtype
-    hint = (" ; weights are quantized with `glm4v-convert SRC DST --quantize int8|int4` (or quant.quantize_model), "
-            "then loaded with a float compute dtype") if dtype in (torch.int8, torch.uint8, torch.quint4x2) else ""
-    raise ComputeDtypeError(f"dtype must be one of {[str(d) for d in COMPUTE_DTYPES]} (the compute dtype), "
-                            f"got {dtype!r}{hint}")
+__all__ = ["QuantLinear", "QuantizationError", "load_quantized", "LoRALinear", "quantize_model", "add_lora", "quantized_linears", "SCHEMES", "GROUP_SIZES"]
 
 
 class QuantLinear(nn.Module):
