@@ -13,6 +13,8 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GLM4VConfig
+from .init import init_parameters
+from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, check_labels, splice_labels
 from .text import TextDecoder
 from .vision import Projector, VisionEncoder
 
@@ -23,20 +25,40 @@ class InputError(ValueError):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                 # (B, T or 1, V) in the model dtype
+    logits: torch.Tensor | None          # (B, T or 1, V) in the model dtype; None when labels were given
     position_ids: torch.Tensor           # (B, T) after splicing: rotary positions
     attention_mask: torch.Tensor | None  # (B, T) after splicing, 1 = real token; None = no padding
     hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
     image_embeds: torch.Tensor | None = None         # (N_images, 2 + (g/2)^2, H)
+    loss: torch.Tensor | None = None                 # fp32 scalar when labels were given
 
 
 class GLM4V(nn.Module):
+    """GLM4V(config) has parameters on the `meta` device (shapes only, no memory): fill them with
+    `glm4v_core.load_model(path)` or `GLM4V.from_config(config, seed=...)`."""
+
+    loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # vocabulary chunk of the training loss; None: plain
+
     def __init__(self, config: GLM4VConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config.vision)
-        self.projector = Projector(config)
-        self.text = TextDecoder(config)
+        with torch.device("meta"):  # never torch.empty memory that would compute garbage silently
+            self.vision = VisionEncoder(config.vision)
+            self.projector = Projector(config)
+            self.text = TextDecoder(config)
+
+    @classmethod
+    def from_config(cls, config: GLM4VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "GLM4V":
+        """A randomly initialized model, ready to train (see glm4v_core.init for the scheme)."""
+        model = cls(config).to(dtype).to_empty(device=device)
+        init_parameters(model, seed)
+        return model
+
+    def gradient_checkpointing(self, enabled: bool = True) -> "GLM4V":
+        """Recompute each ViT and decoder block in backward instead of keeping its activations."""
+        self.vision.checkpoint_layers = self.text.checkpoint_layers = enabled
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,10 +76,16 @@ class GLM4V(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, *, last_logits_only: bool = False,
-                output_hidden_states: bool = False) -> ModelOutput:
+                output_hidden_states: bool = False, labels: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, L) -> logits. attention_mask (B, L): 1 for real tokens, left padding only.
         position_ids default to 0..n-1 over each row's real tokens (0 on pads). With a cache,
-        prefill fills it; later calls (decode) must pass position_ids and no attention_mask."""
+        prefill fills it; later calls (decode) must pass position_ids and no attention_mask.
+        labels (B, L): one per input token, -100 = not counted; the output then has `loss` (the
+        mean next-token cross entropy, see glm4v_core.loss) and no logits."""
+        if labels is not None:
+            if cache is not None:
+                raise InputError("labels (training) take no KV cache: pass cache=None")
+            check_labels(labels, input_ids, self.config.vocab_size)
         decoding = cache is not None and cache.length > 0
         if decoding and (attention_mask is not None or position_ids is None or pixel_values is not None):
             raise InputError("decode steps (cache already filled) take input_ids and explicit position_ids "
@@ -65,6 +93,7 @@ class GLM4V(nn.Module):
         if decoding:  # decode ids come from our own logits: no data-dependent check (host sync)
             check_ids_shape(input_ids)
         else:
+            check_materialized(self)  # once per prompt, not per decode step
             image_rows = self.check_inputs(input_ids, pixel_values)
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
@@ -73,10 +102,10 @@ class GLM4V(nn.Module):
         elif position_ids.shape != input_ids.shape:
             raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         embeds = self.text.embed(input_ids)
-        image_embeds = None
+        image_embeds = source_index = is_patch = None
         if pixel_values is not None:  # prefill only (refused above when decoding)
             image_embeds = self.encode_images(pixel_values)
-            embeds, position_ids, attention_mask = splice_images(
+            embeds, position_ids, attention_mask, source_index, is_patch = splice_images(
                 embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
         key_start = cache.key_start if decoding else first_valid_key(attention_mask)
         if cache is not None and not decoding:
@@ -85,6 +114,10 @@ class GLM4V(nn.Module):
             cache.key_start = key_start
         hidden = [] if output_hidden_states else None
         x = self.text(embeds, position_ids, key_start, cache, hidden)
+        if labels is not None:  # training: the loss without logits of the whole sequence
+            targets = splice_labels(labels, source_index, is_patch, attention_mask)
+            loss = causal_lm_loss(x, self.text.lm_head.weight, targets, self.loss_chunk_size)
+            return ModelOutput(None, position_ids, attention_mask, hidden, image_embeds, loss)
         if last_logits_only:
             x = x[:, -1:]
         return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
@@ -135,6 +168,15 @@ class GLM4V(nn.Module):
         return rows
 
 
+def check_materialized(model: nn.Module) -> None:
+    """Refuse to compute with parameters that were never filled (a bare GLM4V(config))."""
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise InputError(f"{len(empty)} parameter(s) were never filled (e.g. {empty[0]!r} is on the meta device): "
+                         "use glm4v_core.load_model(path) for a checkpoint or GLM4V.from_config(config, seed=...) "
+                         "for random weights")
+
+
 def check_ids_shape(input_ids: torch.Tensor) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise InputError(f"input_ids must be an integer tensor (B, L), got {type(input_ids).__name__} "
@@ -170,11 +212,14 @@ def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def splice_images(embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                   image_rows: torch.Tensor, image_embeds: torch.Tensor, boi_token_id: int,
-                  input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                    torch.Tensor, torch.Tensor]:
     """Replace each image row's 3 placeholder tokens by its image embeddings (vectorized, no loop).
 
     Output length T = L - 3 + N (N = image embedding rows). Rows without an image (in a mixed
-    batch) are shifted right by N - 3 behind extra left pads (mask 0, position 0)."""
+    batch) are shifted right by N - 3 behind extra left pads (mask 0, position 0).
+    Returns (embeds, positions, mask, source_index, is_patch): source_index (B, T) is the input
+    token each slot comes from, is_patch (B, T) marks image patch rows (the labels' map)."""
     B, L, H = embeds.shape
     N = image_embeds.shape[1]
     T = L - 3 + N
@@ -202,4 +247,5 @@ def splice_images(embeds: torch.Tensor, position_ids: torch.Tensor, attention_ma
         # patch rows are real tokens; boi/eoi rows keep their tokens' mask values
         mask = base.gather(1, src).masked_fill(in_image & (t > boi) & (t < boi + N - 1), 1)
         mask = mask.masked_fill(is_extra_pad, 0)
-    return spliced, positions, mask
+    is_patch = in_image & (t > boi) & (t < boi + N - 1)
+    return spliced, positions, mask, src, is_patch

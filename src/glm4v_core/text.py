@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .cache import KVCache
@@ -99,6 +100,8 @@ class Block(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    checkpoint_layers = False  # GLM4V.gradient_checkpointing: recompute blocks in backward
+
     def __init__(self, cfg: GLM4VConfig):
         super().__init__()
         self.cfg = cfg
@@ -119,7 +122,10 @@ class TextDecoder(nn.Module):
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, cos, sin, key_start, cache)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, key_start, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, key_start, cache)
         if hidden_states is not None:
             hidden_states.append(x)
         if cache is not None:
