@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint
+from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint, read_config
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
@@ -54,6 +54,10 @@ def check_device(device: str | torch.device) -> torch.device:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
+    Inference-ready: eval mode, no gradients. To train, `model.requires_grad_(True).train()` is
+    all it takes. `model.raw_config` keeps config.json as read (auto_map, torch_dtype...) for
+    `save_model`.
+
     Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
     ValueErrors whose message names the file and tensor at fault."""
     device = check_device(device)
@@ -66,4 +70,5 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str
     # .to() returns the mmapped view itself when dtype and device already match: zero-copy
     state = {name: files.tensor(info).to(device=device, dtype=dtype) for name, info in ckpt.tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
+    model.raw_config = read_config(folder)
     return model.eval().requires_grad_(False)
