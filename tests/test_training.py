@@ -176,3 +176,14 @@ def test_readme_training_example_runs_and_overfits(tmp_path):
     assert loss < 0.05, run.stdout
     assert "answer: [301, 302, 303, 304]" in run.stdout
     assert load_model(tmp_path / "tiny-finetuned").config.vocab_size == 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture", ["tiny", "narrow"])
+def test_gradients_match_the_reference_on_cuda(fixtures_dir, fixture):
+    """The default CUDA path (Triton RMSNorm forward + backward, TF32 off): same bound as on CPU."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu marker needs a CUDA device")
+    reports = parity.run_grad_parity(fixtures_dir / fixture, device="cuda")
+    bad = [(r.name, r.loss_abs_err, r.worst_param, r.grad_max_rel_err) for r in reports if not r.ok]
+    assert not bad, bad
