@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import glm4v_core.save as save_module
 from glm4v_core import GLM4V, load_model, ops, parity, save_model
@@ -45,9 +45,22 @@ def test_grad_parity_cli_json_and_exit_code(fixtures_dir, tmp_path, capsys):
     (bad / "grads.json").unlink()
     meta = json.loads((fixtures_dir / "tiny" / "grads.json").read_text())
     meta["cases"]["b"]["loss"] += 1e-3
+    meta["cases"]["d"]["grad_norm"]["transformer.output_layer.weight"] *= 1 + 2e-4  # a recorded norm, no tensor
     (bad / "grads.json").write_text(json.dumps(meta))
     assert parity.main(["--grads", "--checkpoint", str(bad)]) == 1
-    assert re.search(r"\n  b .*FAIL", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\n  b .*FAIL", out) and re.search(r"\n  d .*transformer\.output_layer\.weight +FAIL", out)
+    assert re.search(r"\n  a .* ok", out)
+    # so must one full gradient tensor off by 2e-4 x its max-abs, named by its HF name
+    (bad / "grads.json").unlink()
+    (bad / "grads.json").symlink_to(fixtures_dir / "tiny" / "grads.json")
+    grads = load_file(str(fixtures_dir / "tiny" / "grads.safetensors"))
+    key = "grad_a.transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"
+    grads[key][3, 5] += 2e-4 * grads[key].abs().max()
+    (bad / "grads.safetensors").unlink()
+    save_file(grads, str(bad / "grads.safetensors"))
+    assert parity.main(["--grads", "--checkpoint", str(bad)]) == 1
+    assert re.search(r"\n  a .*layers\.1\.mlp\.dense_4h_to_h\.weight +FAIL", capsys.readouterr().out)
 
 
 def test_load_model_is_frozen_until_asked(fixtures_dir):
