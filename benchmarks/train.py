@@ -7,8 +7,9 @@ GLM4V.loss_chunk_size = None) or "chunked" (the default), checkpointing off or o
 
 CPU (default without CUDA): the narrow fixture's weights, fp32, a batch of image + text rows
 (case a's image and prompt, then random answer tokens up to --text-tokens, all learned). Each
-variant runs in a fresh process; memory = growth of the process's peak RSS during one step
-(Linux VmHWM, reset just before), and the bytes autograd keeps for backward (exact).
+variant runs in a fresh process; memory = growth of the process's peak RSS during its first
+step (Linux VmHWM, reset just before; approximate: the allocator's reuse blurs it), and the bytes
+autograd keeps for backward (exact).
 CUDA: the real model's shapes (1120 px image + --text-tokens text tokens) in bf16 with random
 weights and --layers decoder / --vision-layers ViT blocks (the full 40 + 63 do not fit one GPU
 for full fine-tuning); memory = torch.cuda.max_memory_allocated during the step.
@@ -102,7 +103,7 @@ def run_variant_cpu(loss: str, checkpointing: bool, rows: int, text_tokens: int,
     model, batch = cpu_model_and_batch(rows, text_tokens)
     configure(model, loss, checkpointing)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
-    train_step(model, batch, optimizer)  # warm-up: allocator, lazy inits
+    # the first step is measured: later ones reuse memory the allocator kept, which hides the peak
     reset = reset_peak_rss()
     base = peak_rss()
     value, kept = train_step(model, batch, optimizer)
