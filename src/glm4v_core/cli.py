@@ -3,6 +3,7 @@
     glm4v generate [--checkpoint DIR] [--image PATH] "Describe this image."
     glm4v chat [--checkpoint DIR] [--image PATH]
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
+    glm4v finetune --data F --out DIR [...] (the arguments of python -m glm4v_core.finetune)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
 every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
@@ -41,7 +42,7 @@ class CLIError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4v", description="GLM-4V-9B inference (glm4v-core).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity,finetune}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
     gen.add_argument("prompt", help="the user message")
     chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit' or EOF ends)")
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_arguments(p)
         add_sampling_arguments(p)
     commands.add_parser("parity", help="compare with the HF reference fixtures (see glm4v parity --help)",
+                        add_help=False)
+    commands.add_parser("finetune", help="LoRA / full fine-tuning on a JSONL (see glm4v finetune --help)",
                         add_help=False)
     return parser
 
@@ -83,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["parity"]:  # every further argument belongs to the parity tool
         from . import parity
         return parity.main(argv[1:])
+    if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
+        from . import finetune
+        return finetune.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate" and not args.prompt.strip():
