@@ -230,7 +230,8 @@ class Trainer:
             out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
                              labels=batch.labels.to(self.device))
             weighted = out.loss * (batch.counted / counted)  # token-weighted: the step's mean over all tokens
-            weighted.backward()
+            if weighted.requires_grad:  # a text-only batch does not reach trained vision/projector weights
+                weighted.backward()
             total += weighted.detach().cpu()
         if a.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.params.values(), a.max_grad_norm)
