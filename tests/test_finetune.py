@@ -97,11 +97,12 @@ def test_batches_are_left_padded_with_labels_lined_up(tokenizer, config, tmp_pat
     assert samples[0].length == len(samples[0].input_ids) - 3 + 2 + (56 // 14 // 2) ** 2
 
 
-def test_counted_labels_are_what_the_loss_averages_over(tokenizer, config):
+@pytest.mark.parametrize("train_on", ["assistant", "all"])
+def test_counted_labels_are_what_the_loss_averages_over(tokenizer, config, train_on):
     """The loss of a two-row batch equals the token-weighted mean of its rows' losses: the label
     counts the trainer weights micro-batches with are the model's own."""
     model = load_model(TINY)
-    samples = read_samples(DATA / "train.jsonl", tokenizer, config)[:2]
+    samples = read_samples(DATA / "train.jsonl", tokenizer, config, train_on=train_on)[:2]
     def loss(batch):
         i = batch.inputs
         return float(model(i.input_ids, i.pixel_values, i.attention_mask, i.position_ids, labels=batch.labels).loss)
@@ -152,6 +153,15 @@ def test_lora_overfits_one_image_and_text_sample(tmp_path):
     assert curve[0] > 6.0 and curve[-1] < 0.1, curve
 
 
+def test_accumulated_micro_batches_weigh_tokens_like_one_batch(tmp_path):
+    """Step 1 over samples a, b: one batch of 2 or 2 accumulated micro-batches of 1 give the same
+    loss (each micro-batch weighted by its share of the counted tokens, not 1/2 each)."""
+    assert run(tmp_path, "--max-steps", "1", "--batch-size", "2", out="batch") == 0
+    assert run(tmp_path, "--max-steps", "1", "--grad-accum", "2", out="accum") == 0
+    (one,), (two,) = losses(tmp_path / "batch"), losses(tmp_path / "accum")
+    assert abs(one - two) < 1e-5, (one, two)
+
+
 def test_resume_continues_the_same_loss_curve_exactly(tmp_path):
     common = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-2", "--grad-accum", "2",
               "--lora-dropout", "0.2", "--warmup-steps", "2", "--train", "decoder,vision"]
@@ -168,14 +178,16 @@ def test_resume_continues_the_same_loss_curve_exactly(tmp_path):
 
 
 def test_full_fine_tune_resumes_exactly(tmp_path):
-    common = ["--lora-rank", "0", "--train", "projector", "--max-steps", "4", "--save-every", "2", "--lr", "1e-3"]
+    common = ["--lora-rank", "0", "--train", "projector,decoder", "--max-steps", "4", "--save-every", "2",
+              "--lr", "1e-3"]
     assert run(tmp_path, *common, out="full") == 0
     assert run(tmp_path, *common, "--resume", str(tmp_path / "full" / "checkpoints" / "step-000002"),
                out="resumed") == 0
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
     trained, base = load_model(tmp_path / "full" / "model"), load_model(TINY)
     assert not torch.equal(trained.projector.glu.up.weight, base.projector.glu.up.weight)
-    assert torch.equal(trained.text.layers[0].attn.qkv.weight, base.text.layers[0].attn.qkv.weight)  # frozen
+    assert not torch.equal(trained.text.layers[0].attn.qkv.weight, base.text.layers[0].attn.qkv.weight)
+    assert torch.equal(trained.vision.layers[0].attn.qkv.weight, base.vision.layers[0].attn.qkv.weight)  # frozen
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
@@ -219,13 +231,14 @@ def test_readme_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).parents[1])
     argv = README_COMMAND.split()[1:]
     argv[argv.index("runs/tiny")] = str(tmp_path / "tiny")
-    assert cli.main([*argv, "--no-progress"]) == 0
+    assert cli.main(argv) == 0
     out = tmp_path / "tiny"
     train, evals = finetune.read_log(out / "loss.jsonl")
     assert [r["step"] for r in train] == list(range(1, 11)) and train[-1]["loss"] < train[0]["loss"]
     assert all(r["tokens_per_s"] > 0 for r in train)
     assert len(evals) == 1 and evals[0]["step"] == 10 and evals[0]["eval_loss"] > 0
-    assert "held-out loss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "held-out loss" in err and "10/10" in err and "loss=" in err and "tok_s=" in err  # the progress bar
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
     # the merged checkpoint computes what the base model plus the saved adapters computes
