@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from glm4v_core import chat, cli, finetune, lora, load_model
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.finetune_data import DataError, collate, read_samples, tokenize_sample
+from glm4v_core.finetune_state import read_log
 from glm4v_core.loss import IGNORE_INDEX
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -46,7 +47,7 @@ def run(tmp_path: Path, *args: str, data: Path | None = None, out: str = "out") 
 
 
 def losses(out: Path) -> list[float]:
-    train, _ = finetune.read_log(out / "loss.jsonl")
+    train, _ = read_log(out / "loss.jsonl")
     return [r["loss"] for r in train]
 
 
@@ -233,7 +234,7 @@ def test_readme_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     argv[argv.index("runs/tiny")] = str(tmp_path / "tiny")
     assert cli.main(argv) == 0
     out = tmp_path / "tiny"
-    train, evals = finetune.read_log(out / "loss.jsonl")
+    train, evals = read_log(out / "loss.jsonl")
     assert [r["step"] for r in train] == list(range(1, 11)) and train[-1]["loss"] < train[0]["loss"]
     assert all(r["tokens_per_s"] > 0 for r in train)
     assert len(evals) == 1 and evals[0]["step"] == 10 and evals[0]["eval_loss"] > 0

@@ -12,13 +12,8 @@ The output folder OUT:
     loss.jsonl                  one JSON line per step (step, epoch, loss, lr, tokens, tokens_per_s)
                                 and per evaluation (step, eval_loss)
     loss.png                    the loss curve (needs matplotlib; skipped with a note otherwise)
-    checkpoints/step-00000N/    every --save-every steps, at the end and on Ctrl-C, each folder
-                                published atomically:
-        trainable.safetensors   the trained tensors: LoRA adapters (the adapter file format of
-                                glm4v_core.lora) or, for a full fine-tune, every trained parameter
-        optimizer.safetensors   AdamW moments per parameter name (+ its step count)
-        trainer.json            step, the arguments, the optimizer's hyperparameters
-        rng.safetensors         torch RNG states (CPU, CUDA): dropout continues where it stopped
+    checkpoints/step-00000N/    every --save-every steps, at the end and on Ctrl-C: trained
+                                tensors, AdamW state, RNG states, step (glm4v_core.finetune_state)
     adapter.safetensors         the final adapters (LoRA runs)
     merged/ or model/           with --save-merged (LoRA: adapters merged) or after a full
                                 fine-tune: a checkpoint folder written by save_model (HF layout)
@@ -32,22 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
-
-from glm4v_conversion.atomic import staging
 
 from . import lora
 from .config import GLM4VConfig
-from .finetune_data import ON_BAD_RECORD, TRAIN_ON, DataError, Sample, collate, micro_batches, read_samples
+from .finetune_data import ON_BAD_RECORD, TRAIN_ON, collate, micro_batches, read_samples
+from .finetune_state import (check_resume_args, deferred_interrupt, find_resume, keep_log_until,
+                             latest_checkpoint, plot_loss, read_checkpoint, write_checkpoint)
 from .model import GLM4V
 from .save import save_model
 from .tokenizer import Tokenizer
@@ -55,11 +47,6 @@ from .weights import check_device, load_model
 
 PARTS = {"vision": "vision", "projector": "projector", "decoder": "text"}  # --train name -> module
 SCHEDULES = ("cosine", "linear", "constant")
-CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
-# Arguments that must not change on --resume: they shape the model, the data or the curve.
-RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_shared_fused", "train", "lr", "weight_decay",
-                "warmup_steps", "schedule", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm",
-                "dtype", "seed", "train_on", "max_length", "shuffle")
 
 
 class FinetuneError(ValueError):
@@ -290,23 +277,19 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N: trained tensors, optimizer, RNG, step; published atomically. Ctrl-C
-        during the write is held back until the folder is complete."""
+        """checkpoints/step-N (see glm4v_core.finetune_state), published atomically."""
         dst = self.args.out / "checkpoints" / f"step-{self.step:06d}"
-        with deferred_interrupt(), staging(dst) as tmp:
-            if self.args.lora_rank > 0:
-                lora.save_adapters(self.model, tmp / "trainable.safetensors")
-            else:
-                lora.atomic_save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()},
-                                      tmp / "trainable.safetensors", {"format": "glm4v-finetune"})
-            tensors, groups = optimizer_tensors(self.optimizer, list(self.params))
-            lora.atomic_save_file(tensors, tmp / "optimizer.safetensors", {"format": "glm4v-finetune"})
-            rng = self.step_rng or self.rng_state()
-            lora.atomic_save_file(rng, tmp / "rng.safetensors", {"format": "glm4v-finetune"})
-            state = {"step": self.step, "total_steps": self.total_steps, "param_groups": groups,
-                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}}
-            (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n")
-        return dst
+        if self.args.lora_rank > 0:
+            def write_trained(path: Path) -> None:
+                lora.save_adapters(self.model, path)
+        else:
+            def write_trained(path: Path) -> None:
+                lora.atomic_save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, path,
+                                      {"format": "glm4v-finetune"})
+        state = {"step": self.step, "total_steps": self.total_steps,
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}}
+        rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from
+        return write_checkpoint(dst, write_trained, self.optimizer, list(self.params), rng, state)
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
@@ -315,96 +298,12 @@ class Trainer:
         return rng
 
     def load_checkpoint(self, folder: Path) -> None:
-        state = json.loads((folder / "trainer.json").read_text())
-        with safe_open(str(folder / "trainable.safetensors"), framework="pt") as f:
-            names = set(f.keys())
-            if self.args.lora_rank > 0:
-                expected = {n: t for n, t in lora.adapter_state(self.model).items()}
-            else:
-                expected = {n: p.detach() for n, p in self.params.items()}
-            if names != set(expected):
-                raise FinetuneError(f"{folder}: trained tensors do not fit this run (e.g. "
-                                    f"{sorted(names ^ set(expected))[:3]})")
-            with torch.no_grad():
-                for name, t in expected.items():
-                    t.copy_(f.get_tensor(name))
-        with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
-            tensors = {n: f.get_tensor(n) for n in f.keys()}
-        load_optimizer(self.optimizer, list(self.params), tensors, state["param_groups"], self.device)
-        with safe_open(str(folder / "rng.safetensors"), framework="pt") as f:
-            torch.set_rng_state(f.get_tensor("cpu"))
-            if self.device.type == "cuda" and "cuda" in f.keys():
-                torch.cuda.set_rng_state(f.get_tensor("cuda"), self.device)
+        trained = lora.adapter_state(self.model) if self.args.lora_rank > 0 else dict(self.params)
+        state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), self.device)
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = state["step"]
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list[dict]]:
-    """AdamW state as {<param name>.<key>: tensor} plus the JSON-able param groups (no pickle)."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for index, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"{names[index]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, groups: list[dict],
-                   device: torch.device) -> None:
-    state = {}
-    for index, name in enumerate(names):
-        keys = {k[len(name) + 1:] for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
-        if keys:
-            state[index] = {k: tensors[f"{name}.{k}"] if k == "step" else tensors[f"{name}.{k}"].to(device)
-                            for k in keys}
-    param_groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},
-                     "params": list(range(len(names)))} for g in groups]
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-class deferred_interrupt:
-    """Hold a Ctrl-C that arrives inside the block and raise it when the block ends."""
-
-    def __enter__(self):
-        self.pending = False
-        try:
-            self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "pending", True))
-        except ValueError:  # not the main thread: signals cannot be caught here anyway
-            self.previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.pending and exc[0] is None:
-            raise KeyboardInterrupt
-        return False
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
-
-
-def find_resume(path: Path) -> Path:
-    """An output folder (its latest checkpoint) or a checkpoint folder itself."""
-    folder = path if (path / "trainer.json").is_file() else latest_checkpoint(path)
-    if folder is None:
-        raise FinetuneError(f"--resume {path}: no checkpoint there (expected {path}/checkpoints/step-N "
-                            "or a folder holding trainer.json)")
-    missing = [f for f in CHECKPOINT_FILES if not (folder / f).is_file()]
-    if missing:
-        raise FinetuneError(f"--resume: checkpoint {folder} is incomplete, missing {missing}")
-    return folder
-
-
-def check_resume_args(folder: Path, args: argparse.Namespace) -> None:
-    saved = json.loads((folder / "trainer.json").read_text())["args"]
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
-               if saved.get(k) != getattr(args, k)]
-    if changed:
-        raise FinetuneError(f"--resume {folder}: these arguments differ from the interrupted run, so the "
-                            f"curve could not continue: {', '.join(changed)}")
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -430,46 +329,6 @@ def check_args(a: argparse.Namespace) -> None:
         raise FinetuneError(f"--data {a.data} is not a file")
     if a.eval_data is not None and not a.eval_data.is_file():
         raise FinetuneError(f"--eval-data {a.eval_data} is not a file")
-
-
-def keep_log_until(source: Path, dst: Path, step: int) -> None:
-    """dst's log = source's lines up to `step` (a resumed run drops what came after its checkpoint;
-    resumed into a new folder, it starts from the old folder's lines)."""
-    lines = []
-    if step > 0 and source.exists():
-        lines = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, dst)
-
-
-def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of a loss.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
-
-
-def plot_loss(log: Path, png: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed, so no {png.name}; the curve is in {log}", file=sys.stderr)
-        return None
-    train, evals = read_log(log)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean over counted tokens)")
-    ax.legend()
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
 
 
 def make_progress(total: int, done: int, enabled: bool):
