@@ -255,7 +255,9 @@ def test_readme_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_finetune_on_cuda_resumes_exactly(tmp_path, dtype):
     """On CUDA (Triton kernels where no gradient is needed): LoRA over the decoder and the ViT,
-    checkpointing on; the resumed curve equals the uninterrupted one and the loss falls."""
+    checkpointing on; the resumed curve follows the uninterrupted one and the loss falls. Within
+    1e-3, not bit for bit: CUDA's attention backward may sum with atomics (nondeterministic); a
+    dropout mask not restored would move the loss by percents."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     common = ["--device", "cuda", "--dtype", dtype, "--max-steps", "6", "--save-every", "3", "--lr", "1e-2",
@@ -263,5 +265,5 @@ def test_finetune_on_cuda_resumes_exactly(tmp_path, dtype):
     assert run(tmp_path, *common, out="full") == 0
     assert run(tmp_path, *common, "--resume", str(tmp_path / "full" / "checkpoints" / "step-000003"),
                out="resumed") == 0
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), rel=1e-3)
     assert losses(tmp_path / "full")[-1] < losses(tmp_path / "full")[0]

@@ -20,7 +20,8 @@ The output folder OUT:
 
 --resume OUT (or a checkpoint folder) reloads the latest checkpoint and continues: the data order
 is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
-uninterrupted run gives, bit for bit (on the same device and thread count). No pickle anywhere.
+uninterrupted run gives, bit for bit on CPU (same thread count; on CUDA up to the nondeterminism
+of its attention backward kernels). No pickle anywhere.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=args.lr, weight_decay=args.weight_decay)
         self.step = 0
         self.step_rng: dict | None = None  # RNG states at the start of the step in progress
+        self.epoch_batches: tuple[int, list] = (-1, [])
         self.log_path = args.out / "loss.jsonl"
 
     def build_model(self) -> GLM4V:
@@ -236,8 +238,10 @@ class Trainer:
     def micro_batch(self, index: int):
         """Micro-batch number `index` of the whole run (epochs laid end to end)."""
         epoch, k = divmod(index, self.micro_per_epoch)
-        batches = micro_batches(self.samples, self.args.batch_size, self.args.seed, epoch, self.args.shuffle)
-        return collate(batches[k], self.tokenizer, self.config.vision.image_size)
+        if self.epoch_batches[0] != epoch:  # one shuffle per epoch
+            a = self.args
+            self.epoch_batches = (epoch, micro_batches(self.samples, a.batch_size, a.seed, epoch, a.shuffle))
+        return collate(self.epoch_batches[1][k], self.tokenizer, self.config.vision.image_size)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
