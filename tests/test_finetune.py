@@ -267,3 +267,13 @@ def test_finetune_on_cuda_resumes_exactly(tmp_path, dtype):
                out="resumed") == 0
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), rel=1e-3)
     assert losses(tmp_path / "full")[-1] < losses(tmp_path / "full")[0]
+
+
+def test_without_matplotlib_the_png_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    import sys
+    from glm4v_core.finetune_state import plot_loss
+    log = write_jsonl(tmp_path / "loss.jsonl", [{"step": 1, "loss": 2.0}, {"step": 1, "eval_loss": 2.5}])
+    assert plot_loss(log, tmp_path / "loss.png") == tmp_path / "loss.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert plot_loss(log, tmp_path / "again.png") is None
+    assert "matplotlib is not installed" in capsys.readouterr().err and not (tmp_path / "again.png").exists()
