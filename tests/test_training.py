@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import glm4v_core.save as save_module
-from glm4v_core import GLM4V, load_model, ops, parity, save_model
+from glm4v_core import GLM4V, generate, load_model, ops, parity, save_model
 from glm4v_core.init import InitError, init_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,9 @@ def test_grad_parity_cli_json_and_exit_code(fixtures_dir, tmp_path, capsys):
 def test_load_model_is_frozen_until_asked(fixtures_dir):
     model = load_model(fixtures_dir / "tiny")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    model.requires_grad_(True).train()
     grads = load_file(str(fixtures_dir / "tiny" / "grads.safetensors"))
+    generate(model, grads["input_ids_b"][:, :8], max_new_tokens=2)  # inference first leaves nothing behind
+    model.requires_grad_(True).train()
     pixels = load_file(str(fixtures_dir / "tiny" / "reference.safetensors"))["pixel_values_a"]
     model(grads["input_ids_a"], pixels, labels=grads["labels_a"]).loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
