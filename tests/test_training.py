@@ -201,3 +201,21 @@ def test_gradients_match_the_reference_on_cuda(fixtures_dir, fixture):
     reports = parity.run_grad_parity(fixtures_dir / fixture, device="cuda")
     bad = [(r.name, r.loss_abs_err, r.worst_param, r.grad_max_rel_err) for r in reports if not r.ok]
     assert not bad, bad
+
+
+def test_save_over_the_folder_it_was_loaded_from_and_a_from_config_model(fixtures_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors"):
+        (folder / f).write_bytes((fixtures_dir / "tiny" / f).read_bytes())
+    model = load_model(folder)  # parameters are memory maps of the files about to be replaced
+    want = {n: t.clone() for n, t in model.state_dict().items()}
+    save_model(model, folder, layout="native", overwrite=True)
+    back = load_model(folder)
+    assert all(torch.equal(want[n], t) for n, t in back.state_dict().items())
+    fresh = GLM4V.from_config(model.config, seed=3, dtype=torch.bfloat16)
+    save_model(fresh, tmp_path / "fresh", layout="hf")
+    again = load_model(tmp_path / "fresh", dtype=torch.bfloat16)
+    assert all(torch.equal(fresh.state_dict()[n], t) for n, t in again.state_dict().items())
+    assert again.config == model.config
