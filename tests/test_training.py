@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 import glm4v_core.save as save_module
 from glm4v_core import GLM4V, generate, load_model, ops, parity, save_model
 from glm4v_core.init import InitError, init_parameters
+from triton_env import needs_triton
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["torch"]  # the triton case joins once ops.attention has a Triton backward
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # triton: kernels' forward and backward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
