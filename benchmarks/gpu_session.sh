@@ -8,7 +8,7 @@
 #              triton; if that install fails, the packages are put on PYTHONPATH through links);
 # kernels      benchmarks/kernels.py: kernel microbenchmarks (attention forward and backward, RMSNorm)
 #              vs PyTorch and the roofline, each Triton row checked against its torch reference;
-# tests        the kernel, backend and generation tests compiled on the GPU (`gpu` marked cases too);
+# tests        the kernel and backend tests compiled on the GPU, and every `gpu` marked test;
 # generate     benchmarks/generate.py --real: TTFT and decode speed of the real-size model (random
 #              weights), eager vs compiled decode step replayed from a CUDA graph;
 # train        benchmarks/train.py: a training step at real widths, with and without chunked loss
@@ -59,10 +59,11 @@ if ! python -c "import glm4v_core, glm4v_kernels, glm4v_conversion" 2>>"$log"; t
 fi
 step setup 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
-step tests 200 python -m pytest -q -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
-    tests/test_kernels_rms_norm.py tests/test_backends.py tests/test_generate.py
+step tests 200 python -m pytest -q -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
+    tests/test_kernels_attention_backward.py tests/test_kernels_rms_norm.py tests/test_backends.py
+step tests 150 python -m pytest -q -rf --tb=short -m gpu tests
 step kernels 150 python benchmarks/kernels.py --out benchmarks/results
-step generate 240 python benchmarks/generate.py --real --fixtures "" --mid ""
+step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
 step train 90 python benchmarks/train.py --device cuda
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
 step resources 40 python benchmarks/kernel_resources.py
