@@ -88,43 +88,47 @@ def run_variant_cpu(method: str, kind: str, text_tokens: int, steps: int, rank: 
             "step_s_median": statistics.median(times), "step_s_best": min(times), **trainable_numbers(model)}
 
 
-def run_real(text_tokens: int, steps: int, rank: int, methods: list[str]) -> list[dict]:
-    raw = json.loads(MANIFEST.read_text())["config"]
-    config = GLM4VConfig.from_hf(raw)
-    model = GLM4V.from_config(config, seed=0, dtype=torch.bfloat16, device="cuda")
-    c = config
+def run_real(text_tokens: int, steps: int, rank: int, methods: list[str], config: GLM4VConfig | None = None,
+             device: str = "cuda") -> list[dict]:
+    """One LoRA step per method on random bf16 weights (the real config unless one is given; the
+    smoke test runs it on CPU with the tiny config, where no memory is recorded)."""
+    cuda = device == "cuda"
+    c = config or GLM4VConfig.from_hf(json.loads(MANIFEST.read_text())["config"])
+    model = GLM4V.from_config(c, seed=0, dtype=torch.bfloat16, device=device)
     prompt = torch.tensor([c.vocab_size - 221, c.vocab_size - 219, c.vocab_size - 216, 198,  # [gMASK] <sop> <|user|> \n
                            c.boi_token_id, c.pad_token_id, c.eoi_token_id, 3, 4, 5, c.vocab_size - 215])
     pixels = torch.randn(1, 3, c.vision.image_size, c.vision.image_size)
-    batch = {k: v.cuda() for k, v in make_batch(c, prompt, pixels, 1, text_tokens).items()}
+    batch = {k: v.to(device) for k, v in make_batch(c, prompt, pixels, 1, text_tokens).items()}
     model.requires_grad_(False)
     lora.add_lora(model, lora.LoRAConfig.from_presets(["decoder"], rank=rank))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    weights = torch.cuda.memory_allocated()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    weights = torch.cuda.memory_allocated() if cuda else None
     results = []
     for method in methods:
         model.loss_chunk_size = GLM4V.loss_chunk_size if method == "ours" else None
         model.gradient_checkpointing(method == "ours")
         model.train()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             value = step(model, batch, optimizer)
-            torch.cuda.synchronize()
+            sync()
         except torch.cuda.OutOfMemoryError:
             results.append({"method": method, "kind": "lora", "oom": True})
             optimizer.zero_grad(set_to_none=True)
             continue
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() if cuda else None
         times = []
         for _ in range(steps):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             step(model, batch, optimizer)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
         results.append({"method": method, "kind": "lora", "loss_value": value, "peak_allocated_bytes": peak,
-                        "weights_and_adapters_bytes": weights, "within_32GB": peak <= 32 * 2**30,
+                        "weights_and_adapters_bytes": weights, "within_32GB": cuda and peak <= 32 * 2**30,
                         "step_s_median": statistics.median(times), "step_s_best": min(times),
                         **trainable_numbers(model)})
     return results
