@@ -179,3 +179,14 @@ def test_any_base_module_with_the_linear_contract_can_be_wrapped():
     adapter.merge()
     torch.testing.assert_close(adapter(x), y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(base(x), y, rtol=1e-5, atol=1e-5)  # the update went into the base
+
+
+def test_add_lora_wraps_a_stand_in_base_in_the_model(tiny):
+    """QLoRA's order: replace a Linear by a quantized stand-in first, then add adapters."""
+    tiny.text.layers[0].mlp.down = ScaledLinear(tiny.text.layers[0].mlp.down)
+    adapters = lora.add_lora(tiny, LoRAConfig(rank=2, targets=("text.layers.*.mlp.down",)))
+    assert isinstance(adapters["text.layers.0.mlp.down"].base, ScaledLinear)
+    randomize_b(tiny)
+    unmerged = logits(tiny)
+    lora.merge(tiny)
+    torch.testing.assert_close(logits(tiny), unmerged, rtol=1e-5, atol=1e-5)

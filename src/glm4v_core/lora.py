@@ -20,7 +20,9 @@ With `split_fused=False` the fused layer gets one shared adapter (A (rank, in), 
 fewer parameters, and the parts share one input subspace.
 
 The wrapped base module is pluggable (QLoRA wraps a quantized Linear): `LoRALinear(base, ...)`
-needs from `base` only `in_features`, `out_features` and `forward(x) -> x @ W.T (+ bias)`.
+needs from `base` only `in_features`, `out_features` and `forward(x) -> x @ W.T (+ bias)`, and
+`add_lora` wraps any module that declares those two (`is_linear`), so quantize first, then add
+adapters.
 `merge()` / `unmerge()` additionally call `base.merge_delta(delta)` when the base defines it (a
 quantized base dequantizes, adds and requantizes there), else add `delta` to `base.weight`.
 
@@ -178,12 +180,12 @@ def fused_parts(model: GLM4V, name: str) -> tuple[int, ...] | None:
 
 
 def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRALinear]:
-    """Wrap every Linear whose name matches a target in a LoRALinear, in place; freeze everything
-    else. Returns {module name: adapter}. A pattern that matches no Linear raises (a typo would
+    """Wrap every Linear (or `is_linear` stand-in) whose name matches a target in a LoRALinear, in
+    place; freeze everything else. Returns {module name: adapter}. A pattern that matches no Linear raises (a typo would
     otherwise train nothing)."""
     if adapters_of(model):
         raise LoRAError("the model already has LoRA adapters; call remove_lora(model) first")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if is_linear(m)}
     for pattern in config.targets:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
             raise LoRAError(f"LoRA target {pattern!r} matches no Linear layer of the model "
@@ -201,6 +203,15 @@ def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAL
         adapters[name] = adapter
     model.lora_config = config
     return adapters
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A module adapters can wrap: nn.Linear, or any stand-in (a quantized Linear) that declares
+    integer in_features and out_features."""
+    if isinstance(module, LoRALinear):
+        return False
+    return isinstance(module, nn.Linear) or all(isinstance(getattr(module, a, None), int)
+                                                for a in ("in_features", "out_features"))
 
 
 def adapters_of(model: nn.Module) -> dict[str, LoRALinear]:
