@@ -124,18 +124,22 @@ def test_bad_records_are_reported_with_line_numbers_or_refused(tokenizer, config
                {"messages": [{"role": "user", "content": "only a question"}]},       # 5 nothing to learn
                {"messages": [{"role": "user", "content": "q"},                       # 6 too long
                              {"role": "assistant", "content": long_text}]},
-               {"text": "no messages"}]                                              # 7
+               {"text": "no messages"},                                              # 7
+               {"messages": [{"role": "user", "content": "x", "image": "fake.png"},  # 8 not an image
+                             {"role": "assistant", "content": "y"}]}]
+    (tmp_path / "fake.png").write_text("not an image")
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     path.write_text(path.read_text().replace("\n", "\n\n", 1))  # a blank line: allowed, lines shift by one
     reports = []
     samples = read_samples(path, tokenizer, config, report=reports.append)
     assert [s.line for s in samples] == [1]
     got = {int(r.split(":")[1]): r for r in reports[:-1]}
-    assert sorted(got) == [3, 4, 5, 6, 7, 8]
+    assert sorted(got) == [3, 4, 5, 6, 7, 8, 9]
     assert "not valid JSON" in got[3] and "unknown role 'robot'" in got[4]
     assert "'nope.png' does not exist" in got[5] and "no token to learn" in got[6]
     assert "exceed max_length 2048" in got[7] and "nothing is truncated" in got[7] and '"messages"' in got[8]
-    assert "1 record(s) used, 6 skipped" in reports[-1]
+    assert "'fake.png' is not a readable image" in got[9]
+    assert "1 record(s) used, 7 skipped" in reports[-1]
     with pytest.raises(DataError, match=r"bad.jsonl:3: not valid JSON"):
         read_samples(path, tokenizer, config, on_bad="error")
     code = run(tmp_path, "--max-steps", "1", "--on-bad-record", "error", data=path)

@@ -7,8 +7,8 @@ One JSON object per line (blank lines are allowed):
 
 - `messages` is what the chat template takes: roles system, user, assistant, observation; keys
   role, content, optional metadata and image. `image` is a path, or a list of paths, relative to
-  the JSONL file's folder unless absolute; it is passed to the chat template as given (GLM-4V itself
-  takes one image per conversation: the template refuses more, and that record is reported).
+  the JSONL file's folder unless absolute; it is passed to the chat template as given (where the
+  template takes one image per conversation, a record with more is reported as bad).
 - Each sample is the template's tokens (no generation prompt) followed by one `<|endoftext|>`,
   so the model learns to end its answer.
 
@@ -21,7 +21,7 @@ Labels (one per input token, -100 = not counted; the model shifts them: token t 
 Image placeholder tokens are never counted here (their patch rows count nothing in the model
 anyway), so a batch's count of labels is exactly the number of tokens its loss averages over.
 
-Bad records (unreadable JSON, unknown role or key, missing image file, no counted token, longer
+Bad records (unreadable JSON, unknown role or key, missing or unreadable image, no counted token, longer
 than max_length after the image splice) are reported with their line number and skipped
 (on_bad="skip") or raise DataError (on_bad="error"). Nothing is truncated.
 """
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .chat import ModelInputs, pad_left
 from .config import GLM4VConfig
@@ -179,6 +180,11 @@ def _resolve_images(image, folder: Path, index: int):
     for original, p in zip(paths, resolved):
         if not Path(p).is_file():
             raise DataError(f"message {index}: image {original!r} does not exist (looked for {p})")
+        try:
+            with Image.open(p):  # reads the header only: a broken file is reported here, not mid-training
+                pass
+        except OSError as e:
+            raise DataError(f"message {index}: image {original!r} is not a readable image ({e})") from None
     return resolved if isinstance(image, (list, tuple)) else resolved[0]
 
 
