@@ -167,19 +167,30 @@ def test_accumulated_micro_batches_weigh_tokens_like_one_batch(tmp_path):
     assert abs(one - two) < 1e-5, (one, two)
 
 
-def test_resume_continues_the_same_loss_curve_exactly(tmp_path):
-    common = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-2", "--grad-accum", "2",
-              "--lora-dropout", "0.2", "--warmup-steps", "2", "--train", "decoder,vision"]
-    assert run(tmp_path, *common, out="full") == 0
-    assert run(tmp_path, *common, "--resume", str(tmp_path / "full" / "checkpoints" / "step-000002"),
+# LoRA on the decoder and the ViT, dropout, accumulation and warmup: every state a resume must restore
+RESUME_ARGS = ["--max-steps", "4", "--save-every", "2", "--lr", "1e-2", "--grad-accum", "2", "--lora-dropout", "0.2",
+               "--warmup-steps", "2", "--train", "decoder,vision"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The reference curve: RESUME_ARGS run start to end (checkpoints at steps 2 and 4)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    assert run(tmp, *RESUME_ARGS, out="full") == 0
+    return tmp / "full"
+
+
+def test_resume_continues_the_same_loss_curve_exactly(tmp_path, uninterrupted):
+    assert run(tmp_path, *RESUME_ARGS, "--resume", str(uninterrupted / "checkpoints" / "step-000002"),
                out="resumed") == 0
-    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # exact, steps 1-2 copied, 3-4 recomputed
-    a, b = (load_file(tmp_path / d / "adapter.safetensors") for d in ("full", "resumed"))
+    assert losses(tmp_path / "resumed") == losses(uninterrupted)  # exact: steps 1-2 copied, 3-4 recomputed
+    a, b = (load_file(d / "adapter.safetensors") for d in (uninterrupted, tmp_path / "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # resuming in place after a run that went past its last checkpoint drops the stale log lines
+    shutil.copytree(uninterrupted, tmp_path / "full")
     shutil.rmtree(tmp_path / "full" / "checkpoints" / "step-000004")
-    assert run(tmp_path, *common, "--resume", str(tmp_path / "full"), out="full") == 0
-    assert losses(tmp_path / "full") == losses(tmp_path / "resumed")
+    assert run(tmp_path, *RESUME_ARGS, "--resume", str(tmp_path / "full"), out="full") == 0
+    assert losses(tmp_path / "full") == losses(uninterrupted)
 
 
 def test_full_fine_tune_resumes_exactly(tmp_path):
@@ -195,23 +206,21 @@ def test_full_fine_tune_resumes_exactly(tmp_path):
     assert torch.equal(trained.vision.layers[0].attn.qkv.weight, base.vision.layers[0].attn.qkv.weight)  # frozen
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
-    common = ["--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0.3"]
-    assert run(tmp_path, *common, out="full") == 0
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, uninterrupted):
     real_clip, calls = torch.nn.utils.clip_grad_norm_, []
 
-    def clip_then_ctrl_c(*args, **kwargs):  # Ctrl-C in step 3 after its forward/backward (dropout drawn)
+    def clip_then_ctrl_c(*args, **kwargs):  # Ctrl-C in step 2 after its forward/backward (dropout drawn)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real_clip(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_ctrl_c)
-    assert run(tmp_path, *common, out="cut") == 130
-    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000002"]
+    assert run(tmp_path, *RESUME_ARGS, out="cut") == 130
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000001"]
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    assert run(tmp_path, *common, "--resume", str(tmp_path / "cut"), out="cut") == 0
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert run(tmp_path, *RESUME_ARGS, "--resume", str(tmp_path / "cut"), out="cut") == 0
+    assert losses(tmp_path / "cut") == losses(uninterrupted)
 
 
 def test_resume_refuses_changed_arguments_and_fresh_runs_refuse_old_checkpoints(tmp_path, capsys):
