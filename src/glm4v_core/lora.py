@@ -219,7 +219,8 @@ def adapters_of(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (the forward then skips the adapters)."""
+    """Fold every adapter into its base weight (the forward then skips the adapters). The sum is
+    taken in fp32 and stored in the weight's dtype: a bf16 base rounds the merged weight to bf16."""
     for adapter in adapters_of(model).values():
         adapter.merge()
 
