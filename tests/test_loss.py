@@ -117,7 +117,8 @@ def test_text_only_row_in_an_image_batch(tiny):
     gap = ids_a.shape[1] - ids_b.shape[1]  # left-pad the text row to the image row's length
     ids = torch.cat([ids_a, torch.cat([torch.full((1, gap), pad), ids_b], 1)])
     labels = torch.cat([lab_a, torch.cat([torch.full((1, gap), IGNORE_INDEX), lab_b], 1)])
-    mask = torch.cat([torch.ones(1, ids_a.shape[1]), torch.cat([torch.zeros(1, gap), torch.ones(1, ids_b.shape[1])], 1)]).long()
+    mask = torch.ones_like(ids)  # (2, L); the text row starts with its left pads
+    mask[1, :gap] = 0
     with torch.no_grad():
         loss = model(ids, ref["pixel_values_a"], mask, labels=labels).loss.item()
     n_a, n_b = (lab_a[:, 1:] != IGNORE_INDEX).sum().item(), (lab_b[:, 1:] != IGNORE_INDEX).sum().item()
