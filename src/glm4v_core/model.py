@@ -1,261 +1,349 @@
-"""GLM-4 tokenizer: tiktoken byte-level BPE over `tokenizer.model`, 14 special tokens, chat template.
+"""GLM-4V: vision tower + projector spliced into the GLM-4 decoder's token stream.
 
-Reproduces THUDM/glm-4v-9b `ChatGLM4Tokenizer` (DESIGN.md section 2; every claim is pinned by
-tests/fixtures/tokenizer/cases.json) without transformers or jinja. The template is the
-`apply_chat_template` method below: that is the whole algorithm.
+A prompt with an image holds `<|begin_of_image|> <|endoftext|> <|end_of_image|>`; those three
+token embeddings are replaced by the image's (grid/2)^2 + 2 embeddings. Positions stay those of
+the unspliced token list: boi keeps p, every patch row shares p + 1, eoi keeps p + 2.
 """
 from __future__ import annotations
 
-import binascii
-import operator
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass
 
-import tiktoken
+import torch
+from torch import nn
 
-
-class TokenizerError(ValueError):
-    """A bad vocabulary file, message or token id; the text says which and where."""
-
-
-# GLM-4's pre-tokenizer split: OpenAI's original cl100k_base pattern (digits in runs of <= 3).
-PAT_STR = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# In id order: the first takes the id right after the last BPE rank (151329 in the real vocabulary).
-SPECIAL_TOKENS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-)
-ROLES = ("system", "user", "assistant", "observation")
-STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # generation ends on any of these
-PREFIX_TOKENS = ("[gMASK]", "<sop>")
-# <|endoftext|> doubles as the image slot; the model swaps these 3 embeddings for the image's 1602.
-# One block per image; the reference allows one image per conversation, we allow any number.
-IMAGE_PLACEHOLDER = ("<|begin_of_image|>", "<|endoftext|>", "<|end_of_image|>")
-MESSAGE_KEYS = ("role", "content", "metadata", "image")
+from .cache import KVCache
+from .config import GLM4VConfig
+from .init import init_parameters
+from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, check_labels, splice_labels
+from .text import KeyRange, TextDecoder
+from .vision import Projector, VisionEncoder
 
 
-class Message(NamedTuple):
-    """One checked chat message; `images` holds what the caller passed (paths or PIL images), in order."""
-
-    role: str
-    content: str
-    metadata: str
-    images: tuple[Any, ...]
+# The model card promises an 8K context: rotary positions 0..8191 (the config's seq_length is nominal).
+MAX_CONTEXT = 8192
 
 
-# ---------------------------------------------------------------------------------------------
-# Vocabulary file: one `base64(token_bytes) rank` per line, ranks 0, 1, 2, ... in file order.
-
-def load_ranks(path: str | Path) -> dict[bytes, int]:
-    """Parse a tiktoken rank file; any defect raises TokenizerError naming the file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer vocabulary {path}: {e.strerror or e}") from e
-    if not lines:
-        raise TokenizerError(f"{path} is empty; expected lines 'base64(token_bytes) rank'")
-    ranks = _parse_ranks_fast(lines)
-    if ranks is None:
-        _raise_first_bad_line(path, lines)
-    return ranks
+class InputError(ValueError):
+    """Model inputs that do not fit the model or each other; the message says which and how."""
 
 
-def _parse_ranks_fast(lines: list[bytes]) -> dict[bytes, int] | None:
-    """Whole-file parse in a few C-speed passes (~0.1 s for 151k lines); None on any defect.
-
-    The per-line loop that can say *where* a defect is runs only when this returns None.
-    """
-    fields = [line.partition(b" ") for line in lines]
-    if [rank for _, _, rank in fields] != [b"%d" % i for i in range(len(fields))]:
-        return None  # also catches a missing separator or a third field (both land in `rank`)
-    try:
-        tokens = [binascii.a2b_base64(tok, strict_mode=True) for tok, _, _ in fields]
-    except binascii.Error:
-        return None
-    ranks = dict(zip(tokens, range(len(tokens))))
-    return ranks if len(ranks) == len(tokens) else None  # a shorter dict means duplicate tokens
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None          # (B, T, V) in the model dtype; None when labels were given
+    position_ids: torch.Tensor           # (B, T) after splicing: rotary positions
+    attention_mask: torch.Tensor | None  # (B, T) after splicing, 1 = real token; None = no padding
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
+    image_embeds: torch.Tensor | None = None         # (N_images, 2 + (g/2)^2, H)
+    loss: torch.Tensor | None = None                 # fp32 scalar when labels were given
 
 
-def _raise_first_bad_line(path: Path, lines: list[bytes]) -> None:
-    seen: dict[bytes, int] = {}
-    for i, line in enumerate(lines):
-        where = f"{path}:{i + 1}"
-        fields = line.split(b" ")
-        if len(fields) != 2 or not fields[0]:
-            raise TokenizerError(f"{where}: expected 'base64(token_bytes) rank' (one space), got {line[:80]!r}")
-        token_b64, rank = fields
-        if rank != b"%d" % i:
-            raise TokenizerError(
-                f"{where}: rank {rank[:20].decode(errors='replace')!r} where {i} was expected "
-                "(ranks must be contiguous: 0, 1, 2, ... in file order)"
-            )
-        try:
-            token = binascii.a2b_base64(token_b64, strict_mode=True)
-        except binascii.Error as e:
-            raise TokenizerError(f"{where}: token {token_b64[:40]!r} is not valid base64 ({e})") from e
-        if token in seen:
-            raise TokenizerError(f"{where}: token {token!r} already appeared on line {seen[token] + 1}")
-        seen[token] = i
-    raise AssertionError(f"{path}: fast parse rejected the file but every line checks out")
+@dataclass
+class Prompt:
+    """Checked model inputs (every check done, nothing computed yet); `GLM4V.check_prompt` makes it."""
+    input_ids: torch.Tensor              # (B, L)
+    pixel_values: torch.Tensor | None    # (N, 3, S, S), one per row holding the placeholder
+    attention_mask: torch.Tensor | None  # (B, L) 0/1, left padding only; None = no padding
+    position_ids: torch.Tensor           # (B, L) rotary positions of the unspliced tokens
+    image_rows: torch.Tensor             # (B,) bool: rows holding an image
+    spliced_length: int                  # T: cache slots the prompt fills (an image's 3 ids become 2 + (g/2)^2)
 
 
-# ---------------------------------------------------------------------------------------------
-# Messages
-
-def check_message(message: Any, index: int) -> Message:
-    """Validate one chat message dict; `index` only serves the error text."""
-    where = f"message {index}"
-    if not isinstance(message, Mapping):
-        raise TokenizerError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
-    unknown = sorted(set(message) - set(MESSAGE_KEYS))
-    if unknown:  # a typo such as 'images' would otherwise silently drop the image
-        raise TokenizerError(f"{where} has unsupported keys {unknown}; allowed: {list(MESSAGE_KEYS)}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise TokenizerError(f"{where} has unknown role {role!r}; expected one of {list(ROLES)}")
-    content = _optional_str(message, "content", where)
-    metadata = _optional_str(message, "metadata", where)
-    return Message(role, content, metadata, _images(message.get("image"), where))
+@dataclass
+class DecodeState:
+    """What prefill hands to the decode loop: the filled cache and where the next token goes."""
+    cache: KVCache
+    logits: torch.Tensor     # (B, V) at each row's last prompt slot: they choose the first new token
+    positions: torch.Tensor  # (B, 1) rotary position of the next token: the prompt's largest + 1
+    slot: torch.Tensor       # (1,) cache slot of the next token: the spliced prompt length
 
 
-def _no_image(value: Any) -> bool:
-    """The reference's `if image:` on the values it can meet; a PIL image or a tensor is never falsy here."""
-    return value is None or value is False or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0)
+class GLM4V(nn.Module):
+    """GLM4V(config) has parameters on the `meta` device (shapes only, no memory): fill them with
+    `glm4v_core.load_model(path)` or `GLM4V.from_config(config, seed=...)`."""
+
+    loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # vocabulary chunk of the training loss; None: plain
+
+    def __init__(self, config: GLM4VConfig):
+        super().__init__()
+        self.config = config
+        with torch.device("meta"):  # never torch.empty memory that would compute garbage silently
+            self.vision = VisionEncoder(config.vision)
+            self.projector = Projector(config)
+            self.text = TextDecoder(config)
+
+    @classmethod
+    def from_config(cls, config: GLM4VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "GLM4V":
+        """A randomly initialized model, ready to train (see glm4v_core.init for the scheme)."""
+        model = cls(config).to(dtype).to_empty(device=device)
+        init_parameters(model, seed)
+        return model
+
+    def gradient_checkpointing(self, enabled: bool = True) -> "GLM4V":
+        """Recompute each ViT and decoder block in backward instead of keeping its activations."""
+        self.vision.checkpoint_layers = self.text.checkpoint_layers = enabled
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.embed.weight.device
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included."""
+        pixels = pixel_values.to(device=self.device, dtype=self.dtype)  # cast before the ViT
+        return self.projector(self.vision(pixels))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
+        """input_ids (B, L) -> logits (B, T, V) of the spliced sequence, no cache (parity, training).
+
+        attention_mask (B, L): 1 for real tokens, left padding only. position_ids default to
+        0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token, -100 =
+        not counted; the output then has `loss` (the mean next-token cross entropy, see
+        glm4v_core.loss) and no logits."""
+        prompt = self.check_prompt(input_ids, pixel_values, attention_mask, position_ids)
+        if labels is not None:
+            check_labels(labels, input_ids, self.config.vocab_size)
+        embeds, positions, mask, image_embeds, source_index, is_patch = self.embed(prompt)
+        hidden = [] if output_hidden_states else None
+        x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
+        if labels is not None:  # training: the loss without logits of the whole sequence
+            targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
+            loss = causal_lm_loss(x, self.text.lm_head.weight, targets, self.loss_chunk_size)
+            return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
+        return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
+
+    def prefill(self, prompt: Prompt, cache_len: int) -> DecodeState:
+        """Run a checked prompt once, filling slots 0..T-1 of a new cache of cache_len >= T slots."""
+        if cache_len < prompt.spliced_length:
+            raise InputError(f"cache_len {cache_len} < the prompt's {prompt.spliced_length} cache slots")
+        embeds, positions, mask, *_ = self.embed(prompt)
+        B, T, _ = embeds.shape
+        c = self.config
+        cache = KVCache(c.num_layers, B, c.num_kv_groups, cache_len, c.head_dim, self.dtype, self.device)
+        key_start = first_valid_key(mask)
+        if key_start is not None:
+            cache.key_start.copy_(key_start)
+        x = self.text(embeds, positions, KeyRange(key_start, None), cache, torch.arange(T, device=self.device))
+        logits = self.text.lm_head(x[:, -1])  # only the last slot chooses a token
+        next_position = positions.max(dim=1, keepdim=True).values + 1  # not the slot count
+        return DecodeState(cache, logits, next_position, torch.tensor([T], device=self.device))
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row: tokens, positions (B, 1), cache slot (1,) -> logits (B, V).
+
+        No checks and no host syncs: the shapes are the same at every step, so it can be compiled
+        and captured in a CUDA graph. Writes the step's keys at `slot`; the caller advances it."""
+        keys = KeyRange(cache.key_start[:cache.rows], (slot + 1).to(torch.int32).expand(cache.rows))
+        x = self.text(self.text.embed(tokens), positions, keys, cache, slot)
+        return self.text.lm_head(x[:, -1])
+
+    def embed(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
+        """Word embeddings with every image spliced in: (embeds (B, T, H), positions (B, T),
+        attention mask (B, T) or None, image embeddings or None, source_index (B, T) or None,
+        is_patch (B, T) or None); the last two map slots to input tokens (for the labels)."""
+        embeds = self.text.embed(prompt.input_ids)
+        if prompt.pixel_values is None:
+            return embeds, prompt.position_ids, prompt.attention_mask, None, None, None
+        image_embeds = self.encode_images(prompt.pixel_values)
+        embeds, positions, mask, source_index, is_patch = splice_images(
+            embeds, prompt.position_ids, prompt.attention_mask, prompt.image_rows, image_embeds,
+            self.config.boi_token_id, prompt.input_ids)
+        return embeds, positions, mask, image_embeds, source_index, is_patch
+
+    def check_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     max_new_tokens: int = 0) -> Prompt:
+        """Every input check, before any compute: types, shapes, values, image blocks, and that
+        the prompt plus max_new_tokens fits the context. Moves the inputs to the model's device."""
+        check_materialized(self)
+        check_ids_shape(input_ids)
+        L = input_ids.shape[1]
+        if pixel_values is not None:
+            check_pixels(pixel_values)
+        attention_mask = check_attention_mask(attention_mask, input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask)
+        else:
+            check_position_ids(position_ids, input_ids)
+        image_rows = self.check_inputs(input_ids, pixel_values)
+        longest = int(position_ids.max()) + 1
+        if longest + max_new_tokens > MAX_CONTEXT:
+            raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                             f"context of {MAX_CONTEXT} positions (an image counts as its 3 placeholder tokens)")
+        spliced = L if pixel_values is None else L - 3 + 2 + self.config.vision.num_image_tokens
+        device = self.device
+        to = (lambda t: None if t is None else t.to(device))
+        return Prompt(to(input_ids), to(pixel_values), to(attention_mask), to(position_ids), to(image_rows), spliced)
+
+    def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Prompt checks, before any compute: ids in the vocabulary, pixels of the model's image
+        size, at most one `boi pad eoi` block per row and one image per such row (in row order).
+        Returns (B,) bool: the rows holding an image."""
+        check_ids_shape(input_ids)
+        c = self.config
+        bad = (input_ids < 0) | (input_ids >= c.vocab_size)
+        if bad.any():
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise InputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary "
+                             f"[0, {c.vocab_size})")
+        v = c.vision
+        want = (v.in_channels, v.image_size, v.image_size)
+        if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want):
+            raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
+                             f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
+        is_boi, is_eoi = input_ids == c.boi_token_id, input_ids == c.eoi_token_id
+        n_boi, n_eoi = is_boi.sum(1), is_eoi.sum(1)
+        rows = n_boi > 0
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        placeholder = (f"<|begin_of_image|> <|endoftext|> <|end_of_image|> (ids {c.boi_token_id}, "
+                       f"{c.pad_token_id}, {c.eoi_token_id})")
+        if pixel_values is None and rows.any():
+            raise InputError(f"input_ids row {int(rows.nonzero()[0])} holds the image placeholder "
+                             f"(<|begin_of_image|> id {c.boi_token_id}) but no image was given")
+        if pixel_values is None:
+            return rows
+        if not rows.any():
+            raise InputError(f"{n_images} image(s) given but the prompt has no image placeholder {placeholder}: "
+                             "put the image in a chat message, or drop it")
+        if (n_boi > 1).any() or (n_eoi != n_boi).any():
+            raise InputError(f"each row may hold one image placeholder {placeholder}; found boi counts "
+                             f"{n_boi.tolist()} and eoi counts {n_eoi.tolist()}")
+        if int(rows.sum()) != n_images:
+            raise InputError(f"{n_images} image(s) given for {int(rows.sum())} row(s) with an image placeholder: "
+                             "give one image per such row, in row order")
+        boi_at = is_boi.float().argmax(1)
+        L = input_ids.shape[1]
+        nxt = input_ids.gather(1, (boi_at + 1).clamp(max=L - 1)[:, None])[:, 0]
+        eoi_ok = is_eoi.gather(1, (boi_at + 2).clamp(max=L - 1)[:, None])[:, 0] & (boi_at + 2 < L)
+        if (rows & ~((nxt == c.pad_token_id) & eoi_ok)).any():
+            raise InputError(f"the image placeholder must be exactly <|begin_of_image|> <|endoftext|> <|end_of_image|> "
+                             f"(ids {c.boi_token_id}, {c.pad_token_id}, {c.eoi_token_id}) in consecutive positions")
+        return rows
 
 
-def _images(value: Any, where: str) -> tuple[Any, ...]:
-    """'image': one image or a list of them (placed before the text, in order); '', None, False = none."""
-    if _no_image(value):
-        return ()
-    if not isinstance(value, (list, tuple)):
-        return (value,)
-    empty = [i for i, v in enumerate(value) if _no_image(v)]
+def check_materialized(model: nn.Module) -> None:
+    """Refuse to compute with parameters that were never filled (a bare GLM4V(config))."""
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
     if empty:
-        raise TokenizerError(f"{where}: 'image' list entry {empty[0]} is empty ({value[empty[0]]!r}); "
-                             "give a path or a PIL image, or leave it out of the list")
-    return tuple(value)
+        raise InputError(f"{len(empty)} parameter(s) were never filled (e.g. {empty[0]!r} is on the meta device): "
+                         "use glm4v_core.load_model(path) for a checkpoint or GLM4V.from_config(config, seed=...) "
+                         "for random weights")
 
 
-def _optional_str(message: Mapping, key: str, where: str) -> str:
-    value = message.get(key)
-    if value is None:  # the reference treats a missing or None field as ""
-        return ""
-    if not isinstance(value, str):
-        hint = " (put an image under the 'image' key)" if key == "content" else ""
-        raise TokenizerError(f"{where}: {key!r} must be a str, got {type(value).__name__}{hint}")
-    return value
+def check_pixels(pixel_values: torch.Tensor) -> None:
+    """Normalized float pixels (what glm4v_core.image.load_image makes); shapes are checked with the blocks."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise InputError(f"pixel_values must be a float tensor (N, 3, S, S), got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise InputError(f"pixel_values must be normalized float pixels (glm4v_core.image.load_image), got "
+                         f"dtype {pixel_values.dtype}: raw 0-255 or bool images would be read as wrong colours")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise InputError("pixel_values hold NaN or inf values")
 
 
-def check_conversation(messages: Sequence[Mapping]) -> list[Message]:
-    """Validate a whole conversation (any number of images, in any messages)."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TokenizerError(f"a conversation is a list of message dicts, got {type(messages).__name__}")
-    return [check_message(m, i) for i, m in enumerate(messages)]
+def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """None, or a (B, L) tensor of 0/1 (int or bool) in the left-padding pattern; returned as int64."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise InputError(f"attention_mask must be an integer or bool tensor of 0/1, got "
+                         f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError(f"attention_mask must hold only 0 and 1, found {sorted(set(mask.unique().tolist()) - {0, 1})[:5]}")
+    first_valid_key(mask)  # refuses anything but left padding
+    return mask
 
 
-def conversation_images(messages: Sequence[Mapping]) -> list[Any]:
-    """The conversation's images (paths or PIL images) in the order of their placeholder blocks."""
-    return [image for m in check_conversation(messages) for image in m.images]
+def check_position_ids(position_ids: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"position_ids must be an integer tensor, got "
+                         f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+    if position_ids.shape != input_ids.shape:
+        raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if bool((position_ids < 0).any()):
+        raise InputError("position_ids must be >= 0")
 
 
-# ---------------------------------------------------------------------------------------------
-
-class Tokenizer:
-    """GLM-4 BPE + special tokens. Special ids follow the last rank, so toy vocabularies work too."""
-
-    def __init__(self, ranks: dict[bytes, int], name: str = "glm4"):
-        n_ranks = len(ranks)
-        self.special_ids: dict[str, int] = {t: n_ranks + i for i, t in enumerate(SPECIAL_TOKENS)}
-        self.vocab_size = n_ranks + len(SPECIAL_TOKENS)  # ids the tokenizer can produce or decode
-        self.pad_id = self.special_ids["<|endoftext|>"]
-        self.stop_ids = [self.special_ids[t] for t in STOP_TOKENS]
-        # tiktoken finds special-token text itself (one Rust regex pass). That equals HF's added-token
-        # split here: exact matches, no stripping, and no special token is a prefix of another.
-        self._enc = tiktoken.Encoding(
-            name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=dict(self.special_ids)
-        )
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
-        return cls(load_ranks(path))
-
-    @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> Tokenizer:
-        path = Path(directory) / "tokenizer.model"
-        if not path.is_file():
-            raise TokenizerError(
-                f"no tokenizer.model in {directory}: GLM-4V checkpoints ship it beside config.json; "
-                "for a folder without one, use Tokenizer.from_file(<path to a rank file>)"
-            )
-        return cls.from_file(path)
-
-    # -- text <-> ids ---------------------------------------------------------------------------
-
-    def encode(self, text: str) -> list[int]:
-        """BPE where special-token text (e.g. '<|user|>') becomes its id; no [gMASK]<sop> prefix."""
-        return self._enc.encode(_check_text(text), allowed_special="all")
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        """BPE only: special-token text stays text (how message content is encoded)."""
-        return self._enc.encode_ordinary(_check_text(text))
-
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """Concatenated token bytes (special ids give their text); for streaming partial UTF-8."""
-        if hasattr(ids, "tolist"):  # tensors and arrays
-            ids = ids.tolist()
-        elif not isinstance(ids, (list, tuple)):
-            ids = list(ids)
-        try:
-            return self._enc.decode_bytes(ids)
-        except (KeyError, OverflowError, TypeError) as e:
-            # tiktoken knows exactly our ids (ranks + specials), so validating only on failure is free
-            raise self._bad_ids_error(ids) from e
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """UTF-8 with replacement; special tokens become their text with no spaces added around them."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    def _bad_ids_error(self, ids: Sequence) -> TokenizerError:
-        for pos, i in enumerate(ids):
-            try:
-                i = operator.index(i)  # ints and numpy integers, not floats
-            except TypeError:
-                return TokenizerError(f"token ids must be ints; got {type(i).__name__} {i!r} at position {pos}")
-            if not 0 <= i < self.vocab_size:
-                return TokenizerError(
-                    f"token id {i} at position {pos} is outside the vocabulary: valid ids are "
-                    f"0..{self.vocab_size - 1} ({self.vocab_size - len(SPECIAL_TOKENS)} BPE ranks + "
-                    f"{len(SPECIAL_TOKENS)} special tokens); larger embedding rows are never produced"
-                )
-        return TokenizerError(f"tiktoken could not decode {len(ids)} ids that all look valid")
-
-    # -- chat template ----------------------------------------------------------------------------
-
-    def apply_chat_template(
-        self, messages: Sequence[Mapping], add_generation_prompt: bool = False, add_special_tokens: bool = True
-    ) -> list[int]:
-        """[gMASK]<sop> then, per message: <|role|> BPE(metadata + "\\n") [one image block per image] BPE(content)."""
-        sp = self.special_ids
-        ids = [sp[t] for t in PREFIX_TOKENS] if add_special_tokens else []
-        for m in check_conversation(messages):
-            if not m.content and not m.images:
-                continue  # the reference drops such a message entirely, role token included
-            ids.append(sp[f"<|{m.role}|>"])
-            ids += self.encode_ordinary(m.metadata + "\n")
-            ids += [sp[t] for t in IMAGE_PLACEHOLDER] * len(m.images)  # in the images' order, before the text
-            ids += self.encode_ordinary(m.content)  # plain text: '<|user|>' inside content stays text
-        if add_generation_prompt:
-            ids.append(sp["<|assistant|>"])  # no end-of-turn token exists in GLM-4's format
-        return ids
+def check_ids_shape(input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be an integer tensor (B, L), got {type(input_ids).__name__} "
+                         f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.numel() == 0:
+        raise InputError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
 
 
-def _check_text(text: Any) -> str:
-    if not isinstance(text, str):
-        raise TokenizerError(f"expected text as str, got {type(text).__name__}")
-    return text
+def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """0..n-1 over each row's real tokens, 0 on left pads (the tokenizer's convention)."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) index of each row's first real token, or None when nothing is padded.
+
+    Only left padding is representable (pads, then real tokens); anything else is refused."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if mask.all():
+        return None
+    start = (~mask).sum(1, dtype=torch.int32)  # int32: what the attention kernel reads, no per-layer cast
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    if not torch.equal(mask, cols >= start[:, None]):
+        raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")
+    if (start == mask.shape[1]).any():
+        raise InputError("attention_mask has a row with no real token")
+    return start
+
+
+def splice_images(embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  image_rows: torch.Tensor, image_embeds: torch.Tensor, boi_token_id: int,
+                  input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                    torch.Tensor, torch.Tensor]:
+    """Replace each image row's 3 placeholder tokens by its image embeddings (vectorized, no loop).
+
+    Output length T = L - 3 + N (N = image embedding rows). Rows without an image (in a mixed
+    batch) are shifted right by N - 3 behind extra left pads (mask 0, position 0).
+    Returns (embeds, positions, mask, source_index, is_patch): source_index (B, T) is the input
+    token each slot comes from, is_patch (B, T) marks image patch rows (the labels' map)."""
+    B, L, H = embeds.shape
+    N = image_embeds.shape[1]
+    T = L - 3 + N
+    t = torch.arange(T, device=embeds.device)[None, :]  # (1, T) output slots
+    boi = (input_ids == boi_token_id).float().argmax(1)[:, None]  # (B, 1)
+    has = image_rows[:, None]
+    in_image = has & (t >= boi) & (t < boi + N)
+    # source token of each output slot: before the image, itself; after, shifted back by N - 3
+    src = torch.where(has & (t < boi), t, t - (N - 3))
+    src = torch.where(in_image, boi + 1, src)  # patch rows take the placeholder's position
+    src = torch.where(in_image & (t == boi), boi, src)  # boi row keeps boi's position
+    src = torch.where(in_image & (t == boi + N - 1), boi + 2, src)  # eoi row keeps eoi's position
+    is_extra_pad = src < 0  # text-only rows of a mixed batch
+    src = src.clamp(min=0)
+    image_index = (image_rows.long().cumsum(0) - 1).clamp(min=0)  # which image belongs to each row
+    img = image_embeds.to(embeds.dtype)[image_index]  # (B, N, H)
+    img_slot = (t - boi).clamp(0, N - 1)
+    spliced = torch.where(in_image[..., None],
+                          img.gather(1, img_slot[..., None].expand(B, T, H)),
+                          embeds.gather(1, src[..., None].expand(B, T, H)))
+    positions = position_ids.gather(1, src).masked_fill(is_extra_pad, 0)
+    mask = None
+    if attention_mask is not None or is_extra_pad.any():
+        base = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        # patch rows are real tokens; boi/eoi rows keep their tokens' mask values
+        mask = base.gather(1, src).masked_fill(in_image & (t > boi) & (t < boi + N - 1), 1)
+        mask = mask.masked_fill(is_extra_pad, 0)
+    is_patch = in_image & (t > boi) & (t < boi + N - 1)
+    return spliced, positions, mask, src, is_patch
