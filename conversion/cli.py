@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from . import __version__
+from .files import human_size, os_reason
+from .streams import WriteCounter, quiet_broken_pipe
+from .config_check import ConfigError
 from .convert import ConversionError, convert
+from .quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizationError, quantize_checkpoint, quantized_scheme_of
 from .safetensors_io import CheckpointError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -27,8 +35,11 @@ EPILOG = """\
 examples:
   glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-native            HF -> native
   glm4v-convert ~/glm-4v-9b-native ~/glm-4v-9b-hf --to hf  native -> HF (the original files again)
+  glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-int8 --quantize int8
+  glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-int4 --quantize int4 --group-size 128 --int4-method mse
 
-exit status: 0 on success, 1 when the input or output is refused (the message says why), 130 on Ctrl-C."""
+exit status: 0 on success, 1 when the input or output is refused (the message says why), 2 for a usage
+error, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (the unfinished output is removed in all three)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,34 +59,117 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace DST if it exists and is a checkpoint folder (has config.json) or empty; the old "
                         "folder is swapped out only once the new one is complete")
+    p.add_argument("--quantize", choices=SCHEMES,
+                   help="write a weight-only quantized native folder: every Linear weight int8 (one scale per "
+                        "output row) or int4 (groups along the input dim); everything else keeps its dtype")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help="int4 group size (default 128); a layer whose input width is not a multiple is int8")
+    p.add_argument("--int4-method", choices=METHODS, default="rtn",
+                   help="int4 rounding: rtn = min/max round to nearest; mse = per-group clipping search that "
+                        "minimizes the reconstruction error (slower, more accurate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is written to stderr)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so the unfinished output is cleaned up as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    with quiet_broken_pipe() as stdout:
+        return _main(argv, stdout)
+
+
+def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantize is not None:
+        return _quantize(args, parser, stdout)
+    scheme = quantized_scheme_of(args.src)
+    if scheme is not None:  # packed weights have no HF (or other native) form
+        print(f"glm4v-convert: error: {args.src} is a weight-only quantized folder ({scheme}); it cannot be "
+              "converted back: convert the float checkpoint it was made from", file=sys.stderr)
+        return 1
     try:
-        with warnings.catch_warnings():  # restores the default printer on exit
+        with warnings.catch_warnings(), stop_signals():  # restores the default printer and handlers on exit
             warnings.showwarning = _print_warning
             result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
                              max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConversionError, OSError) as e:
+    except (CheckpointError, ConfigError, ConversionError) as e:
         print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # while writing: ENOSPC, EIO, a quota...; the unfinished output was removed
+        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
         return 130
-    gb = result.bytes_written / 1e9
-    print(f"wrote {result.dst} ({len(result.files)} files, {gb:.2f} GB in {result.seconds:.1f} s, "
-          f"{gb / max(result.seconds, 1e-9):.2f} GB/s)")
+    except Stopped as e:
+        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
+        return 128 + e.signum
+    rate = result.bytes_written / max(result.seconds, 1e-9)
+    print(f"wrote {result.dst} ({len(result.files)} files, {human_size(result.bytes_written)} in "
+          f"{result.seconds:.1f} s, {human_size(rate)}/s)", file=stdout)
     if result.verified is True:
         print("verified: every safetensors file is byte-identical to the original HF file (sha256 recorded in "
-              "glm4v_native.json)")
+              "glm4v_native.json)", file=stdout)
     elif result.verified is False:
         print("glm4v-convert: note: the safetensors files differ from the sha256 glm4v_native.json records for "
               "the original HF files (the native folder was changed since, or the originals were laid out "
               "differently)", file=sys.stderr)
     return 0
+
+
+def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser, stdout: WriteCounter) -> int:
+    if args.to != "native" or args.dtype is not None:
+        parser.error("--quantize writes a native folder in the source dtype: it cannot be combined with "
+                     "--to hf or --dtype")
+    group_size = args.group_size or (128 if args.quantize == "int4" else None)
+    try:
+        with stop_signals():
+            dst, files, nbytes, seconds = quantize_checkpoint(
+                args.src, args.dst, args.quantize, group_size, method=args.int4_method,
+                max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
+    except (CheckpointError, ConfigError, ConversionError, QuantizationError) as e:
+        print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
+        return 130
+    except Stopped as e:
+        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
+        return 128 + e.signum
+    print(f"wrote {dst} ({args.quantize}{f', group size {group_size}' if group_size else ''}; {len(files)} files, "
+          f"{human_size(nbytes)} of tensors in {seconds:.1f} s)", file=stdout)
+    return 0
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped (once: a second one during the clean-up is ignored)."""
+    def stop(signum, frame):
+        for s in names:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    names = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if s is not None and signal.getsignal(s) is not signal.SIG_IGN]  # under nohup, SIGHUP stays ignored
+    saved = {s: signal.signal(s, stop) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def _size(text: str) -> int:
