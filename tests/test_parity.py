@@ -88,8 +88,8 @@ def test_negative_control_consecutive_image_positions_fails(fixtures_dir, monkey
     real_splice = model_mod.splice_images
 
     def consecutive_positions(*args, **kwargs):
-        embeds, positions, mask = real_splice(*args, **kwargs)
-        return embeds, torch.arange(positions.shape[1]).expand_as(positions), mask
+        embeds, positions, *rest = real_splice(*args, **kwargs)
+        return embeds, torch.arange(positions.shape[1]).expand_as(positions), *rest
 
     monkeypatch.setattr(model_mod, "splice_images", consecutive_positions)
     reports = {r.name: r for r in run_parity(fixtures_dir / "tiny")}
