@@ -16,7 +16,8 @@ from glm4v_conversion.quantize import (QuantizationError, is_linear_weight, pack
 from glm4v_conversion.safetensors_io import CheckpointError, list_tensors
 from glm4v_core import ops
 from glm4v_core.parity import case_inputs, run_parity
-from glm4v_core.quant import LoRALinear, QuantLinear, add_lora, quantize_model, quantized_linears
+from glm4v_core.lora import LoRAConfig, add_lora
+from glm4v_core.quant import QuantLinear, quantize_model, quantized_linears
 from glm4v_core.weights import load_model
 
 
@@ -318,26 +319,25 @@ def test_cli_writes_a_loadable_folder(tiny, tmp_path, capsys):
 # --- QLoRA ---------------------------------------------------------------------------------------
 
 def test_qlora_overfits_one_sample_on_an_int4_base(converted, tiny):
-    torch.manual_seed(0)
+    """glm4v_core.lora adapters on an int4 base, trained through the model's own loss (its quantized
+    lm_head is dequantized for it): the loss falls 10x, the packed weights never change."""
     ref = tiny[1]
     model = load_model(converted["int4-32"])
     packed = {n: b.clone() for n, b in model.named_buffers() if "weight_int4" in n}
-    params = add_lora(model, rank=4, alpha=8)
-    assert params and all(isinstance(m.base, QuantLinear) for m in model.modules() if isinstance(m, LoRALinear))
+    adapters = add_lora(model, LoRAConfig(rank=4, alpha=8))
+    assert adapters and all(isinstance(a.base, QuantLinear) for a in adapters.values())
+    params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
     inputs = case_inputs(ref, "b")
-    ids = inputs["input_ids"]
     opt = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(30):
-        logits = model(**inputs).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], losses
-    text_adapters = [p for n, p in model.named_parameters() if n.startswith("text.") and "lora_" in n]
-    assert text_adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in text_adapters)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     for n, b in model.named_buffers():  # the packed base never changes and carries no gradient
         if "weight_int4" in n:
             assert not b.requires_grad and torch.equal(b, packed[n.replace(".base", "")])

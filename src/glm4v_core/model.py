@@ -114,7 +114,9 @@ class GLM4V(nn.Module):
         x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
         if labels is not None:  # training: the loss without logits of the whole sequence
             targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
-            loss = causal_lm_loss(x, self.text.lm_head.weight, targets, self.loss_chunk_size)
+            head = self.text.lm_head  # a quantized head (glm4v_core.quant) holds codes: the loss reads its weight
+            weight = head.weight if hasattr(head, "weight") else head.dequantized_weight(x.dtype)
+            loss = causal_lm_loss(x, weight, targets, self.loss_chunk_size)
             return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
         return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
 
