@@ -147,7 +147,7 @@ def worker(mode: str, path: Path, extra: Path | None) -> dict:
                 p.max()  # reads every page of every weight once
     elif mode == "naive":
         torch.set_default_dtype(torch.bfloat16)
-        model = GLM4V(GLM4VConfig.from_json(path / "config.json"))
+        model = GLM4V(GLM4VConfig.from_json(path / "config.json")).to_empty(device="cpu")  # allocate, then copy in
         state = {}
         for shard in sorted(path.glob("model-*.safetensors")):
             state.update(load_file(shard))

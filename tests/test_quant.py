@@ -16,7 +16,8 @@ from glm4v_conversion.quantize import (QuantizationError, is_linear_weight, pack
 from glm4v_conversion.safetensors_io import CheckpointError, list_tensors
 from glm4v_core import ops
 from glm4v_core.parity import case_inputs, run_parity
-from glm4v_core.quant import LoRALinear, QuantLinear, add_lora, quantize_model, quantized_linears
+from glm4v_core.lora import LoRAConfig, add_lora
+from glm4v_core.quant import QuantLinear, quantize_model, quantized_linears
 from glm4v_core.weights import load_model
 
 
@@ -318,26 +319,25 @@ def test_cli_writes_a_loadable_folder(tiny, tmp_path, capsys):
 # --- QLoRA ---------------------------------------------------------------------------------------
 
 def test_qlora_overfits_one_sample_on_an_int4_base(converted, tiny):
-    torch.manual_seed(0)
+    """glm4v_core.lora adapters on an int4 base, trained through the model's own loss (its quantized
+    lm_head is dequantized for it): the loss falls 10x, the packed weights never change."""
     ref = tiny[1]
     model = load_model(converted["int4-32"])
     packed = {n: b.clone() for n, b in model.named_buffers() if "weight_int4" in n}
-    params = add_lora(model, rank=4, alpha=8)
-    assert params and all(isinstance(m.base, QuantLinear) for m in model.modules() if isinstance(m, LoRALinear))
+    adapters = add_lora(model, LoRAConfig(rank=4, alpha=8))
+    assert adapters and all(isinstance(a.base, QuantLinear) for a in adapters.values())
+    params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
     inputs = case_inputs(ref, "b")
-    ids = inputs["input_ids"]
     opt = torch.optim.Adam(params, lr=1e-2)
     losses = []
     for _ in range(30):
-        logits = model(**inputs).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], losses
-    text_adapters = [p for n, p in model.named_parameters() if n.startswith("text.") and "lora_" in n]
-    assert text_adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for p in text_adapters)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     for n, b in model.named_buffers():  # the packed base never changes and carries no gradient
         if "weight_int4" in n:
             assert not b.requires_grad and torch.equal(b, packed[n.replace(".base", "")])
@@ -373,8 +373,9 @@ def test_sharded_quantized_folder_loads_the_same_model(converted, tiny, tmp_path
 @pytest.mark.parametrize("key", ["int8", "int4-32"])
 def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
     """On CUDA the Triton kernels run (bf16 compute): logits close to the CPU reference path, and
-    greedy tokens with compile=True (CUDA graph) equal the eager ones."""
-    from glm4v_core.generate import generate
+    compile=True (CUDA graph) steps give the eager logits within the bf16 bound and the same tokens,
+    up to a near tie that bf16 rounding may break the other way (seen on an H200: int8, step 6)."""
+    from glm4v_core.generate import stream_tokens
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _, ref, _ = tiny
@@ -387,9 +388,14 @@ def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
             want = cpu(**case_inputs(ref, "a")).logits
     bf16 = json.loads((tiny[0] / "reference.json").read_text())["tolerances_observed"]["bf16_vs_fp32_logits_a_maxabs"]
     assert (ours - want).abs().max().item() <= 3 * bf16
-    eager = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[])
-    compiled = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True)
-    assert torch.equal(eager, compiled)
+    eager = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[]))
+    compiled = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True))
+    for e, c in zip(eager, compiled):  # the same inputs so far: the same logits, up to bf16 rounding
+        assert (e.logits.float() - c.logits.float()).abs().max().item() <= 3 * bf16
+        if not torch.equal(e.tokens, c.tokens):
+            top2 = e.logits.float().topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min().item() <= 3 * bf16, "tokens differ where the choice was clear"
+            break
 
 
 def test_benchmark_kernel_rows_smoke(tmp_path):

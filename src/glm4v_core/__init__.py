@@ -8,9 +8,11 @@ import types
 from importlib import import_module
 
 _WHERE = {"GLM4V": "model", "InputError": "model", "ModelOutput": "model", "GLM4VConfig": "config",
-          "VisionConfig": "config", "load_model": "weights", "generate": "generate", "stream_text": "generate"}
+          "VisionConfig": "config", "load_model": "weights", "generate": "generate", "stream_text": "generate",
+          "LabelError": "loss", "save_model": "save"}
 
-__all__ = ["GLM4V", "GLM4VConfig", "VisionConfig", "InputError", "ModelOutput", "load_model", "generate", "stream_text"]
+__all__ = ["GLM4V", "GLM4VConfig", "VisionConfig", "InputError", "LabelError", "ModelOutput", "load_model",
+           "save_model", "generate", "stream_text"]
 
 
 def __getattr__(name: str):

@@ -13,6 +13,8 @@ from torch import nn
 
 from .cache import KVCache
 from .config import GLM4VConfig
+from .init import init_parameters
+from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, check_labels, splice_labels
 from .splice import MAX_CONTEXT, ImageBlock, InputError, check_image_blocks, spliced_length, splice_images
 from .text import KeyRange, TextDecoder
 from .vision import Projector, VisionEncoder
@@ -20,11 +22,12 @@ from .vision import Projector, VisionEncoder
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor                 # (B, T, V) in the model dtype
+    logits: torch.Tensor | None          # (B, T, V) in the model dtype; None when labels were given
     position_ids: torch.Tensor           # (B, T) after splicing: rotary positions
     attention_mask: torch.Tensor | None  # (B, T) after splicing, 1 = real token; None = no padding
     hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
     image_embeds: torch.Tensor | None = None         # (N_images, 2 + (g/2)^2, H)
+    loss: torch.Tensor | None = None                 # fp32 scalar when labels were given
 
 
 @dataclass
@@ -48,12 +51,31 @@ class DecodeState:
 
 
 class GLM4V(nn.Module):
+    """GLM4V(config) has parameters on the `meta` device (shapes only, no memory): fill them with
+    `glm4v_core.load_model(path)` or `GLM4V.from_config(config, seed=...)`."""
+
+    loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # vocabulary chunk of the training loss; None: plain
+
     def __init__(self, config: GLM4VConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config.vision)
-        self.projector = Projector(config)
-        self.text = TextDecoder(config)
+        with torch.device("meta"):  # never torch.empty memory that would compute garbage silently
+            self.vision = VisionEncoder(config.vision)
+            self.projector = Projector(config)
+            self.text = TextDecoder(config)
+
+    @classmethod
+    def from_config(cls, config: GLM4VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "GLM4V":
+        """A randomly initialized model, ready to train (see glm4v_core.init for the scheme)."""
+        model = cls(config).to(dtype).to_empty(device=device)
+        init_parameters(model, seed)
+        return model
+
+    def gradient_checkpointing(self, enabled: bool = True) -> "GLM4V":
+        """Recompute each ViT and decoder block in backward instead of keeping its activations."""
+        self.vision.checkpoint_layers = self.text.checkpoint_layers = enabled
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,22 +98,32 @@ class GLM4V(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                output_hidden_states: bool = False) -> ModelOutput:
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
         """input_ids (B, L) -> logits (B, T, V) of the spliced sequence, no cache (parity, training).
 
         attention_mask (B, L): 1 for real tokens, left padding only. position_ids default to
-        0..n-1 over each row's real tokens (0 on pads)."""
+        0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token, -100 =
+        not counted; the output then has `loss` (the mean next-token cross entropy, see
+        glm4v_core.loss) and no logits."""
         prompt = self.check_prompt(input_ids, pixel_values, attention_mask, position_ids)
-        embeds, positions, mask, image_embeds = self.embed(prompt)
+        if labels is not None:
+            check_labels(labels, input_ids, self.config.vocab_size)
+        embeds, positions, mask, image_embeds, source_index, is_patch = self.embed(prompt)
         hidden = [] if output_hidden_states else None
         x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
+        if labels is not None:  # training: the loss without logits of the whole sequence
+            targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
+            head = self.text.lm_head  # a quantized head (glm4v_core.quant) holds codes: the loss reads its weight
+            weight = head.weight if hasattr(head, "weight") else head.dequantized_weight(x.dtype)
+            loss = causal_lm_loss(x, weight, targets, self.loss_chunk_size)
+            return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
         return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
 
     def prefill(self, prompt: Prompt, cache_len: int) -> DecodeState:
         """Run a checked prompt once, filling slots 0..T-1 of a new cache of cache_len >= T slots."""
         if cache_len < prompt.spliced_length:
             raise InputError(f"cache_len {cache_len} < the prompt's {prompt.spliced_length} cache slots")
-        embeds, positions, mask, _ = self.embed(prompt)
+        embeds, positions, mask, *_ = self.embed(prompt)
         B, T, _ = embeds.shape
         c = self.config
         cache = KVCache(c.num_layers, B, c.num_kv_groups, cache_len, c.head_dim, self.dtype, self.device)
@@ -113,22 +145,25 @@ class GLM4V(nn.Module):
         x = self.text(self.text.embed(tokens), positions, keys, cache, slot)
         return self.text.lm_head(x[:, -1])
 
-    def embed(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def embed(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
         """Word embeddings with every image spliced in: (embeds (B, T, H), positions (B, T),
-        attention mask (B, T) or None, image embeddings or None)."""
+        attention mask (B, T) or None, image embeddings or None, source_index (B, T) or None,
+        is_patch (B, T) or None); the last two map slots to input tokens (for the labels)."""
         embeds = self.text.embed(prompt.input_ids)
         if prompt.pixel_values is None:
-            return embeds, prompt.position_ids, prompt.attention_mask, None
+            return embeds, prompt.position_ids, prompt.attention_mask, None, None, None
         image_embeds = self.encode_images(prompt.pixel_values)
         spliced = splice_images(prompt.input_ids, embeds, prompt.position_ids, prompt.attention_mask, image_embeds,
                                 ImageBlock.from_config(self.config))
-        return spliced.embeds, spliced.position_ids, spliced.attention_mask, image_embeds
+        return (spliced.embeds, spliced.position_ids, spliced.attention_mask, image_embeds, spliced.source_index,
+                spliced.is_patch)
 
     def check_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                      max_new_tokens: int = 0) -> Prompt:
         """Every input check, before any compute: types, shapes, values, image blocks, and that
         the prompt plus max_new_tokens fits the context. Moves the inputs to the model's device."""
+        check_materialized(self)
         check_ids_shape(input_ids)
         L = input_ids.shape[1]
         if pixel_values is not None:
@@ -171,6 +206,15 @@ class GLM4V(nn.Module):
                              f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         return check_image_blocks(input_ids, n_images, ImageBlock.from_config(c), attention_mask, max_new_tokens)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse to compute with parameters that were never filled (a bare GLM4V(config))."""
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise InputError(f"{len(empty)} parameter(s) were never filled (e.g. {empty[0]!r} is on the meta device): "
+                         "use glm4v_core.load_model(path) for a checkpoint or GLM4V.from_config(config, seed=...) "
+                         "for random weights")
 
 
 def check_pixels(pixel_values: torch.Tensor) -> None:

@@ -360,6 +360,119 @@ def to_json(reports: list[CaseReport], checkpoint: Path, dtype_name: str) -> dic
                                "stages": [asdict(s) for s in r.stages]} for r in reports}}
 
 
+# --- gradient parity (--grads) ---------------------------------------------------------------
+# The reference's causal-LM loss and every parameter's gradient, fp32, eval mode, stored beside a
+# checkpoint as grads.safetensors + grads.json (full gradient tensors for some cases, each
+# parameter's L2 norm and max-abs for all). Tolerances: loss within 1e-5; each gradient within
+# 1e-4 x its max-abs (the reference's own equivalent code paths differ by up to 1e-5 relative).
+
+GRAD_LOSS_ATOL = 1e-5
+GRAD_REL_TOL = 1e-4
+
+
+@dataclass
+class GradCaseReport:
+    name: str
+    desc: str
+    loss: float
+    loss_abs_err: float
+    grad_max_rel_err: float  # worst parameter: max |ours - ref| / max |ref| (or the norm/max-abs error)
+    worst_param: str         # its HF name
+    compared: str            # "full tensors" or "L2 norm + max-abs"
+    ok: bool
+
+
+def grad_error(ours: torch.Tensor | None, ref: torch.Tensor | None, norm: float, maxabs: float) -> float:
+    """Relative error of one parameter's gradient: against the full reference tensor when stored,
+    else against its recorded L2 norm and max-abs. A missing gradient counts as zeros."""
+    if ours is None:
+        ours = torch.zeros(()) if ref is None else torch.zeros_like(ref)
+    ours = ours.detach().float().cpu()
+    if ref is not None:
+        diff = (ours - ref).abs().max().item()
+        return diff / maxabs if maxabs else diff
+    errors = [abs(ours.norm().item() - norm), abs(ours.abs().max().item() - maxabs)]
+    return max(e / s if s else e for e, s in zip(errors, (norm, maxabs)))
+
+
+def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor],
+                  meta: dict, case: str) -> GradCaseReport:
+    """One supervised sample: loss and every parameter's gradient vs the reference's."""
+    from glm4v_conversion.names import native_to_hf
+    info = meta["cases"][case]
+    device = model.text.embed.weight.device
+    take = lambda name: grads[f"{name}_{case}"].to(device)  # noqa: E731
+    pixel_values = pixels[info["image"]].to(device) if info.get("image") else None
+    model.zero_grad(set_to_none=True)
+    out = model(take("input_ids"), pixel_values, take("attention_mask"), take("position_ids"), labels=take("labels"))
+    out.loss.backward()
+    without = set(info.get("params_without_grad", []))
+    worst, worst_name, full = 0.0, "", False
+    for name, p in model.named_parameters():
+        hf = native_to_hf(name)
+        ref = grads.get(f"grad_{case}.{hf}")
+        full = full or ref is not None
+        if hf in without:
+            err = grad_error(p.grad, torch.zeros_like(p, device="cpu"), 0.0, 0.0)
+        else:
+            err = grad_error(p.grad, ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
+        if err >= worst:
+            worst, worst_name = err, hf
+    model.zero_grad(set_to_none=True)
+    loss_err = abs(out.loss.item() - info["loss"])
+    return GradCaseReport(case, info.get("desc", ""), out.loss.item(), loss_err, worst, worst_name,
+                          "full tensors" if full else "L2 norm + max-abs",
+                          loss_err <= GRAD_LOSS_ATOL and worst <= GRAD_REL_TOL)
+
+
+def run_grad_parity(checkpoint: str | Path, device: str = "cpu") -> list[GradCaseReport]:
+    """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors."""
+    checkpoint = Path(checkpoint)
+    path, pixels_path = checkpoint / "grads.safetensors", checkpoint / "reference.safetensors"
+    for needed in (path, path.with_suffix(".json"), pixels_path):
+        if not needed.exists():
+            raise FileNotFoundError(f"gradient reference file {needed} not found")
+    grads, pixels = load_file(str(path)), load_file(str(pixels_path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = load_model(checkpoint, dtype=torch.float32, device=device).requires_grad_(True)
+    with reference_kernels(torch.float32):
+        return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]
+
+
+def format_grad_report(reports: list[GradCaseReport]) -> str:
+    lines = [f"  {'case':<5} {'loss':>10} {'loss_abs_err':>12} {'grad_max_rel':>12}  {'compared':<18} "
+             f"{'worst parameter (HF name)':<60} ok"]
+    for r in reports:
+        lines.append(f"  {r.name:<5} {r.loss:10.6f} {r.loss_abs_err:12.3e} {r.grad_max_rel_err:12.3e}  "
+                     f"{r.compared:<18} {r.worst_param:<60} {'ok' if r.ok else 'FAIL'}")
+    ok = all(r.ok for r in reports)
+    lines.append(f"\ngradient parity {'PASSED' if ok else 'FAILED'}: {sum(r.ok for r in reports)}/{len(reports)} "
+                 f"cases (loss <= {GRAD_LOSS_ATOL:g}, gradients <= {GRAD_REL_TOL:g} x max-abs)")
+    return "\n".join(lines)
+
+
+def grads_json(reports: list[GradCaseReport], checkpoint: Path) -> dict:
+    return {"ok": all(r.ok for r in reports), "checkpoint": str(checkpoint), "dtype": "float32",
+            "cases": {r.name: asdict(r) for r in reports}}
+
+
+def grads_main(args: argparse.Namespace, checkpoint: Path, prog: str, out) -> int:
+    """`--grads`: exit 0 when every case passes, 1 when one fails or an input is refused."""
+    try:
+        check_folder(checkpoint, "checkpoint folder", ReferenceFileError)
+        check_device(args.device)
+        reports = run_grad_parity(checkpoint, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(strict_json(grads_json(reports, checkpoint)), allow_nan=False), file=out)
+    else:
+        print(f"glm4v-core gradient parity: {checkpoint} vs {checkpoint / 'grads.safetensors'}", file=out)
+        print(format_grad_report(reports), file=out)
+    return 0 if all(r.ok for r in reports) else 1
+
+
 class ReferenceFileError(ValueError):
     """A --reference file that is not a parity reference, or one made for another model."""
 
@@ -440,6 +553,8 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (strict JSON: a non-finite number is a string)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--grads", action="store_true",
+                   help="gradient parity instead: loss and every parameter gradient vs CHECKPOINT/grads.safetensors")
     parity_report.add_arguments(p)
     return p
 
@@ -448,6 +563,8 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
     with quiet_broken_pipe() as out:
         args = build_parser(prog).parse_args(argv)
         checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
+        if args.grads:
+            return grads_main(args, checkpoint, prog, out)
         reference = args.reference or checkpoint / "reference.safetensors"
         try:
             check_folder(checkpoint, "checkpoint folder", ReferenceFileError)

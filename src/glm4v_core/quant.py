@@ -10,12 +10,11 @@ documented in glm4v_conversion.quantize, shared with `glm4v-convert --quantize`.
 Compute (ops.quant_matmul): Triton kernels with fused dequantization on CUDA, PyTorch's packed
 weight-only CPU kernels on CPU, dequantize-then-matmul otherwise and whenever gradients are needed.
 
-QLoRA: `add_lora(model, rank, alpha)` wraps every QuantLinear in a `LoRALinear`; only the adapters
-train, the packed weights are buffers and receive no gradient.
+QLoRA: `glm4v_core.lora.add_lora` wraps QuantLinears like Linears; only the adapters train, the
+packed weights are buffers and receive no gradient (the gradient reaches the input through the
+dequantized weight).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -25,7 +24,8 @@ from glm4v_conversion.quantize import (GROUP_SIZES, SCHEMES, QuantizationError, 
 
 from . import ops
 
-__all__ = ["QuantLinear", "QuantizationError", "load_quantized", "LoRALinear", "quantize_model", "add_lora", "quantized_linears", "SCHEMES", "GROUP_SIZES"]
+__all__ = ["QuantLinear", "QuantizationError", "load_quantized", "quantize_model", "quantized_linears", "SCHEMES",
+           "GROUP_SIZES"]
 
 
 class QuantLinear(nn.Module):
@@ -166,35 +166,3 @@ def _is_quantized_tensor(name: str) -> bool:
 
 def quantized_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-# --- QLoRA ---------------------------------------------------------------------------------------
-
-class LoRALinear(nn.Module):
-    """base(x) + (alpha / rank) * B(A(x)): a frozen base layer plus a trainable low-rank update.
-
-    A starts random and B at zero, so the wrapped layer starts equal to its base. With a QuantLinear
-    base, gradients reach x through the dequantized weight; the packed buffers get none."""
-
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0):
-        super().__init__()
-        self.base = base
-        device = next(iter(base.buffers())).device
-        # adapters train in fp32 whatever the compute dtype; they are cast to x's dtype in forward
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_A.to(x.dtype).T @ self.lora_B.to(x.dtype).T) * self.scaling
-
-
-def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
-    """Freeze `model`, wrap every QuantLinear in a LoRALinear, return the trainable adapter parameters."""
-    model.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, QuantLinear):
-                setattr(parent, name, LoRALinear(child, rank, alpha))
-    return [p for n, p in model.named_parameters() if "lora_" in n]

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .cache import KVCache
@@ -112,6 +113,8 @@ class Block(nn.Module):
 
 
 class TextDecoder(nn.Module):
+    checkpoint_layers = False  # GLM4V.gradient_checkpointing: recompute blocks in backward
+
     def __init__(self, cfg: GLM4VConfig):
         super().__init__()
         self.cfg = cfg
@@ -134,7 +137,10 @@ class TextDecoder(nn.Module):
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
-            x = layer(x, rope, keys, cache, slots)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, keys, cache, slots, use_reentrant=False)
+            else:
+                x = layer(x, rope, keys, cache, slots)
         if hidden_states is not None:
             hidden_states.append(x)
         return self.final_norm(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import GLM4VConfig, VisionConfig
@@ -65,6 +66,8 @@ class VisionBlock(nn.Module):
 class VisionEncoder(nn.Module):
     """Pixels (B, 3, S, S) -> ViT tokens (B, 1 + grid^2, Hv), cls first."""
 
+    checkpoint_layers = False  # GLM4V.gradient_checkpointing: recompute blocks in backward
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch = PatchEmbedding(cfg)
@@ -73,7 +76,10 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch(pixels)
         for layer in self.layers:
-            x = layer(x)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
         return x
 
 

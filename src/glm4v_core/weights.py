@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint
+from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint, read_config
 from glm4v_conversion.files import check_folder
 from glm4v_conversion.quantize import quantization_record
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
@@ -84,6 +84,10 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
+    Inference-ready: eval mode, no gradients. To train, `model.requires_grad_(True).train()` is
+    all it takes. `model.raw_config` keeps config.json as read (auto_map, torch_dtype...) for
+    `save_model`.
+
     Raises CheckpointError (files, names, shapes, dtypes), ConfigError (config.json) or DeviceError,
     all ValueErrors whose message names the file, tensor or argument at fault."""
     device = check_device(device)
@@ -102,4 +106,5 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     # .to() returns the mmapped view itself when dtype and device already match: zero-copy
     state = {name: files.tensor(info).to(device=device, dtype=dtype) for name, info in ckpt.tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
+    model.raw_config = read_config(folder)
     return model.eval().requires_grad_(False)
