@@ -16,6 +16,7 @@
 # train        benchmarks/train.py: a training step at real widths, with and without chunked loss
 #              and activation checkpointing;
 # quant        benchmarks/quant.py --real --compile: decode and prefill of bf16, int8 and int4 weights;
+# finetune     benchmarks/finetune.py --real: peak memory of one LoRA step of the real 9B shapes;
 # multi_image  benchmarks/multi_image.py --real: TTFT and peak memory for 1, 2 and 4 images;
 # resources    benchmarks/kernel_resources.py: the compile checks again, with this machine's triton.
 # Each step has its own time limit and runs even if an earlier one failed. The log and the new JSON
@@ -72,6 +73,7 @@ step kernels ${KERNELS_LIMIT:-150} python benchmarks/kernels.py --out benchmarks
 step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
 step quant 240 python benchmarks/quant.py --real --compile --repeat 2 --new-tokens 64 --out benchmarks/results
 step train 90 python benchmarks/train.py --device cuda
+step finetune 150 python benchmarks/finetune.py --real
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
 step resources 40 python benchmarks/kernel_resources.py
 echo "== $failed step(s) failed; log: $log" | tee -a "$log"

@@ -181,3 +181,25 @@ def test_loss_follows_the_label_rule_with_every_token_labelled(tiny):
     assert want.shape == logits.shape[:2]
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), want[:, 1:].flatten())
     assert abs(loss.item() - expected.item()) <= 1e-5
+
+
+def test_loss_label_rule_with_two_images_in_a_row(tiny):
+    """Several image blocks per row: each block's patch rows count nothing, its boi/eoi keep theirs."""
+    model, grads, ref = tiny
+    c = model.config
+    a = grads["input_ids_a"][0]
+    two = torch.cat([a[:7], a[4:7], a[7:]])  # [gMASK] <sop> <|user|> \n <img> <img> text...
+    b = grads["input_ids_b"][0]
+    gap = len(two) - len(b)
+    ids = torch.stack([two, torch.cat([torch.full((gap,), c.pad_token_id), b])])
+    mask = torch.ones_like(ids)
+    mask[1, :gap] = 0
+    pixels = torch.cat([ref["pixel_values_a"], ref["pixel_values_c"][:1]])
+    labels = torch.randint(0, c.vocab_size, ids.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = model(ids, pixels, mask, labels=labels).loss
+        logits = model(ids, pixels, mask).logits
+    want = spliced_labels_oracle(ids, labels, mask, c.boi_token_id, c.vision.num_image_tokens)
+    assert want.shape == logits.shape[:2]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), want[:, 1:].flatten())
+    assert abs(loss.item() - expected.item()) <= 1e-5
