@@ -104,7 +104,7 @@ def generate(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor |
 
     stop_ids None = the config's eos ids; [] = never stop. A row that stops keeps its stop id and
     is padded with pad_token_id after it; n is the longest row (the loop ends when all rows stop).
-    pixel_values: (N, 3, S, S) or a list of N (3, S, S), one image per row holding the placeholder.
+    pixel_values: (N, 3, S, S) or a list of N (3, S, S), one per image block, in reading order.
     compile: run decode steps through torch.compile (and a CUDA graph on CUDA); same tokens.
     """
     steps = stream_tokens(model, input_ids, pixel_values, attention_mask, position_ids, max_new_tokens=max_new_tokens,
