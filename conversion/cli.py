@@ -95,24 +95,15 @@ def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
         print(f"glm4v-convert: error: {args.src} is a weight-only quantized folder ({scheme}); it cannot be "
               "converted back: convert the float checkpoint it was made from", file=sys.stderr)
         return 1
-    try:
-        with warnings.catch_warnings(), stop_signals():  # restores the default printer and handlers on exit
+
+    def work():
+        with warnings.catch_warnings():  # restores the default printer on exit
             warnings.showwarning = _print_warning
-            result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
-                             max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ConversionError) as e:
-        print(f"glm4v-convert: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # while writing: ENOSPC, EIO, a quota...; the unfinished output was removed
-        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
-        return 130
-    except Stopped as e:
-        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
-        return 128 + e.signum
+            return convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
+                           max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
+    result = _run(work, args.dst)
+    if isinstance(result, int):
+        return result
     rate = result.bytes_written / max(result.seconds, 1e-9)
     print(f"wrote {result.dst} ({len(result.files)} files, {human_size(result.bytes_written)} in "
           f"{result.seconds:.1f} s, {human_size(rate)}/s)", file=stdout)
@@ -131,27 +122,35 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser, stdout:
         parser.error("--quantize writes a native folder in the source dtype: it cannot be combined with "
                      "--to hf or --dtype")
     group_size = args.group_size or (128 if args.quantize == "int4" else None)
-    try:
-        with stop_signals():
-            dst, files, nbytes, seconds = quantize_checkpoint(
-                args.src, args.dst, args.quantize, group_size, method=args.int4_method,
-                max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ConversionError, QuantizationError) as e:
-        print(f"glm4v-convert: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
-        return 130
-    except Stopped as e:
-        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
-        return 128 + e.signum
+    result = _run(lambda: quantize_checkpoint(
+        args.src, args.dst, args.quantize, group_size, method=args.int4_method, max_shard_size=args.max_shard_size,
+        force=args.force, progress=not args.no_progress), args.dst)
+    if isinstance(result, int):
+        return result
+    dst, files, nbytes, seconds = result
     print(f"wrote {dst} ({args.quantize}{f', group size {group_size}' if group_size else ''}; {len(files)} files, "
           f"{human_size(nbytes)} of tensors in {seconds:.1f} s)", file=stdout)
     return 0
+
+
+def _run(work, dst):
+    """work()'s result, or the exit code after a one-line message: 1 for refused input or a write
+    error, 130 for Ctrl-C, 128 + signal for SIGTERM/SIGHUP. The unfinished output is always removed."""
+    try:
+        with stop_signals():
+            return work()
+    except (CheckpointError, ConfigError, ConversionError, QuantizationError) as e:
+        print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # while writing: ENOSPC, EIO, a quota...
+        print(f"glm4v-convert: error: {e.filename or dst}: {os_reason(e)}; {dst} was not written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v-convert: interrupted; {dst} was not written", file=sys.stderr)
+        return 130
+    except Stopped as e:
+        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {dst} was not written", file=sys.stderr)
+        return 128 + e.signum
 
 
 @contextmanager

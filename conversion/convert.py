@@ -199,7 +199,7 @@ def _plan_native(ckpt: Checkpoint, dtype: torch.dtype, max_shard_size: int | Non
             by_file.setdefault(ckpt.tensors[name].file.name, []).append(name)
         groups = list(by_file.values())
     else:
-        groups = _pack(ordered, lambda n: tensor_nbytes(ckpt.tensors[n].shape, dtype), max_shard_size)
+        groups = pack_shards(ordered, lambda n: tensor_nbytes(ckpt.tensors[n].shape, dtype), max_shard_size)
     files = []
     for file_name, group in zip(shard_names(len(groups)), groups):
         sources = sorted({ckpt.tensors[n].file.name for n in group})
@@ -218,7 +218,7 @@ def _plan_hf(ckpt: Checkpoint, config: dict[str, Any], dtype: torch.dtype, max_s
     else:
         names = sorted([*sources, *HF_IGNORED_BUFFERS], key=_natural_key)  # save_pretrained writes the buffer
         sizes = {n: tensor_nbytes(sources[n].shape, dtype) if n in sources else 0 for n in names}
-        groups = _pack(names, sizes.__getitem__, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        groups = pack_shards(names, sizes.__getitem__, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
         weight_map = {n: file for file, group in zip(shard_names(len(groups)), groups) for n in group}
         with_index = len(groups) > 1
     source = (ckpt.provenance or {}).get("source") or {}
@@ -286,7 +286,7 @@ def _recorded_hf_files(ckpt: Checkpoint, max_shard_size: int | None, dtype: torc
     return max_shard_size is None and source.get("dtype") == dtype_name(dtype) and isinstance(source.get("files"), dict)
 
 
-def _pack(names: list[str], nbytes: Callable[[str], int], limit: int) -> list[list[str]]:
+def pack_shards(names: list[str], nbytes: Callable[[str], int], limit: int) -> list[list[str]]:
     """Greedy shards in the given order; a tensor larger than `limit` gets a file of its own."""
     groups: list[list[str]] = [[]]
     size = 0

@@ -217,7 +217,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     """Write a quantized native folder from an HF or (float) native folder `src`.
 
     Returns (dst, file names, bytes of tensor data written, seconds)."""
-    from .convert import _check_destination, _pack  # the float converter's checks and shard packing
+    from .convert import _check_destination, pack_shards  # the float converter's checks and shard packing
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_request(scheme, group_size, method)
@@ -240,7 +240,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     out_names = {n: [o for o in layout if o == n or o.startswith(n.removesuffix("weight") + "weight_")]
                  for n in ordered}
     size = {n: sum(tensor_nbytes(layout[o][1], layout[o][0]) for o in out_names[n]) for n in ordered}
-    groups = _pack(ordered, size.__getitem__, max_shard_size or DEFAULT_QUANTIZED_SHARD_SIZE)
+    groups = pack_shards(ordered, size.__getitem__, max_shard_size or DEFAULT_QUANTIZED_SHARD_SIZE)
     files = shard_names(len(groups))
     metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                 "quantization": scheme, "group_size": str(group_size or ""), "tool": f"glm4v-convert {__version__}"}

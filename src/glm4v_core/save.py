@@ -22,7 +22,7 @@ import torch
 from glm4v_conversion.atomic import destination_lock, staging
 from glm4v_conversion.checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE,
                                          dtype_name)
-from glm4v_conversion.convert import HF_FILE_METADATA, rotary_inv_freq
+from glm4v_conversion.convert import HF_FILE_METADATA, pack_shards, rotary_inv_freq
 from glm4v_conversion.names import HF_IGNORED_BUFFERS, native_to_hf
 from glm4v_conversion.safetensors_io import INDEX_FILE, index_json, shard_names, tensor_nbytes, write_file
 
@@ -58,7 +58,7 @@ def save_model(model: GLM4V, path: str | Path, layout: str = "hf", *, dtype: tor
         tensors = params
         metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype)}
     names = sorted(tensors, key=_natural_key)
-    groups = _pack(names, lambda n: tensor_nbytes(tuple(tensors[n].shape), dtype), max_shard_size)
+    groups = pack_shards(names, lambda n: tensor_nbytes(tuple(tensors[n].shape), dtype), max_shard_size)
     files = shard_names(len(groups))
     with destination_lock(dst), staging(dst) as tmp:  # one writer per folder; a killed run's leftovers go
         _check_destination(dst, overwrite)
@@ -92,19 +92,6 @@ def _single_dtype(params: dict[str, torch.Tensor]) -> torch.dtype:
         raise SaveError(f"the model's parameters have mixed dtypes {sorted(map(str, dtypes))}; pass dtype=... "
                         "to choose the stored one")
     return dtypes.pop()
-
-
-def _pack(names: list[str], nbytes, limit: int) -> list[list[str]]:
-    """Consecutive groups of at most `limit` bytes; a larger tensor gets a shard of its own."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        if groups[-1] and size + nbytes(name) > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes(name)
-    return groups
 
 
 def _natural_key(name: str) -> list:
