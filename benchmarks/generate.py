@@ -1,20 +1,26 @@
-"""End-to-end generation speed: prefill time, time to first token, decode tokens/s, % of bandwidth.
+"""End-to-end generation speed: time to first token, decode ms/token eager vs compiled, % of bandwidth.
 
-    python benchmarks/generate.py                  # CPU: the tiny and narrow fixtures (fp32)
+    python benchmarks/generate.py                  # CPU: tiny + narrow fixtures (fp32) and a mid-size
+                                                   # random model (~0.5 GB fp32) in fp32 and bf16
     python benchmarks/generate.py --real           # + real-size GLM-4V-9B, random bf16 weights (CUDA)
     python benchmarks/generate.py --real --real-layers 1 --device cpu   # smoke test of the real path
 
-Everything goes through glm4v_core.generate.stream_tokens, the loop the library uses; each step
-ends with a device sync (the loop reads `finished.all()`), so wall time per step is honest.
+Every row is timed twice in one run, eager and with `compile=True` (torch.compile of the decode
+step, replayed from a CUDA graph on CUDA); the one-time compile is reported apart. Everything goes
+through glm4v_core.generate.stream_tokens, the loop the library uses; each step ends with a host
+sync (the loop reads how many rows are done), so wall time per step is honest.
 
 Decode roofline (batch B, step at cache length T): a step reads every decoder weight once
 (embedding excluded: only B rows are gathered) plus the whole KV cache,
     bytes = decoder_params * elem + layers * 2 * B * kv_groups * T * head_dim * elem
-and cannot be faster than bytes / peak HBM bandwidth; % of roofline = (bytes / step time) / peak.
+and cannot be faster than bytes / peak bandwidth; % of roofline = (bytes / step time) / peak. On
+CUDA the peak is the datasheet's; on CPU it is this machine's copy bandwidth, measured in the same
+run (bytes read + written by a large tensor copy, per second).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -27,16 +33,32 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import datasheet_peaks, write_result  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
-from glm4v_core.generate import stream_tokens  # noqa: E402
+from glm4v_core.generate import GenerationStats, stream_tokens  # noqa: E402
 from glm4v_core.weights import build_meta_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
-    """Datasheet memory bandwidth in bytes/s (common.DATASHEET_PEAKS), None off CUDA or if unknown."""
-    match = datasheet_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    """Bytes/s: the datasheet's HBM bandwidth on CUDA (common.DATASHEET_PEAKS), the measured copy
+    bandwidth on CPU; None for an unknown CUDA device."""
+    if device.type == "cpu":
+        return cpu_copy_bandwidth()
+    match = datasheet_peaks(torch.cuda.get_device_name(device))
     return match[2] * 1e9 if match else None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_copy_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
+    """Median bytes/s (read + written) of copying a 512 MiB tensor: what a streaming kernel can get."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / statistics.median(times)
 
 
 def prompt(config: GLM4VConfig, n_text: int, image: bool, seed: int = 0) -> list[int]:
@@ -49,17 +71,20 @@ def prompt(config: GLM4VConfig, n_text: int, image: bool, seed: int = 0) -> list
     return [gmask, sop, user, *placeholder, *text, assistant]
 
 
-def run_once(model, ids, pixels, new_tokens) -> tuple[float, list[float]]:
-    """(time to first token, times of every step) in seconds, from the call."""
+def run_once(model, ids, pixels, new_tokens, compile: bool) -> tuple[list[float], float]:
+    """(times of every step from the call, compile seconds); the compile happens before step 1."""
+    stats = GenerationStats()
     start = time.perf_counter()
     times = []
-    for step in stream_tokens(model, ids, pixels, max_new_tokens=new_tokens, stop_ids=[]):
+    for step in stream_tokens(model, ids, pixels, max_new_tokens=new_tokens, stop_ids=[], compile=compile,
+                              stats=stats):
         step.tokens.cpu()  # the token is on the host: what a user would see
         times.append(time.perf_counter() - start)
-    return times[0], times
+    return times, stats.compile_s
 
 
 def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat: int) -> dict:
+    """One prompt shape, eager and compiled side by side (medians over `repeat` runs of each)."""
     c = model.config
     device = model.text.embed.weight.device
     ids = torch.tensor([prompt(c, n_text, image)] * batch, device=device)
@@ -67,18 +92,24 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     if image:
         size = c.vision.image_size
         pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    run_once(model, ids, pixels, 2)  # warm-up: allocator, kernels
-    ttfts, decode_steps = [], []
-    for _ in range(repeat):
-        ttft, times = run_once(model, ids, pixels, new_tokens)
-        ttfts.append(ttft)
-        decode_steps.append((times[-1] - times[0]) / (len(times) - 1))
-    ttft, step_s = statistics.median(ttfts), statistics.median(decode_steps)
     slots = ids.shape[1] + (c.vision.num_image_tokens - 1 if image else 0)
     row = {"prompt_tokens": ids.shape[1], "cache_slots": slots, "image": image, "batch": batch,
-           "new_tokens": new_tokens, "ttft_ms": ttft * 1e3, "decode_ms_per_step": step_s * 1e3,
-           "decode_tok_s_per_row": 1 / step_s, "decode_tok_s_total": batch / step_s}
-    row.update(roofline(model, batch, slots + new_tokens // 2, step_s))
+           "new_tokens": new_tokens}
+    for mode in ("eager", "compiled"):
+        _, compile_s = run_once(model, ids, pixels, 2, mode == "compiled")  # warm-up (and the compile)
+        ttfts, steps = [], []
+        for _ in range(repeat):
+            times, _ = run_once(model, ids, pixels, new_tokens, mode == "compiled")
+            ttfts.append(times[0])
+            steps.append((times[-1] - times[1]) / (len(times) - 2))  # step 1 may carry a cached compile
+        step_s = statistics.median(steps)
+        row[mode] = {"ttft_ms": statistics.median(ttfts) * 1e3, "decode_ms_per_step": step_s * 1e3,
+                     "decode_ms_spread": [min(steps) * 1e3, max(steps) * 1e3],
+                     "decode_tok_s_per_row": 1 / step_s, "decode_tok_s_total": batch / step_s,
+                     **roofline(model, batch, slots + new_tokens // 2, step_s)}
+        if mode == "compiled":
+            row[mode]["first_compile_s"] = compile_s
+    row["compiled_speedup"] = row["eager"]["decode_ms_per_step"] / row["compiled"]["decode_ms_per_step"]
     return row
 
 
@@ -95,11 +126,20 @@ def roofline(model, batch: int, mean_cache_len: int, step_s: float) -> dict:
             "pct_of_bandwidth_roofline": 100 * achieved / peak if peak else None}
 
 
-def random_real_model(device: torch.device, dtype: torch.dtype, layers: int | None) -> torch.nn.Module:
-    """GLM-4V-9B's real config with random weights made on the device (no download, no host copy)."""
-    hf = json.loads((FIXTURES / "real_manifest.json").read_text())["config"]
-    if layers is not None:  # a shallower model for smoke tests; widths stay real
-        hf = {**hf, "num_layers": layers, "vision_config": {**hf["vision_config"], "num_hidden_layers": layers}}
+def mid_size_config() -> dict:
+    """A decoder of ~124M parameters read per step (~0.5 GB in fp32, ~0.25 GB in bf16): big enough to be
+    bandwidth-bound on a CPU, small enough to build in seconds. The tiny fixture's ViT; special ids at
+    the top of the vocabulary as in the real model."""
+    hf = json.loads((FIXTURES / "tiny" / "config.json").read_text())
+    vocab, shift = 32768, 32768 - hf["padded_vocab_size"]
+    return {**hf, "hidden_size": 1024, "num_layers": 8, "num_attention_heads": 8, "kv_channels": 128,
+            "multi_query_group_num": 2, "ffn_hidden_size": 2816, "padded_vocab_size": vocab,
+            "eos_token_id": [i + shift for i in hf["eos_token_id"]], "pad_token_id": hf["pad_token_id"] + shift,
+            "boi_token_id": hf["boi_token_id"] + shift, "eoi_token_id": hf["eoi_token_id"] + shift}
+
+
+def random_model(hf: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A model of this HF config with random weights made on the device (no checkpoint, no host copy)."""
     model = build_meta_model(GLM4VConfig.from_hf(hf)).to(dtype).to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,24 +152,35 @@ def random_real_model(device: torch.device, dtype: torch.dtype, layers: int | No
     return model.eval().requires_grad_(False)
 
 
+def real_config(layers: int | None) -> dict:
+    """GLM-4V-9B's real config; `layers` shrinks both depths for smoke tests (widths stay real)."""
+    hf = json.loads((FIXTURES / "real_manifest.json").read_text())["config"]
+    if layers is not None:
+        hf = {**hf, "num_layers": layers, "vision_config": {**hf["vision_config"], "num_hidden_layers": layers}}
+    return hf
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'prompt':>6} {'slots':>6} {'img':>4} {'B':>3} {'TTFT ms':>9} {'ms/step':>8} {'tok/s/row':>10} "
-          f"{'tok/s':>8} {'GB/s':>8} {'% peak':>7}")
+    print(f"{'prompt':>6} {'slots':>6} {'img':>4} {'B':>3} {'TTFT ms':>9} | {'eager ms/step':>13} {'% peak':>7} | "
+          f"{'compiled ms/step':>16} {'% peak':>7} {'compile s':>9} | {'speedup':>7}")
     for r in rows:
-        pct = f"{r['pct_of_bandwidth_roofline']:.1f}" if r["pct_of_bandwidth_roofline"] is not None else "-"
+        e, c = r["eager"], r["compiled"]
+        pct = lambda m: f"{m['pct_of_bandwidth_roofline']:.1f}" if m["pct_of_bandwidth_roofline"] else "-"  # noqa: E731
         print(f"{r['prompt_tokens']:>6} {r['cache_slots']:>6} {'yes' if r['image'] else 'no':>4} {r['batch']:>3} "
-              f"{r['ttft_ms']:>9.2f} {r['decode_ms_per_step']:>8.2f} {r['decode_tok_s_per_row']:>10.1f} "
-              f"{r['decode_tok_s_total']:>8.1f} {r['achieved_GB_s']:>8.2f} {pct:>7}")
+              f"{e['ttft_ms']:>9.2f} | {e['decode_ms_per_step']:>13.3f} {pct(e):>7} | "
+              f"{c['decode_ms_per_step']:>16.3f} {pct(c):>7} {c['first_compile_s']:>9.1f} | "
+              f"{r['compiled_speedup']:>6.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fixtures", default="tiny,narrow", help="fixture checkpoints to time ('' for none)")
-    p.add_argument("--prompt-lengths", default="16,128,512,2048", help="text tokens per prompt (fixtures)")
+    p.add_argument("--fixtures", default="tiny,narrow", help="fixture checkpoints to time, fp32 ('' for none)")
+    p.add_argument("--prompt-lengths", default="16,512", help="text tokens per prompt (fixtures)")
     p.add_argument("--batches", default="1,8", help="batch sizes (fixtures)")
+    p.add_argument("--mid", default="float32,bfloat16", help="dtypes of the mid-size random model ('' for none)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3, help="runs per point; the median is reported")
+    p.add_argument("--repeat", type=int, default=3, help="runs per point and mode; the median is reported")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--real", action="store_true", default=torch.cuda.is_available(),
                    help="also time the real-size model with random weights (default on CUDA)")
@@ -139,7 +190,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    results: dict = {"new_tokens": args.new_tokens, "fixtures": {}, "real": None}
+    results: dict = {"new_tokens": args.new_tokens, "fixtures": {}, "mid": {}, "real": None}
+    if device.type == "cpu":
+        results["cpu_copy_GB_s"] = cpu_copy_bandwidth() / 1e9
+        print(f"CPU copy bandwidth (read + write): {results['cpu_copy_GB_s']:.1f} GB/s")
 
     for name in filter(None, args.fixtures.split(",")):
         model = load_model(FIXTURES / name, dtype=torch.float32, device=device)
@@ -149,9 +203,16 @@ def main() -> None:
         results["fixtures"][name] = rows
         print_table(f"{name} fixture, fp32, {device}", rows)
 
+    for dtype_name in filter(None, args.mid.split(",")):
+        model = random_model(mid_size_config(), device, getattr(torch, dtype_name))
+        rows = [measure(model, 64, 1, False, args.new_tokens, args.repeat)]
+        results["mid"][dtype_name] = {"decoder_params": sum(p.numel() for p in model.text.parameters()), "rows": rows}
+        print_table(f"mid-size random model, {dtype_name}, {device}", rows)
+        del model
+
     if args.real:
         dtype = torch.bfloat16
-        model = random_real_model(device, dtype, args.real_layers)
+        model = random_model(real_config(args.real_layers), device, dtype)
         rows = [measure(model, 100, b, True, args.new_tokens, args.repeat) for b in (1, 8)]
         results["real"] = {"dtype": str(dtype), "layers": model.config.num_layers, "rows": rows,
                            "note": "random weights; TTFT = ViT on one 1120x1120 image per row + 100-token prefill"}

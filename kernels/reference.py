@@ -28,34 +28,39 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                  scale: float | None = None, key_start: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float | None = None, key_start: torch.Tensor | None = None,
+                  key_end: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention with grouped KV heads.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq a multiple of Hkv; query head h reads
-    KV head h // (Hq // Hkv). causal=True aligns the last query with the last key: query i
-    sees keys j <= i + Lk - Lq. key_start: optional (B,) int tensor, the index of each row's
-    first valid key (left padding): keys j < key_start[b] are masked. A query row that sees
-    no key at all (a pad query) returns zeros. Returns (B, Hq, Lq, D) in q's dtype.
+    KV head h // (Hq // Hkv). Row b sees keys key_start[b] <= j < key_end[b] ((B,) int tensors;
+    None: from 0, to Lk): left padding, and the filled part of a static cache. causal=True aligns
+    the last query with the last visible key: query i sees keys j <= i + key_end[b] - Lq. A query
+    row that sees no key at all (a pad query) returns zeros. Returns (B, Hq, Lq, D) in q's dtype.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if Lq == 1:  # decode: the one query sees every key, causal or not
+    if Lq == 1 and key_end is None:  # decode over exactly the filled keys: causal is moot for one query
         causal = False
-        if Hq != Hkv:  # each group's query heads become queries of its KV head: no K/V copy per head
-            out = attention_ref(q.reshape(B, Hkv, Hq // Hkv, D), k, v, causal=False, scale=scale, key_start=key_start)
-            return out.reshape(B, Hq, 1, D)
+    if Lq == 1 and not causal and Hq != Hkv:  # each group's query heads become queries of its KV head
+        out = attention_ref(q.reshape(B, Hkv, Hq // Hkv, D), k, v, causal=False, scale=scale,
+                            key_start=key_start, key_end=key_end)
+        return out.reshape(B, Hq, 1, D)
     if Hq != Hkv:  # repeat each KV head for its query group, like the HF reference does
         k = k[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
         v = v[:, :, None].expand(B, Hkv, Hq // Hkv, Lk, D).reshape(B, Hq, Lk, D)
-    if key_start is None and not causal:
+    if key_start is None and key_end is None and not causal:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if key_start is None and Lq == Lk:
+    if key_start is None and key_end is None and Lq == Lk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     cols = torch.arange(Lk, device=q.device)
     allowed = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    end = Lk if key_end is None else key_end.to(q.device)[:, None, None, None]
+    if key_end is not None:
+        allowed = allowed & (cols < end)
     if causal:
         rows = torch.arange(Lq, device=q.device)[:, None]
-        allowed = allowed & (cols <= rows + (Lk - Lq))
+        allowed = allowed & (cols <= rows + (end - Lq))
     if key_start is not None:
         allowed = allowed & (cols >= key_start.to(q.device)[:, None, None, None])
     sees_any = allowed.any(-1, keepdim=True)  # (B, 1, Lq, 1)

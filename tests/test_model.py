@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glm4v_core import InputError, load_model
+from glm4v_core import InputError, load_model, ops
 from glm4v_core.model import first_valid_key
 from glm4v_core.text import apply_rotary, rotary_tables
 
@@ -110,20 +110,37 @@ def test_rotary_rotates_interleaved_pairs_of_the_first_half():
     torch.testing.assert_close(out[..., 4:], x[..., 4:])  # second half passes through
 
 
-def test_prefill_with_cache_equals_plain_forward_and_decode_continues(tiny, ref):
+def test_prefill_equals_plain_forward_and_decode_continues(tiny, ref):
     ids, px = ref["input_ids_a"], ref["pixel_values_a"]
     full = tiny(ids, px)
-    cache = tiny.new_cache(1, 64)
-    pre = tiny(ids, px, cache=cache)
-    torch.testing.assert_close(pre.logits, full.logits, atol=1e-6, rtol=0)
-    assert cache.length == full.logits.shape[1]  # slots = spliced length
-    nxt = pre.logits[:, -1].argmax(-1, keepdim=True)
-    pos = pre.position_ids.max(1, keepdim=True).values + 1  # next position: previous max + 1
-    assert int(pos) == ids.shape[1]
-    step = tiny(nxt, position_ids=pos, cache=cache)
-    torch.testing.assert_close(step.logits[0, -1], ref["gen_step_logits_a"][0, 1], atol=1e-4, rtol=0)
-    with pytest.raises(InputError, match="decode steps"):
-        tiny(nxt, cache=cache)
+    T = full.logits.shape[1]
+    state = tiny.prefill(tiny.check_prompt(ids, px, max_new_tokens=4), cache_len=T + 4)
+    torch.testing.assert_close(state.logits, full.logits[:, -1], atol=1e-5, rtol=0)  # GEMV vs GEMM rounding
+    assert state.cache.max_len == T + 4 and int(state.slot) == T  # slots = spliced length
+    assert int(state.positions) == ids.shape[1]  # next position: previous max + 1, not the slot
+    nxt = state.logits.argmax(-1, keepdim=True)
+    step = tiny.decode_step(nxt, state.positions, state.slot, state.cache)
+    torch.testing.assert_close(step[0], ref["gen_step_logits_a"][0, 1], atol=1e-4, rtol=0)
+
+
+def test_decode_step_shapes_never_change(tiny, ref, monkeypatch):
+    """The step reads the whole static buffer: the same shapes at every slot, written in place."""
+    prompt = tiny.check_prompt(ref["input_ids_b"], max_new_tokens=8)
+    state = tiny.prefill(prompt, cache_len=prompt.spliced_length + 8)
+    k_ptr, shapes, attention = state.cache.k.data_ptr(), set(), ops.attention
+
+    def spy(q, k, v, **kw):
+        shapes.add((q.shape, k.shape))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    tokens = state.logits.argmax(-1, keepdim=True)
+    for _ in range(3):
+        tokens = tiny.decode_step(tokens, state.positions, state.slot, state.cache).argmax(-1, keepdim=True)
+        state.positions += 1
+        state.slot += 1
+    assert state.cache.k.data_ptr() == k_ptr
+    assert shapes == {((1, 4, 1, 32), (1, 2, state.cache.max_len, 32))}
 
 
 def test_first_valid_key_is_int32_per_row_start():

@@ -1,9 +1,13 @@
-"""Static KV cache: allocated once for (batch, max_len), written in place, never reallocated.
+"""Static KV cache: fixed-shape buffers allocated once, written at slots given as tensors.
 
-Cache slots are not rotary positions: an image's 1600 patch rows fill 1600 slots but share
-one position id. `length` counts filled slots; the positions live with the caller as tensors.
-Rows that finish early can be dropped (`keep_rows`): the live rows move to the front of the same
-buffers and later steps read and write only those.
+Cache slots are not rotary positions: an image's patch rows fill one slot each but share one
+position id. The cache owns the buffers and each row's first valid slot (`key_start`, left
+padding); the caller owns the step's write slots as a tensor (like gpt-fast's `input_pos`), so a
+decode step has the same shapes at every length and never syncs with the host. Attention reads
+the whole buffer and masks keys outside [key_start, key_end).
+
+Rows that finish early can be dropped (`keep_rows`, eager decoding only): the live rows move to
+the front of the same buffers and later steps read and write only those.
 """
 from __future__ import annotations
 
@@ -18,38 +22,32 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (num_layers, batch, num_kv, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # rotated keys per KV group
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # rotated keys per KV group, never expanded
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_start = torch.zeros(batch, dtype=torch.int32, device=device)  # first valid slot per row
         self.max_len = max_len
         self.rows = batch  # live rows, at the front of the buffers
-        self.length = 0  # slots filled so far (same for every row: rows are left-padded)
-        self.key_start: torch.Tensor | None = None  # (B,) first valid slot per row, set at prefill
 
-    @property
-    def batch(self) -> int:
-        return self.rows
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (rows, Hkv, T, D) at cache slots `slots` (T,); return the layer's whole buffers
+        (rows, Hkv, max_len, D). Slots are shared by the rows: every row is left-padded to one length."""
+        k_all, v_all = self.k[layer, :self.rows], self.v[layer, :self.rows]
+        k_all.index_copy_(2, slots, k)
+        v_all.index_copy_(2, slots, v)
+        return k_all, v_all
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) after the filled slots; return views of all filled slots."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise CacheFullError(f"KV cache holds {self.max_len} slots; {self.length} used, {k.shape[2]} more requested")
-        self.k[layer, :self.rows, :, self.length:end] = k
-        self.v[layer, :self.rows, :, self.length:end] = v
-        return self.k[layer, :self.rows, :, :end], self.v[layer, :self.rows, :, :end]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
+    def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
         """Keep only `rows` (indices among the live rows, in order), moved to the front, so rows
-        that finished stop costing compute. Copies the filled slots once; nothing is reallocated."""
-        n, end = rows.numel(), self.length
+        that finished stop costing compute. Copies the `filled` slots once; nothing is reallocated."""
+        n = rows.numel()
         for layer in range(self.k.shape[0]):  # a layer at a time keeps the gather's temporary small
             # the gather copies before the write: overlap is safe
-            self.k[layer, :n, :, :end] = self.k[layer, rows, :, :end]
-            self.v[layer, :n, :, :end] = self.v[layer, rows, :, :end]
+            self.k[layer, :n, :, :filled] = self.k[layer, rows, :, :filled]
+            self.v[layer, :n, :, :filled] = self.v[layer, rows, :, :filled]
+        self.key_start[:n] = self.key_start[rows]
         self.rows = n
-        if self.key_start is not None:
-            self.key_start = self.key_start[rows]
 
-    def advance(self, n: int) -> None:
-        """Called once per forward, after every layer wrote its n new slots."""
-        self.length += n
+    def check_room(self, slots_needed: int) -> None:
+        if slots_needed > self.max_len:
+            raise CacheFullError(f"KV cache holds {self.max_len} slots; {slots_needed} requested")

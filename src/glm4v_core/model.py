@@ -1,4 +1,4 @@
-"""GLM-4V: vision tower + projector spliced into the GLM-4 decoder's token stream (DESIGN 1.4).
+"""GLM-4V: vision tower + projector spliced into the GLM-4 decoder's token stream.
 
 A prompt with an image holds `<|begin_of_image|> <|endoftext|> <|end_of_image|>`; those three
 token embeddings are replaced by the image's (grid/2)^2 + 2 embeddings. Positions stay those of
@@ -15,8 +15,12 @@ from .cache import KVCache
 from .config import GLM4VConfig
 from .init import init_parameters
 from .loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, check_labels, splice_labels
-from .text import TextDecoder
+from .text import KeyRange, TextDecoder
 from .vision import Projector, VisionEncoder
+
+
+# The model card promises an 8K context: rotary positions 0..8191 (the config's seq_length is nominal).
+MAX_CONTEXT = 8192
 
 
 class InputError(ValueError):
@@ -31,6 +35,26 @@ class ModelOutput:
     hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
     image_embeds: torch.Tensor | None = None         # (N_images, 2 + (g/2)^2, H)
     loss: torch.Tensor | None = None                 # fp32 scalar when labels were given
+
+
+@dataclass
+class Prompt:
+    """Checked model inputs (every check done, nothing computed yet); `GLM4V.check_prompt` makes it."""
+    input_ids: torch.Tensor              # (B, L)
+    pixel_values: torch.Tensor | None    # (N, 3, S, S), one per row holding the placeholder
+    attention_mask: torch.Tensor | None  # (B, L) 0/1, left padding only; None = no padding
+    position_ids: torch.Tensor           # (B, L) rotary positions of the unspliced tokens
+    image_rows: torch.Tensor             # (B,) bool: rows holding an image
+    spliced_length: int                  # T: cache slots the prompt fills (an image's 3 ids become 2 + (g/2)^2)
+
+
+@dataclass
+class DecodeState:
+    """What prefill hands to the decode loop: the filled cache and where the next token goes."""
+    cache: KVCache
+    logits: torch.Tensor     # (B, V) at each row's last prompt slot: they choose the first new token
+    positions: torch.Tensor  # (B, 1) rotary position of the next token: the prompt's largest + 1
+    slot: torch.Tensor       # (1,) cache slot of the next token: the spliced prompt length
 
 
 class GLM4V(nn.Module):
@@ -64,63 +88,99 @@ class GLM4V(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text.embed.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        c, w = self.config, self.text.embed.weight
-        return KVCache(c.num_layers, batch, c.num_kv_groups, max_len, c.head_dim, w.dtype, w.device)
+    @property
+    def device(self) -> torch.device:
+        return self.text.embed.weight.device
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> image embeddings (N, 2 + (g/2)^2, H), boi/eoi rows included."""
-        pixels = pixel_values.to(device=self.text.embed.weight.device, dtype=self.dtype)  # cast before the ViT
+        pixels = pixel_values.to(device=self.device, dtype=self.dtype)  # cast before the ViT
         return self.projector(self.vision(pixels))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, *, last_logits_only: bool = False,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, labels: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids (B, L) -> logits. attention_mask (B, L): 1 for real tokens, left padding only.
-        position_ids default to 0..n-1 over each row's real tokens (0 on pads). With a cache,
-        prefill fills it; later calls (decode) must pass position_ids and no attention_mask.
-        labels (B, L): one per input token, -100 = not counted; the output then has `loss` (the
-        mean next-token cross entropy, see glm4v_core.loss) and no logits."""
+        """input_ids (B, L) -> logits (B, T, V) of the spliced sequence, no cache (parity, training).
+
+        attention_mask (B, L): 1 for real tokens, left padding only. position_ids default to
+        0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token,
+        -100 = not counted; the output then has `loss` (the mean next-token cross entropy, see
+        glm4v_core.loss) and no logits."""
+        prompt = self.check_prompt(input_ids, pixel_values, attention_mask, position_ids)
         if labels is not None:
-            if cache is not None:
-                raise InputError("labels (training) take no KV cache: pass cache=None")
             check_labels(labels, input_ids, self.config.vocab_size)
-        decoding = cache is not None and cache.length > 0
-        if decoding and (attention_mask is not None or position_ids is None or pixel_values is not None):
-            raise InputError("decode steps (cache already filled) take input_ids and explicit position_ids "
-                             "only; padding was fixed at prefill and positions are not slot indices")
-        if decoding:  # decode ids come from our own logits: no data-dependent check (host sync)
-            check_ids_shape(input_ids)
-        else:
-            check_materialized(self)  # once per prompt, not per decode step
-            image_rows = self.check_inputs(input_ids, pixel_values)
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        embeds, positions, mask, image_embeds, source_index, is_patch = self.embed(prompt)
+        hidden = [] if output_hidden_states else None
+        x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
+        if labels is not None:  # training: the loss without logits of the whole sequence
+            targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
+            loss = causal_lm_loss(x, self.text.lm_head.weight, targets, self.loss_chunk_size)
+            return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
+        return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
+
+    def prefill(self, prompt: Prompt, cache_len: int) -> DecodeState:
+        """Run a checked prompt once, filling slots 0..T-1 of a new cache of cache_len >= T slots."""
+        if cache_len < prompt.spliced_length:
+            raise InputError(f"cache_len {cache_len} < the prompt's {prompt.spliced_length} cache slots")
+        embeds, positions, mask, *_ = self.embed(prompt)
+        B, T, _ = embeds.shape
+        c = self.config
+        cache = KVCache(c.num_layers, B, c.num_kv_groups, cache_len, c.head_dim, self.dtype, self.device)
+        key_start = first_valid_key(mask)
+        if key_start is not None:
+            cache.key_start.copy_(key_start)
+        x = self.text(embeds, positions, KeyRange(key_start, None), cache, torch.arange(T, device=self.device))
+        logits = self.text.lm_head(x[:, -1])  # only the last slot chooses a token
+        next_position = positions.max(dim=1, keepdim=True).values + 1  # not the slot count
+        return DecodeState(cache, logits, next_position, torch.tensor([T], device=self.device))
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row: tokens, positions (B, 1), cache slot (1,) -> logits (B, V).
+
+        No checks and no host syncs: the shapes are the same at every step, so it can be compiled
+        and captured in a CUDA graph. Writes the step's keys at `slot`; the caller advances it."""
+        keys = KeyRange(cache.key_start[:cache.rows], (slot + 1).to(torch.int32).expand(cache.rows))
+        x = self.text(self.text.embed(tokens), positions, keys, cache, slot)
+        return self.text.lm_head(x[:, -1])
+
+    def embed(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
+        """Word embeddings with every image spliced in: (embeds (B, T, H), positions (B, T),
+        attention mask (B, T) or None, image embeddings or None, source_index (B, T) or None,
+        is_patch (B, T) or None); the last two map labels onto the spliced slots."""
+        embeds = self.text.embed(prompt.input_ids)
+        if prompt.pixel_values is None:
+            return embeds, prompt.position_ids, prompt.attention_mask, None, None, None
+        image_embeds = self.encode_images(prompt.pixel_values)
+        embeds, positions, mask, source_index, is_patch = splice_images(
+            embeds, prompt.position_ids, prompt.attention_mask, prompt.image_rows, image_embeds,
+            self.config.boi_token_id, prompt.input_ids)
+        return embeds, positions, mask, image_embeds, source_index, is_patch
+
+    def check_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                     max_new_tokens: int = 0) -> Prompt:
+        """Every input check, before any compute: types, shapes, values, image blocks, and that
+        the prompt plus max_new_tokens fits the context. Moves the inputs to the model's device."""
+        check_ids_shape(input_ids)
+        check_materialized(self)  # once per prompt, never per decode step
+        L = input_ids.shape[1]
+        if pixel_values is not None:
+            check_pixels(pixel_values)
+        attention_mask = check_attention_mask(attention_mask, input_ids)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask)
-        elif position_ids.shape != input_ids.shape:
-            raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        embeds = self.text.embed(input_ids)
-        image_embeds = source_index = is_patch = None
-        if pixel_values is not None:  # prefill only (refused above when decoding)
-            image_embeds = self.encode_images(pixel_values)
-            embeds, position_ids, attention_mask, source_index, is_patch = splice_images(
-                embeds, position_ids, attention_mask, image_rows, image_embeds, self.config.boi_token_id, input_ids)
-        key_start = cache.key_start if decoding else first_valid_key(attention_mask)
-        if cache is not None and not decoding:
-            if cache.batch != input_ids.shape[0]:
-                raise InputError(f"cache was built for batch {cache.batch}, input has {input_ids.shape[0]} rows")
-            cache.key_start = key_start
-        hidden = [] if output_hidden_states else None
-        x = self.text(embeds, position_ids, key_start, cache, hidden)
-        if labels is not None:  # training: the loss without logits of the whole sequence
-            targets = splice_labels(labels, source_index, is_patch, attention_mask)
-            loss = causal_lm_loss(x, self.text.lm_head.weight, targets, self.loss_chunk_size)
-            return ModelOutput(None, position_ids, attention_mask, hidden, image_embeds, loss)
-        if last_logits_only:
-            x = x[:, -1:]
-        return ModelOutput(self.text.lm_head(x), position_ids, attention_mask, hidden, image_embeds)
+        else:
+            check_position_ids(position_ids, input_ids)
+        image_rows = self.check_inputs(input_ids, pixel_values)
+        longest = int(position_ids.max()) + 1
+        if longest + max_new_tokens > MAX_CONTEXT:
+            raise InputError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                             f"context of {MAX_CONTEXT} positions (an image counts as its 3 placeholder tokens)")
+        spliced = L if pixel_values is None else L - 3 + 2 + self.config.vision.num_image_tokens
+        device = self.device
+        to = (lambda t: None if t is None else t.to(device))
+        return Prompt(to(input_ids), to(pixel_values), to(attention_mask), to(position_ids), to(image_rows), spliced)
 
     def check_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Prompt checks, before any compute: ids in the vocabulary, pixels of the model's image
@@ -175,6 +235,44 @@ def check_materialized(model: nn.Module) -> None:
         raise InputError(f"{len(empty)} parameter(s) were never filled (e.g. {empty[0]!r} is on the meta device): "
                          "use glm4v_core.load_model(path) for a checkpoint or GLM4V.from_config(config, seed=...) "
                          "for random weights")
+
+
+def check_pixels(pixel_values: torch.Tensor) -> None:
+    """Normalized float pixels (what glm4v_core.image.load_image makes); shapes are checked with the blocks."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise InputError(f"pixel_values must be a float tensor (N, 3, S, S), got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise InputError(f"pixel_values must be normalized float pixels (glm4v_core.image.load_image), got "
+                         f"dtype {pixel_values.dtype}: raw 0-255 or bool images would be read as wrong colours")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise InputError("pixel_values hold NaN or inf values")
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """None, or a (B, L) tensor of 0/1 (int or bool) in the left-padding pattern; returned as int64."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise InputError(f"attention_mask must be an integer or bool tensor of 0/1, got "
+                         f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError(f"attention_mask must hold only 0 and 1, found {sorted(set(mask.unique().tolist()) - {0, 1})[:5]}")
+    first_valid_key(mask)  # refuses anything but left padding
+    return mask
+
+
+def check_position_ids(position_ids: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"position_ids must be an integer tensor, got "
+                         f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+    if position_ids.shape != input_ids.shape:
+        raise InputError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if bool((position_ids < 0).any()):
+        raise InputError("position_ids must be >= 0")
 
 
 def check_ids_shape(input_ids: torch.Tensor) -> None:

@@ -74,11 +74,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-              key_start: torch.Tensor | None = None) -> torch.Tensor:
+              key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); see glm4v_kernels.attention_ref.
 
     The Triton kernel is forward-only: when gradients are needed, 'auto' takes the torch path."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if backend_for(q) == "triton" and not (needs_grad and _backend == "auto"):
+        if key_end is not None:  # stop-gap until the kernels read key_end: all rows end together
+            end = int(key_end.max())
+            k, v = k[:, :, :end], v[:, :, :end]
         return K.attention(q, k, v, causal=causal, key_start=key_start)
-    return K.attention_ref(q, k, v, causal=causal, key_start=key_start)
+    return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)

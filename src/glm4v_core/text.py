@@ -1,5 +1,7 @@
-"""GLM-4 decoder (DESIGN 1.3): pre-norm blocks, fp32 RMSNorm, half-dim interleaved rotary, GQA."""
+"""GLM-4 decoder: pre-norm blocks, fp32 RMSNorm, half-dim interleaved rotary, GQA (docs/architecture.md)."""
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,12 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .cache import KVCache
 from .config import GLM4VConfig
+
+
+class KeyRange(NamedTuple):
+    """The keys row b may attend to: start[b] <= j < end[b], (B,) int32 (None: from 0 / to the last key)."""
+    start: torch.Tensor | None
+    end: torch.Tensor | None
 
 
 def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, base: float,
@@ -45,8 +53,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)  # fp32 inside, one cast at the end
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """rms_norm(x); with a residual, the fused residual step: (rms_norm(x + residual), x + residual).
+        fp32 inside, one cast at the end (the sum is rounded to x's dtype before it is normalized)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -54,21 +66,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_groups, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_groups * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=True)  # fused q | k | v, with bias
-        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.out = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_start: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeyRange,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        nq, nkv, hd = self.num_heads * self.head_dim, self.num_kv * self.head_dim, self.head_dim
-        qk, v = self.qkv(x).split([nq + nkv, nkv], dim=-1)
-        qk = apply_rotary(qk.view(B, T, self.num_heads + self.num_kv, hd).transpose(1, 2), cos, sin)  # one pass
-        q, k = qk.split([self.num_heads, self.num_kv], dim=1)  # (B, nh, T, hd), (B, nkv, T, hd)
-        v = v.view(B, T, self.num_kv, hd).transpose(1, 2)
+        qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(B, T, self.num_heads + self.num_kv, self.head_dim).transpose(1, 2)  # (B, nh + nkv, T, hd)
+        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv], dim=1)  # q and k in one pass
+        v = v.view(B, T, self.num_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if cache is not None:  # the cache holds rotated k per KV group, never expanded
-            k, v = cache.write(self.layer_idx, k, v)
-        out = ops.attention(q, k, v, causal=True, key_start=key_start)  # (B, nh, T, hd)
-        return self.out(out.transpose(1, 2).reshape(B, T, nq))
+            k_all, v_all = cache.write(self.layer_idx, slots, k, v)
+            if keys.end is not None:  # decode: the whole buffer, valid up to keys.end (prefill: its own keys)
+                k, v = k_all, v_all
+        out = ops.attention(q, k, v, causal=True, key_start=keys.start, key_end=keys.end)  # (B, nh, T, hd)
+        return self.out(out.transpose(1, 2).reshape(B, T, self.q_size))
 
 
 class MLP(nn.Module):
@@ -92,10 +106,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_start: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        attn_out = self.attn(self.attn_norm(x), cos, sin, key_start, cache)
-        normed, h = ops.add_rms_norm(attn_out, x, self.mlp_norm.weight, self.mlp_norm.eps)  # h = x + attn_out
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeyRange,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        normed, h = self.mlp_norm(self.attn(self.attn_norm(x), rope, keys, cache, slots), residual=x)
         return h + self.mlp(normed)
 
 
@@ -111,23 +124,23 @@ class TextDecoder(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, key_start: torch.Tensor | None = None,
-                cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, keys: KeyRange = KeyRange(None, None),
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                hidden_states: list | None = None) -> torch.Tensor:
         """Embeddings (B, T, H) -> final-normed hidden states (B, T, H).
 
-        position_ids (B, T): rotary positions (not cache slots); key_start (B,): each row's first
-        valid key slot (left padding) or None. Appends each layer's input and the last output to
-        `hidden_states` when given (the reference's output_hidden_states)."""
-        cos, sin = rotary_tables(position_ids, self.cfg.rotary_dim, 10000.0 * self.cfg.rope_ratio, x.dtype)
+        position_ids (B, T): rotary positions (not cache slots). keys: the key range of each row
+        (start: left padding; end: None attends the T new keys, else the whole cache buffer up to it).
+        With a cache, the new keys are also written at cache slots `slots` (T,). Appends each layer's
+        input and the last output to `hidden_states` when given (HF's output_hidden_states)."""
+        rope = rotary_tables(position_ids, self.cfg.rotary_dim, 10000.0 * self.cfg.rope_ratio, x.dtype)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(x)
             if self.checkpoint_layers and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, key_start, cache, use_reentrant=False)
+                x = checkpoint(layer, x, rope, keys, cache, slots, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, key_start, cache)
+                x = layer(x, rope, keys, cache, slots)
         if hidden_states is not None:
             hidden_states.append(x)
-        if cache is not None:
-            cache.advance(x.shape[1])
         return self.final_norm(x)
