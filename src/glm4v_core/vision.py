@@ -35,7 +35,7 @@ class VisionAttention(nn.Module):
         B, L, H = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
         out = ops.attention(qkv[0], qkv[1], qkv[2], causal=False)  # bidirectional, (B, nh, L, hd)
-        return self.out(out.transpose(1, 2).reshape(B, L, H))
+        return self.out(out.transpose(1, 2).reshape(B, L, -1))  # -1: this rank's heads under tensor parallelism
 
 
 class VisionMLP(nn.Module):
