@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from . import distributed
 from .generate import generate
 from .model import GLM4V
 from .weights import BUNDLED_CHECKPOINT, load_model
@@ -197,7 +198,8 @@ def reference_cases(ref: dict[str, torch.Tensor]) -> list[str]:
 
 
 def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[CaseReport]:
+               dtype: torch.dtype = torch.float32, device: str = "cpu", tp: bool = False) -> list[CaseReport]:
+    """tp: run as one rank of a tensor-parallel group (every rank of the group calls this)."""
     checkpoint = Path(checkpoint)
     ref_path = Path(reference) if reference else checkpoint / "reference.safetensors"
     meta_path = ref_path.with_suffix(".json")
@@ -207,6 +209,8 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     tol = Tolerances(meta, dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
+    if tp:
+        model = distributed.tensor_parallel(model, distributed.mesh(torch.device(device)))
     with reference_kernels(dtype):
         return [run_case(model, ref, meta, case, tol) for case in reference_cases(ref)]
 
@@ -332,9 +336,9 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
         ref = grads.get(f"grad_{case}.{hf}")
         full = full or ref is not None
         if hf in without:
-            err = grad_error(p.grad, torch.zeros_like(p, device="cpu"), 0.0, 0.0)
+            err = grad_error(distributed.full(p.grad), torch.zeros(p.shape), 0.0, 0.0)
         else:
-            err = grad_error(p.grad, ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
+            err = grad_error(distributed.full(p.grad), ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
         if err >= worst:
             worst, worst_name = err, hf
     model.zero_grad(set_to_none=True)
@@ -344,8 +348,10 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
                           loss_err <= GRAD_LOSS_ATOL and worst <= GRAD_REL_TOL)
 
 
-def run_grad_parity(checkpoint: str | Path, device: str = "cpu") -> list[GradCaseReport]:
-    """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors."""
+def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = False) -> list[GradCaseReport]:
+    """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors.
+    fsdp: run as one rank of an FSDP2 group; every rank computes the same case (the averaged
+    gradient must then equal the one-process gradient)."""
     checkpoint = Path(checkpoint)
     path, pixels_path = checkpoint / "grads.safetensors", checkpoint / "reference.safetensors"
     for needed in (path, path.with_suffix(".json"), pixels_path):
@@ -354,6 +360,8 @@ def run_grad_parity(checkpoint: str | Path, device: str = "cpu") -> list[GradCas
     grads, pixels = load_file(str(path)), load_file(str(pixels_path))
     meta = json.loads(path.with_suffix(".json").read_text())
     model = load_model(checkpoint, dtype=torch.float32, device=device).requires_grad_(True)
+    if fsdp:
+        model = distributed.fsdp(model, distributed.mesh(torch.device(device)))
     with reference_kernels(torch.float32):
         return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]
 
@@ -377,12 +385,14 @@ def grads_json(reports: list[GradCaseReport], checkpoint: Path) -> dict:
 
 def grads_main(args: argparse.Namespace, checkpoint: Path) -> int:
     try:
-        reports = run_grad_parity(checkpoint, args.device)
+        reports = run_grad_parity(checkpoint, args.device, fsdp=args.fsdp > 1)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_rank0():
+        return 0 if all(r.ok for r in reports) else 1
     if args.json:
-        print(json.dumps(grads_json(reports, checkpoint)))
+        print(json.dumps({**grads_json(reports, checkpoint), "fsdp": args.fsdp}))
     else:
         print(f"glm4v-core gradient parity: {checkpoint} vs {checkpoint / 'grads.safetensors'}")
         print(format_grad_report(reports))
@@ -401,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--grads", action="store_true",
                    help="gradient parity instead: loss and every parameter gradient vs CHECKPOINT/grads.safetensors")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel over N ranks (spawned on CPU with gloo, or the ranks of torchrun)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N", help="with --grads: FSDP2 over N ranks (as --tp)")
     return p
 
 
@@ -410,15 +423,34 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint.is_dir():
         print(f"error: checkpoint folder {checkpoint} not found", file=sys.stderr)
         return 2
+    ranks = args.fsdp if args.grads else args.tp
+    if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads) or min(args.tp, args.fsdp) < 1:
+        print("error: --tp N (N >= 1) goes with logit parity, --fsdp N with --grads", file=sys.stderr)
+        return 2
+    if ranks > 1 or distributed.launched_by_torchrun():
+        try:
+            return distributed.run_ranks(rank_main, ranks, args, checkpoint)
+        except distributed.DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return rank_main(args, checkpoint)
+
+
+def rank_main(args: argparse.Namespace, checkpoint: Path) -> int:
+    """The whole comparison on one process or on each rank of a group; rank 0 prints."""
+    if distributed.launched_by_torchrun() or args.tp > 1 or args.fsdp > 1:
+        args.device = str(distributed.init())  # this rank's GPU, or the CPU under gloo
     if args.grads:
         return grads_main(args, checkpoint)
     try:
-        reports = run_parity(checkpoint, args.reference, DTYPES[args.dtype], args.device)
+        reports = run_parity(checkpoint, args.reference, DTYPES[args.dtype], args.device, tp=args.tp > 1)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_rank0():
+        return 0 if all(r.ok for r in reports) else 1
     if args.json:
-        print(json.dumps(to_json(reports, checkpoint, args.dtype)))
+        print(json.dumps({**to_json(reports, checkpoint, args.dtype), "tp": args.tp}))
     else:
         print(f"glm4v-core parity: {checkpoint} vs {args.reference or checkpoint / 'reference.safetensors'}")
         print(format_report(reports, args.dtype))
