@@ -74,7 +74,7 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: timedelta = COLLECTIVE_TIMEOUT) -> Any:
     """fn(*args) on every rank of a `world_size` group; returns rank 0's result.
 
     Under torchrun this process is already one rank: fn runs here. Otherwise world_size processes
@@ -83,7 +83,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise DistributedError(f"torchrun started {os.environ['WORLD_SIZE']} ranks but {world_size} were asked for")
-        init()
+        init(timeout)
         try:
             return fn(*args)
         finally:
@@ -91,7 +91,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     ctx = mp.get_context("spawn")
     results, received = ctx.SimpleQueue(), ctx.Event()
     try:
-        ranks = mp.start_processes(_spawned_rank, args=(world_size, free_port(), results, received, fn, args),
+        ranks = mp.start_processes(_spawned_rank, args=(world_size, free_port(), timeout, results, received, fn, args),
                                    nprocs=world_size, join=False, start_method="spawn")
         result = None
         while not ranks.join(timeout=0.1):  # raises as soon as any rank fails (and stops the others)
@@ -105,16 +105,16 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> Any:
     return result
 
 
-def _spawned_rank(rank: int, world_size: int, port: int, results: Any, received: Any,
+def _spawned_rank(rank: int, world_size: int, port: int, timeout: timedelta, results: Any, received: Any,
                   fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init()
+    init(timeout)
     try:
         result = fn(*args)
         if rank == 0:
             results.put(result)
-            received.wait(COLLECTIVE_TIMEOUT.total_seconds())
+            received.wait(timeout.total_seconds())
     finally:
         dist.destroy_process_group()
 
