@@ -53,8 +53,8 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
     error and the worst gradient error (relative to its max-abs) against the HF reference."""
     from glm4v_conversion.names import native_to_hf
     take = lambda name: grads[f"{name}_a"]  # noqa: E731
-    out = distributed.ddp(model, torch.device("cpu"))(
-        take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"), labels=take("labels"))
+    ddp = distributed.ddp(model, torch.device("cpu"))  # kept alive: its reducer runs in backward
+    out = ddp(take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"), labels=take("labels"))
     out.loss.backward()
     worst = max(parity.grad_error(p.grad, grads.get(f"grad_a.{native_to_hf(n)}"), info["grad_norm"][native_to_hf(n)],
                                   info["grad_maxabs"][native_to_hf(n)]) for n, p in model.named_parameters())

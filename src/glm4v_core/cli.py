@@ -16,6 +16,7 @@ vocabulary), so the special tokens land at the fixture's ids (vocab - 223 + offs
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from . import distributed
 from .config import GLM4VConfig
 from .generate import GenerationStats, Sampling, TextDeltas, stream_text
 from .image import load_image
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
     gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
+                          "spawned here or the ranks of torchrun")
     chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit' or EOF ends)")
     for p in (gen, chat):
         add_model_arguments(p)
@@ -91,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate" and not args.prompt.strip():
             raise CLIError('the prompt is empty; give the question as an argument, '
                            'e.g. glm4v generate "Describe this image."')
+        if args.command == "generate" and (args.tp > 1 or distributed.launched_by_torchrun()):
+            return distributed.run_ranks(generate_on_rank, args.tp, args)
         session = Session.open(args)
         if args.command == "generate":
             return session.generate(args.prompt, sys.stdout, sys.stderr)
@@ -169,6 +176,18 @@ class Session:
         out.flush()
         print(f"[{stats.summary()}]", file=err, flush=True)
         return "".join(pieces)
+
+
+def generate_on_rank(args: argparse.Namespace) -> int:
+    """One rank of `glm4v generate --tp N`: its shard of the model, the same tokens as every other
+    rank (the logits are gathered, the seed shared); rank 0 writes the answer."""
+    args.device = str(distributed.init())
+    session = Session.open(args)
+    distributed.tensor_parallel(session.model, distributed.mesh(torch.device(args.device)))
+    if args.seed is None:
+        args.seed = 0  # sampling draws must agree across ranks
+    out = (sys.stdout, sys.stderr) if distributed.is_rank0() else (io.StringIO(), io.StringIO())
+    return session.generate(args.prompt, *out)
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
