@@ -143,3 +143,15 @@ def test_a_silent_rank_times_the_collective_out():
 def test_parity_cli_refuses_tp_with_grads(fixtures_dir, capsys):
     assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--grads", "--tp", "2"]) == 2
     assert "--fsdp N with --grads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_command_with_tp_writes_the_one_process_answer_once(fixtures_dir):
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "glm4v_core", "generate", "--checkpoint", str(fixtures_dir / "tiny"),
+               "--image", str(fixtures_dir / "images" / "gradient_rgb_97x61.png"), "--max-new-tokens", "8", "Hi"]
+    one = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout.strip() and two.stdout == one.stdout  # rank 0 alone writes, the same text

@@ -24,7 +24,6 @@ from typing import TextIO
 
 import torch
 
-from . import distributed
 from .config import GLM4VConfig
 from .generate import GenerationStats, Sampling, TextDeltas, stream_text
 from .image import load_image
@@ -96,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate" and not args.prompt.strip():
             raise CLIError('the prompt is empty; give the question as an argument, '
                            'e.g. glm4v generate "Describe this image."')
-        if args.command == "generate" and (args.tp > 1 or distributed.launched_by_torchrun()):
+        if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
+            from . import distributed  # only here: torch.distributed.tensor takes seconds to import
             return distributed.run_ranks(generate_on_rank, args.tp, args)
         session = Session.open(args)
         if args.command == "generate":
@@ -181,6 +181,7 @@ class Session:
 def generate_on_rank(args: argparse.Namespace) -> int:
     """One rank of `glm4v generate --tp N`: its shard of the model, the same tokens as every other
     rank (the logits are gathered, the seed shared); rank 0 writes the answer."""
+    from . import distributed
     args.device = str(distributed.init())
     session = Session.open(args)
     distributed.tensor_parallel(session.model, distributed.mesh(torch.device(args.device)))

@@ -213,7 +213,3 @@ def ddp(model: GLM4V, device: torch.device) -> nn.parallel.DistributedDataParall
     """Every rank keeps the whole model; gradients are all-reduced (averaged) in buckets."""
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-
-def full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The whole tensor from a sharded DTensor (a collective: every rank must call it)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t

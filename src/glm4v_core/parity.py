@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import distributed
 from .generate import generate
 from .model import GLM4V
 from .weights import BUNDLED_CHECKPOINT, load_model
@@ -210,6 +209,7 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     tol = Tolerances(meta, dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
     if tp:
+        from . import distributed  # only here: torch.distributed.tensor takes seconds to import
         model = distributed.tensor_parallel(model, distributed.mesh(torch.device(device)))
     with reference_kernels(dtype):
         return [run_case(model, ref, meta, case, tol) for case in reference_cases(ref)]
@@ -336,9 +336,9 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
         ref = grads.get(f"grad_{case}.{hf}")
         full = full or ref is not None
         if hf in without:
-            err = grad_error(distributed.full(p.grad), torch.zeros(p.shape), 0.0, 0.0)
+            err = grad_error(whole(p.grad), torch.zeros(p.shape), 0.0, 0.0)
         else:
-            err = grad_error(distributed.full(p.grad), ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
+            err = grad_error(whole(p.grad), ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
         if err >= worst:
             worst, worst_name = err, hf
     model.zero_grad(set_to_none=True)
@@ -346,6 +346,11 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
     return GradCaseReport(case, info.get("desc", ""), out.loss.item(), loss_err, worst, worst_name,
                           "full tensors" if full else "L2 norm + max-abs",
                           loss_err <= GRAD_LOSS_ATOL and worst <= GRAD_REL_TOL)
+
+
+def whole(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole gradient: FSDP2 leaves each rank a shard (a DTensor; gathering is a collective)."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
 def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = False) -> list[GradCaseReport]:
@@ -361,6 +366,7 @@ def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = Fa
     meta = json.loads(path.with_suffix(".json").read_text())
     model = load_model(checkpoint, dtype=torch.float32, device=device).requires_grad_(True)
     if fsdp:
+        from . import distributed
         model = distributed.fsdp(model, distributed.mesh(torch.device(device)))
     with reference_kernels(torch.float32):
         return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]
@@ -389,7 +395,7 @@ def grads_main(args: argparse.Namespace, checkpoint: Path) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not distributed.is_rank0():
+    if not is_rank0():
         return 0 if all(r.ok for r in reports) else 1
     if args.json:
         print(json.dumps({**grads_json(reports, checkpoint), "fsdp": args.fsdp}))
@@ -427,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads) or min(args.tp, args.fsdp) < 1:
         print("error: --tp N (N >= 1) goes with logit parity, --fsdp N with --grads", file=sys.stderr)
         return 2
-    if ranks > 1 or distributed.launched_by_torchrun():
+    if ranks > 1:  # spawned here, or under torchrun (which must start `ranks` processes)
+        from . import distributed
         try:
             return distributed.run_ranks(rank_main, ranks, args, checkpoint)
         except distributed.DistributedError as e:
@@ -436,9 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     return rank_main(args, checkpoint)
 
 
+def is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def rank_main(args: argparse.Namespace, checkpoint: Path) -> int:
     """The whole comparison on one process or on each rank of a group; rank 0 prints."""
-    if distributed.launched_by_torchrun() or args.tp > 1 or args.fsdp > 1:
+    if args.tp > 1 or args.fsdp > 1:
+        from . import distributed
         args.device = str(distributed.init())  # this rank's GPU, or the CPU under gloo
     if args.grads:
         return grads_main(args, checkpoint)
@@ -447,7 +459,7 @@ def rank_main(args: argparse.Namespace, checkpoint: Path) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not distributed.is_rank0():
+    if not is_rank0():
         return 0 if all(r.ok for r in reports) else 1
     if args.json:
         print(json.dumps({**to_json(reports, checkpoint, args.dtype), "tp": args.tp}))
