@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one run planned for one 10-minute device call (about 5 minutes
-# expected; the step limits below add up to 11, and whatever is in OUT_DIR survives a kill):
+# Everything only a GPU can show, in one run planned for about 8 minutes of one device call:
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR]     # OUT_DIR: $1, else $OUT, else benchmarks/results
+#     ONLY="tests generate" bash benchmarks/gpu_session.sh    # a subset of the steps, by name
 #
-# 1. install the project without dependencies (the GPU machine brings its own torch and triton;
-#    if that install fails, the three packages are put on PYTHONPATH through links instead);
-# 2. benchmarks/kernels.py: the kernel microbenchmarks and the issue's targets (each Triton row is
-#    also checked against its torch reference);
-# 3. benchmarks/generate.py --real: TTFT and decode speed of the real-size model (random weights);
-# 4. the kernel and backend tests, compiled on the GPU (the `gpu` marked big shapes included);
-# 5. benchmarks/kernel_resources.py: the compile checks again, with this machine's triton.
-# Each step has its own time limit and runs even if an earlier one failed. The log and every JSON
-# result land in OUT_DIR as soon as they exist; the exit status is the number of failed steps.
+# setup        install the project without dependencies (the GPU machine brings its own torch and
+#              triton; if that install fails, the packages are put on PYTHONPATH through links);
+# kernels      benchmarks/kernels.py: kernel microbenchmarks (attention forward and backward, RMSNorm)
+#              vs PyTorch and the roofline, each Triton row checked against its torch reference;
+# tests        the kernel and backend tests compiled on the GPU, and every `gpu` marked test;
+# generate     benchmarks/generate.py --real: TTFT and decode speed of the real-size model (random
+#              weights), eager vs compiled decode step replayed from a CUDA graph;
+# train        benchmarks/train.py: a training step at real widths, with and without chunked loss
+#              and activation checkpointing;
+# multi_image  benchmarks/multi_image.py --real: TTFT and peak memory for 1, 2 and 4 images;
+# resources    benchmarks/kernel_resources.py: the compile checks again, with this machine's triton.
+# Each step has its own time limit and runs even if an earlier one failed. The log and the new JSON
+# results land in OUT_DIR as soon as they exist (results.tgz holds every result file of this run);
+# the exit status is the number of failed steps.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results}}
+only=${ONLY:-}
 mkdir -p "$out"
 log="$out/gpu_session.log"
 started=$(mktemp)  # results newer than this file are this run's
 failed=0
 
-step() {  # step SECONDS command...
-    local limit=$1
-    shift
-    echo "== $(date -u +%H:%M:%S) $* (limit ${limit}s)" | tee -a "$log"
+collect() {  # this run's result files, into OUT_DIR as one archive (the device returns few files)
+    local new
+    new=$(find benchmarks/results -name '*.json' -newer "$started" 2>/dev/null)
+    [ -n "$new" ] && tar czf "$out/results.tgz" $new
+}
+
+step() {  # step NAME SECONDS command...
+    local name=$1 limit=$2
+    shift 2
+    if [ -n "$only" ] && [[ " $only " != *" $name "* ]]; then return; fi
+    echo "== $(date -u +%H:%M:%S) [$name] $* (limit ${limit}s)" | tee -a "$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     echo "== exit $rc: $*" | tee -a "$log"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
+    collect
 }
 
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-step 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
-step 90 python -m pip install -q --no-deps --no-build-isolation -e .
+step setup 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
+step setup 90 python -m pip install -q --no-deps --no-build-isolation -e .
 if ! python -c "import glm4v_core, glm4v_kernels, glm4v_conversion" 2>>"$log"; then
     shim=$(mktemp -d)
     ln -s "$PWD/src/glm4v_core" "$shim/glm4v_core"
@@ -43,13 +57,15 @@ if ! python -c "import glm4v_core, glm4v_kernels, glm4v_conversion" 2>>"$log"; t
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
     echo "== install failed: packages linked from $shim" | tee -a "$log"
 fi
-step 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step 150 python benchmarks/kernels.py --out "$out"
-step 120 python benchmarks/generate.py --real --fixtures ""
-[ "$out" -ef benchmarks/results ] || find benchmarks/results -name 'generate_*.json' -newer "$started" -exec cp {} "$out"/ \;
-workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-step 200 python -m pytest -q -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
-    tests/test_kernels_rms_norm.py tests/test_backends.py
-step 40 python benchmarks/kernel_resources.py
+step setup 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+workers=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
+step tests 200 python -m pytest -q -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
+    tests/test_kernels_attention_backward.py tests/test_kernels_rms_norm.py tests/test_backends.py
+step tests 150 python -m pytest -q -rf --tb=short -m gpu tests
+step kernels 150 python benchmarks/kernels.py --out benchmarks/results
+step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
+step train 90 python benchmarks/train.py --device cuda
+step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
+step resources 40 python benchmarks/kernel_resources.py
 echo "== $failed step(s) failed; log: $log" | tee -a "$log"
 exit "$failed"

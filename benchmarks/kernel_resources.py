@@ -35,7 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from glm4v_kernels import flash_attention as A, fused_rms_norm as R  # noqa: E402
+from glm4v_kernels import flash_attention as A, flash_attention_backward as AB, fused_rms_norm as R  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
@@ -60,7 +60,9 @@ class Case:
 def attention_types(dtype: torch.dtype) -> dict:
     name = DTYPE_NAMES[dtype]
     return {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "o_ptr": f"*{name}",
-            "key_start_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+            "key_start_ptr": "*i32", "key_end_ptr": "*i32", "lse_ptr": "*fp32", "part_o_ptr": "*fp32",
+            "part_lse_ptr": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "delta_ptr": "*fp32",
+            "do_ptr": f"*{name}", "dq_ptr": f"*{name}", "dk_ptr": f"*{name}", "dv_ptr": f"*{name}"}
 
 
 def prefill_case(dtype, D, causal, key_start, group=16) -> Case:
@@ -68,8 +70,8 @@ def prefill_case(dtype, D, causal, key_start, group=16) -> Case:
     expect = {"pipelined"} | ({"tensor_cores"} if dtype != torch.float32 else set())
     return Case(f"prefill {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' key_start' if key_start else ''}",
                 A._attn_fwd_kernel, attention_types(dtype),
-                dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_start, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-                     BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
+                dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_start, HAS_KEY_END=False, HEAD_DIM=D,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
 
 
 def decode_case(dtype, D, rows, group=16) -> Case:
@@ -78,8 +80,20 @@ def decode_case(dtype, D, rows, group=16) -> Case:
     bm = min(max_bm, max(16, triton.next_power_of_2(rows)))
     expect = {"pipelined"} | ({"tensor_cores"} if dtype != torch.float32 and bm >= 64 else set())
     return Case(f"decode {DTYPE_NAMES[dtype]} D{D} rows {rows}", A._attn_decode_kernel, attention_types(dtype),
-                dict(GROUP=group, CAUSAL=True, HAS_KEY_START=True, SPLIT=True, HEAD_DIM=D, BLOCK_M=bm,
-                     BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
+                dict(GROUP=group, CAUSAL=True, HAS_KEY_START=True, HAS_KEY_END=True, SPLIT=True, HEAD_DIM=D,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
+
+
+def backward_case(kernel, dtype, D, causal, key_range, group=16) -> Case:
+    """kernel: "dkdv" or "dq"; key_range: key_start and key_end given (a padded batch)."""
+    bm, bn, nw, ns = AB._backward_config(D, dtype, False)
+    rows = bn if kernel == "dkdv" else bm  # the tile height of the kernel's dots (wgmma needs 64)
+    expect = {"tensor_cores"} if dtype != torch.float32 and rows >= 64 else set()
+    fn = AB._attn_bwd_dkdv_kernel if kernel == "dkdv" else AB._attn_bwd_dq_kernel
+    return Case(f"bwd {kernel} {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' range' if key_range else ''}",
+                fn, attention_types(dtype),
+                dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_range, HAS_KEY_END=key_range, HEAD_DIM=D,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
 
 
 def rms_case(dtype, N, residual, backward=False) -> Case:
@@ -94,7 +108,7 @@ def rms_case(dtype, N, residual, backward=False) -> Case:
     return Case(f"rms_norm fwd {t} N{N}{' +residual' if residual else ''}", R._rms_norm_fwd_kernel,
                 {"x_ptr": f"*{t}", "res_ptr": f"*{t}", "w_ptr": f"*{t}", "y_ptr": f"*{t}", "s_ptr": f"*{t}",
                  "rstd_ptr": "*fp32", "eps": "fp32"},
-                dict(HAS_RESIDUAL=residual, STORE_RSTD=True, BLOCK_N=block_n), R._num_warps(block_n),
+                dict(HAS_RESIDUAL=residual, BLOCK_N=block_n), R._num_warps(block_n),
                 expect={"wide_loads"}, aligned=("N",))
 
 
@@ -117,8 +131,12 @@ def cases() -> list[Case]:
         decode_case(fp32, 64, 16),
         decode_case(fp32, 128, 16),
         decode_case(fp32, 256, 64, group=4),
+        *(backward_case(kernel, bf16, 112, False, False, group=1) for kernel in ("dkdv", "dq")),  # ViT
+        *(backward_case(kernel, bf16, 128, True, True) for kernel in ("dkdv", "dq")),  # decoder, padded
+        *(backward_case(kernel, bf16, 256, True, False, group=1) for kernel in ("dkdv", "dq")),
+        *(backward_case(kernel, fp32, 128, True, False) for kernel in ("dkdv", "dq")),
         Case("decode combine bf16 D128", A._attn_combine_kernel,
-             {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": "*bf16"},
+             {"part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "o_ptr": "*bf16", "lse_ptr": "*fp32"},
              dict(HEAD_DIM=128, BLOCK_S=A.MAX_SPLITS, BLOCK_D=128), num_warps=4),
         rms_case(bf16, 4096, True),
         rms_case(bf16, 1792, False),

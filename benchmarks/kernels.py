@@ -7,6 +7,8 @@
 Work per call (elt = bytes per element; all inputs bf16 on a GPU):
     attention FLOPs = 4 * B * Hq * Lq * Lk * D       (QK^T and PV: 2 FLOPs per multiply-add),
                       halved when causal with Lq == Lk (half the score matrix is skipped)
+    backward FLOPs  = 2.5 x the forward's             (QK^T recomputed, dV = P^T dO, dP = dO V^T,
+                      dQ = dS K, dK = dS^T Q: 5 matmuls to the forward's 2)
     attention bytes = 2 * B * Hkv * Lk * D * elt     (K and V read once, shared by a KV group)
                     + 2 * B * Hq * Lq * D * elt      (q read, out written)
     rmsnorm bytes   = 2 * rows * N * elt + N * elt   (x read, y written, weight read);
@@ -15,6 +17,10 @@ Each row reports TFLOP/s (prefill, ViT) or GB/s (decode, RMSNorm) and its % of t
 roofline floor max(FLOPs / peak FLOP/s, bytes / peak bandwidth) with its % (floor / time: 100% is
 as fast as the device's datasheet peaks allow). Decode at batch 1 moves only a few MB (8.4 MB at
 Lk 8k: 2.5 us at 3.35 TB/s), so kernel launch latency, not bandwidth, bounds it there.
+Backward rows ("... bwd") time the gradients of q, k, v given dO, the forward run once outside
+the timing (torch.autograd.grad with retain_graph), against SDPA flash's backward; their error column
+is the max difference of dq from SDPA flash's dq. A "decode static" row reads a 8k-key cache buffer
+filled to key_end = 1k: it should cost what the same 1k keys cost as a view (its GB/s count those).
 On the ViT and the longest prefill shape, the prefill kernel is also timed at other block configs
 (provider "triton BM,BN,warps,stages"), and the decode kernel at forced split counts ("triton
 splits=N"), so that one GPU run shows whether the configs the launchers pick are the best ones.
@@ -46,7 +52,7 @@ import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import glm4v_kernels as K  # noqa: E402
-from glm4v_kernels.flash_attention import _attention  # noqa: E402
+from glm4v_kernels.flash_attention import attention_forward  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import datasheet_peaks, write_result  # noqa: E402
@@ -90,12 +96,15 @@ def attention_cases(smoke: bool) -> list[dict]:
     if smoke:
         return [dict(name="vit", B=1, Hq=2, Hkv=2, Lq=40, Lk=40, D=112, causal=False),
                 dict(name="prefill", B=1, Hq=4, Hkv=2, Lq=40, Lk=40, D=64, causal=True, sweep=True),
-                dict(name="decode", B=2, Hq=4, Hkv=1, Lq=1, Lk=100, D=64, causal=True, sweep=True)]
+                dict(name="decode", B=2, Hq=4, Hkv=1, Lq=1, Lk=100, D=64, causal=True, sweep=True),
+                dict(name="decode static", B=2, Hq=4, Hkv=1, Lq=1, Lk=40, D=64, causal=True, buffer=100)]
     cases = [dict(name="vit", B=1, Hq=16, Hkv=16, Lq=6401, Lk=6401, D=112, causal=False, sweep=True)]
     cases += [dict(name="prefill", B=1, Hq=32, Hkv=2, Lq=L, Lk=L, D=128, causal=True, sweep=L == 8192)
               for L in (1024, 2048, 8192)]
     cases += [dict(name="decode", B=B, Hq=32, Hkv=2, Lq=1, Lk=L, D=128, causal=True, sweep=L == 8192)
               for B in (1, 16) for L in (2048, 8192)]
+    cases += [dict(name="decode static", B=B, Hq=32, Hkv=2, Lq=1, Lk=1024, D=128, causal=True, buffer=8192)
+              for B in (1, 16)]
     return cases
 
 
@@ -109,9 +118,13 @@ def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
     B, Hq, Hkv, Lq, Lk, D, causal = (case[k] for k in ("B", "Hq", "Hkv", "Lq", "Lk", "D", "causal"))
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, Hq, Lq, D, device=device, dtype=dtype, generator=g)
-    if case["name"] == "decode":  # the model's layout: views of a (B, Hkv, Lmax, D) cache
-        cache = torch.randn(2, B, Hkv, Lk + 256, D, device=device, dtype=dtype, generator=g)
+    key_end = None
+    if case["name"].startswith("decode"):  # the model's layout: views of a (B, Hkv, Lmax, D) cache
+        buffer = case.get("buffer", Lk + 256)
+        cache = torch.randn(2, B, Hkv, buffer, D, device=device, dtype=dtype, generator=g)
         k, v = cache[0, :, :, :Lk], cache[1, :, :, :Lk]
+        if "buffer" in case:  # the whole buffer, filled to key_end; SDPA and the check get the view
+            key_end = torch.full((B,), Lk, device=device, dtype=torch.int32)
         unit = "GB/s"
     else:
         k, v = (torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype, generator=g) for _ in range(2))
@@ -127,16 +140,43 @@ def attention_rows(case: dict, dtype: torch.dtype, device: str) -> list[dict]:
                 return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=sdpa_causal)
         return run
 
-    providers = {"triton": lambda: K.attention(q, k, v, causal=causal)}
+    forced = lambda **kw: attention_forward(q, k, v, causal, **kw)[0]  # noqa: E731
+    if key_end is not None:
+        k_buf, v_buf = cache[0], cache[1]
+        providers = {"triton key_end": lambda: K.attention(q, k_buf, v_buf, causal=causal, key_end=key_end),
+                     "triton": lambda: K.attention(q, k, v, causal=causal)}
+    else:
+        providers = {"triton": lambda: K.attention(q, k, v, causal=causal)}
     if case.get("sweep") and case["name"] == "decode":
-        providers |= {f"triton splits={n}": lambda n=n: _attention(q, k, v, causal, n_splits=n) for n in DECODE_SPLITS}
+        providers |= {f"triton splits={n}": lambda n=n: forced(n_splits=n) for n in DECODE_SPLITS}
     elif case.get("sweep"):
-        providers |= {"triton " + ",".join(map(str, c)): lambda c=c: _attention(q, k, v, causal, config=c)
-                      for c in PREFILL_CONFIGS}
+        providers |= {"triton " + ",".join(map(str, c)): lambda c=c: forced(config=c) for c in PREFILL_CONFIGS}
     providers |= {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_math": sdpa(SDPBackend.MATH)}
     check = lambda out: (out.float() - K.attention_ref(q, k, v, causal=causal).float()).abs().max().item()  # noqa: E731
     shape = f"{case['name']} B{B} Hq{Hq}/Hkv{Hkv} Lq{Lq} Lk{Lk} D{D}{' causal' if causal else ''}"
-    return [measure(shape, p, fn, flops, nbytes, unit, check if p.startswith("triton") else None)
+    rows = [measure(shape, p, fn, flops, nbytes, unit, check if p.startswith("triton") else None)
+            for p, fn in providers.items()]
+    if unit == "TFLOP/s":  # training shapes: the backward too
+        rows += backward_rows(shape, q, k, v, k_rep, v_rep, causal, sdpa_causal, flops)
+    return rows
+
+
+def backward_rows(shape, q, k, v, k_rep, v_rep, causal, sdpa_causal, fwd_flops) -> list[dict]:
+    """dq, dk, dv given dO, the forward run once outside the timing; 2.5x the forward's FLOPs.
+    Bytes: q, k, v, o, dO read, dq, dk, dv written."""
+    q, k, v, k_rep, v_rep = (t.detach().requires_grad_() for t in (q, k, v, k_rep, v_rep))
+    do = torch.randn_like(q)
+    nbytes = 4 * q.numel() * q.element_size() + 4 * k.numel() * k.element_size()
+
+    def grads(out, inputs):
+        return lambda: torch.autograd.grad(out, inputs, do, retain_graph=True)
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = grads(F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=sdpa_causal), (q, k_rep, v_rep))
+        dq_flash = flash()[0].float()
+    providers = {"triton bwd": grads(K.attention(q, k, v, causal=causal), (q, k, v)), "sdpa_flash bwd": flash}
+    check = lambda out: (out[0].float() - dq_flash).abs().max().item()  # noqa: E731
+    return [measure(shape, p, fn, int(2.5 * fwd_flops), nbytes, "TFLOP/s", check if p.startswith("triton") else None)
             for p, fn in providers.items()]
 
 

@@ -1,10 +1,12 @@
-"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention) and their torch references.
+"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention forward and backward) and their
+torch references.
 
 Depends on torch and triton only. Every kernel has a `*_ref` beside it: the spec and the fallback.
 The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before import).
+The public functions are torch custom ops (namespace glm4v_kernels) with autograd: torch.compile
+traces them without a graph break, and a CUDA graph can capture them.
 """
-from .flash_attention import attention
 from .reference import add_rms_norm_ref, attention_ref, rms_norm_ref
-from .fused_rms_norm import add_rms_norm, rms_norm
+from .torch_ops import add_rms_norm, attention, rms_norm
 
 __all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention"]

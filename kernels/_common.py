@@ -1,4 +1,5 @@
-"""Helpers every kernel file shares: where kernels can run, the current device, rounding casts."""
+"""Helpers the kernel files share: where kernels can run, the current device, rounding casts, exact
+dots, and the valid key range of a batch row."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,8 @@ import triton
 import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+LOG2E = 1.4426950408889634  # scores are kept in the log2 domain: exp2 replaces exp
 
 
 @triton.jit
@@ -27,6 +30,26 @@ def round_to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
         return x.to(DTYPE)
 
 
+@triton.jit
+def dot(a, b, acc, INTERPRETED: tl.constexpr):
+    if INTERPRETED:  # the CPU interpreter multiplies bf16 as raw integers: widen (exactly) first
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")  # fp32 inputs: exact products, no tf32
+
+
+@triton.jit
+def valid_range(key_start_ptr, key_end_ptr, b, Lk, HAS_KEY_START: tl.constexpr, HAS_KEY_END: tl.constexpr):
+    """(key_start, kv_len) of batch row b, loaded on the device: its valid keys are [key_start, kv_len)."""
+    key_start = 0
+    if HAS_KEY_START:
+        key_start = tl.maximum(tl.load(key_start_ptr + b), 0)
+    kv_len = Lk
+    if HAS_KEY_END:
+        kv_len = tl.minimum(tl.maximum(tl.load(key_end_ptr + b), 0), Lk)
+    return key_start, kv_len
+
+
 def interpreted_on(device: torch.device) -> bool:
     """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, any device); raises
     where Triton cannot run at all (a CPU tensor without the interpreter)."""
@@ -40,6 +63,11 @@ def interpreted_on(device: torch.device) -> bool:
 def on_device(device: torch.device):
     """Triton launches on the *current* CUDA device and stream: make that the tensors' device."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and sequence strides of a (B, H, L, D) tensor (D has unit stride)."""
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def sm_count(device: torch.device) -> int:

@@ -32,7 +32,7 @@ MAX_N = 16384  # one row lives in registers (wider rows spill); GLM-4V rows are 
 def _rms_norm_fwd_kernel(
     x_ptr, x_row_stride, res_ptr, res_row_stride, w_ptr, y_ptr, y_row_stride,
     s_ptr, s_row_stride, rstd_ptr, N, eps,
-    HAS_RESIDUAL: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -41,16 +41,15 @@ def _rms_norm_fwd_kernel(
     x32 = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         res32 = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s = round_to(x32 + res32, s_ptr.dtype.element_ty, INTERPRETED)  # rounded to the input dtype FIRST
+        s = round_to(x32 + res32, DTYPE=s_ptr.dtype.element_ty, INTERPRETED=INTERPRETED)  # rounded to the input dtype FIRST
         tl.store(s_ptr + row * s_row_stride + cols, s, mask=mask)
         x32 = s.to(tl.float32)
     eps32 = tl.cast(eps, tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / N + eps32)
     w32 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = w32 * (x32 * rstd)  # the reference's order: normalize, then weight, all fp32
-    tl.store(y_ptr + row * y_row_stride + cols, round_to(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-    if STORE_RSTD:
-        tl.store(rstd_ptr + row, rstd)
+    tl.store(y_ptr + row * y_row_stride + cols, round_to(y, DTYPE=y_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=mask)
+    tl.store(rstd_ptr + row, rstd)  # for the backward
 
 
 @triton.jit
@@ -74,9 +73,9 @@ def _rms_norm_bwd_kernel(
         g = dy32 * w32
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / N))
         if HAS_DS:  # autograd rounds the norm's grad to the dtype, then adds d(s)
-            dx = round_to(dx, dx_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+            dx = round_to(dx, DTYPE=dx_ptr.dtype.element_ty, INTERPRETED=INTERPRETED).to(tl.float32)
             dx += tl.load(ds_ptr + row * ds_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * dx_row_stride + cols, round_to(dx, dx_ptr.dtype.element_ty, INTERPRETED),
+        tl.store(dx_ptr + row * dx_row_stride + cols, round_to(dx, DTYPE=dx_ptr.dtype.element_ty, INTERPRETED=INTERPRETED),
                  mask=mask)
         dw_acc += dy32 * x_hat
     tl.store(dw_part_ptr + pid * N + cols, dw_acc, mask=mask)
@@ -88,13 +87,13 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n < 2048 else 8 if block_n < 8192 else 16
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def rows(t: torch.Tensor) -> torch.Tensor:
     """(..., N) -> (rows, N) with unit column stride; copies only a non-viewable layout."""
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, eps: float,
+def check(x: torch.Tensor, weight: torch.Tensor, eps: float,
            residual: torch.Tensor | None = None) -> None:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
@@ -119,12 +118,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float,
     interpreted_on(x.device)
 
 
-def _forward(x, weight, eps, residual=None, store_rstd=False):
-    """Returns (y, s or None, rstd or None); x and residual are (rows, N) with unit column stride."""
+def rms_norm_forward(x, weight, eps, residual=None):
+    """Returns (y, s or None, rstd); x and residual are (rows, N) with unit column stride."""
     n_rows, N = x.shape
     y = torch.empty((n_rows, N), dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else None
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device) if store_rstd else None
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, s, rstd
     block_n = triton.next_power_of_2(N)
@@ -132,13 +131,13 @@ def _forward(x, weight, eps, residual=None, store_rstd=False):
     with on_device(x.device):
         _rms_norm_fwd_kernel[(n_rows,)](
             x, x.stride(0), res, res.stride(0), weight.contiguous(), y, y.stride(0),
-            s if s is not None else y, y.stride(0), rstd if rstd is not None else y, N, float(eps),
-            HAS_RESIDUAL=residual is not None, STORE_RSTD=store_rstd, BLOCK_N=block_n,
+            s if s is not None else y, y.stride(0), rstd, N, float(eps),
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block_n,
             INTERPRETED=interpreted_on(x.device), num_warps=_num_warps(block_n))
     return y, s, rstd
 
 
-def _backward(dy, x, weight, rstd, ds=None):
+def rms_norm_backward(dy, x, weight, rstd, ds=None):
     """Returns (dx, dw in fp32); every tensor is (rows, N) with unit column stride."""
     n_rows, N = x.shape
     interpreted = interpreted_on(x.device)
@@ -155,54 +154,3 @@ def _backward(dy, x, weight, rstd, ds=None):
             HAS_DS=ds is not None, BLOCK_N=block_n, INTERPRETED=interpreted,
             num_warps=_num_warps(block_n))
     return dx, dw_part.sum(0)
-
-
-class _RMSNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x2 = _rows(x)
-        y, _, rstd = _forward(x2, weight, eps, store_rstd=True)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(_rows(dy), x2, weight, rstd)
-        return dx.view(dy.shape), dw.to(weight.dtype), None
-
-
-class _AddRMSNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        y, s, rstd = _forward(_rows(x), weight, eps, residual=_rows(residual), store_rstd=True)
-        ctx.save_for_backward(s, weight, rstd)
-        return y.view(x.shape), s.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy, ds):
-        s, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(_rows(dy), s, weight, rstd, ds=_rows(ds))
-        return dx.view(dy.shape), dx.clone().view(dy.shape), dw.to(weight.dtype), None
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """GLM-4 RMSNorm of x (..., N) over its last dim; differentiable in x and weight."""
-    _check(x, weight, eps)
-    if _needs_grad(x, weight):
-        return _RMSNormFn.apply(x, weight, eps)
-    return _forward(_rows(x), weight, eps)[0].view(x.shape)
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(s), s) with s = x + residual rounded to x's dtype; differentiable."""
-    _check(x, weight, eps, residual)
-    if _needs_grad(x, residual, weight):
-        return _AddRMSNormFn.apply(x, residual, weight, eps)
-    y, s, _ = _forward(_rows(x), weight, eps, residual=_rows(residual))
-    return y.view(x.shape), s.view(x.shape)

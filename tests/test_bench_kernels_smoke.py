@@ -23,15 +23,24 @@ def test_kernel_benchmark_smoke_run(tmp_path):
     assert record["smoke"] is True and record["commit"] and record["date"] and "--smoke" in record["command"]
     assert {"name", "tflops", "gbps"} <= set(record["device"])
 
-    ours = [r for r in record["results"] if r["provider"] in ("triton", "triton_add_norm")]
-    kinds = {r["shape"].split()[0] for r in ours}
-    assert kinds == {"vit", "prefill", "decode", "rmsnorm"}, kinds
+    ours = [r for r in record["results"] if r["provider"] in ("triton", "triton_add_norm", "triton bwd",
+                                                              "triton key_end")]
+    kinds = {(r["shape"].split(" B")[0], r["provider"]) for r in ours}
+    assert kinds == {("vit", "triton"), ("prefill", "triton"), ("decode", "triton"), ("vit", "triton bwd"),
+                     ("prefill", "triton bwd"), ("decode static", "triton"), ("decode static", "triton key_end"),
+                     ("rmsnorm rows5 N97", "triton"), ("rmsnorm rows3 N256", "triton"),
+                     ("rmsnorm rows5 N97", "triton_add_norm"), ("rmsnorm rows3 N256", "triton_add_norm")}, kinds
+    for r in ours:  # backward: 2.5x the forward's FLOPs
+        if r["provider"] == "triton bwd":
+            fwd = next(f for f in ours if f["shape"] == r["shape"] and f["provider"] == "triton")
+            assert r["flops"] == int(2.5 * fwd["flops"]), (r, fwd)
     for r in ours:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["value"] > 0 and r["pct_of_peak"] > 0, r
         assert r["bytes"] > 0 and r["roofline_ms"] * 1e-3 >= r["bytes"] / (record["device"]["gbps"] * 1e9), r
         assert abs(r["pct_of_roofline"] - 100 * r["roofline_ms"] / r["ms"]) < 1e-6, r
-    swept = [r for r in record["results"] if r["provider"].startswith("triton ")]
+    swept = [r for r in record["results"] if r["provider"].startswith("triton ")
+             and r["provider"] not in ("triton bwd", "triton key_end")]
     assert {r["provider"] for r in swept} == {"triton 128,128,8,2", "triton 128,128,8,3", "triton 128,32,8,3",
                                              "triton 64,64,4,3", "triton splits=8", "triton splits=32",
                                              "triton splits=64"}, swept

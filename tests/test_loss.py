@@ -117,7 +117,8 @@ def test_text_only_row_in_an_image_batch(tiny):
     gap = ids_a.shape[1] - ids_b.shape[1]  # left-pad the text row to the image row's length
     ids = torch.cat([ids_a, torch.cat([torch.full((1, gap), pad), ids_b], 1)])
     labels = torch.cat([lab_a, torch.cat([torch.full((1, gap), IGNORE_INDEX), lab_b], 1)])
-    mask = torch.cat([torch.ones(1, ids_a.shape[1]), torch.cat([torch.zeros(1, gap), torch.ones(1, ids_b.shape[1])], 1)]).long()
+    mask = torch.ones_like(ids)  # (2, L); the text row starts with its left pads
+    mask[1, :gap] = 0
     with torch.no_grad():
         loss = model(ids, ref["pixel_values_a"], mask, labels=labels).loss.item()
     n_a, n_b = (lab_a[:, 1:] != IGNORE_INDEX).sum().item(), (lab_b[:, 1:] != IGNORE_INDEX).sum().item()
@@ -141,3 +142,42 @@ def test_an_unfilled_model_refuses_to_run(tiny):
     assert all(p.is_meta for p in model.parameters())
     with pytest.raises(ValueError, match="never filled.*from_config"):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+def spliced_labels_oracle(input_ids, labels, mask, boi, n_patches):
+    """The label rule written as a loop over tokens: each image block's boi and eoi keep their
+    labels, its patch rows get -100, pads get -100; rows left-padded with -100 to one length."""
+    rows = []
+    for ids, lab, m in zip(input_ids.tolist(), labels.tolist(), mask.tolist()):
+        out, i = [], 0
+        while i < len(ids):
+            keep = lab[i] if m[i] else -100
+            if ids[i] == boi:  # boi, placeholder, eoi -> boi, patches, eoi
+                out += [keep] + [-100] * n_patches + [lab[i + 2]]
+                i += 3
+            else:
+                out.append(keep)
+                i += 1
+        rows.append(out)
+    width = max(map(len, rows))
+    return torch.tensor([[-100] * (width - len(r)) + r for r in rows])
+
+
+def test_loss_follows_the_label_rule_with_every_token_labelled(tiny):
+    """Labels on every token (boi and eoi included) of an image row and a left-padded text row: the
+    loss equals cross entropy of the plain logits against the rule's labels built by a loop."""
+    model, grads, ref = tiny
+    pad, c = model.config.pad_token_id, model.config
+    ids_a, ids_b = grads["input_ids_a"], grads["input_ids_b"]
+    gap = ids_a.shape[1] - ids_b.shape[1]
+    ids = torch.cat([ids_a, torch.cat([torch.full((1, gap), pad), ids_b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :gap] = 0
+    labels = torch.randint(0, c.vocab_size, ids.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss = model(ids, ref["pixel_values_a"], mask, labels=labels).loss
+        logits = model(ids, ref["pixel_values_a"], mask).logits
+    want = spliced_labels_oracle(ids, labels, mask, c.boi_token_id, c.vision.num_image_tokens)
+    assert want.shape == logits.shape[:2]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), want[:, 1:].flatten())
+    assert abs(loss.item() - expected.item()) <= 1e-5

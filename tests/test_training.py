@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import glm4v_core.save as save_module
-from glm4v_core import GLM4V, load_model, ops, parity, save_model
+from glm4v_core import GLM4V, generate, load_model, ops, parity, save_model
 from glm4v_core.init import InitError, init_parameters
+from triton_env import needs_triton
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["torch"]  # the triton case joins once ops.attention has a Triton backward
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]  # triton: kernels' forward and backward
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -66,8 +67,9 @@ def test_grad_parity_cli_json_and_exit_code(fixtures_dir, tmp_path, capsys):
 def test_load_model_is_frozen_until_asked(fixtures_dir):
     model = load_model(fixtures_dir / "tiny")
     assert not model.training and not any(p.requires_grad for p in model.parameters())
-    model.requires_grad_(True).train()
     grads = load_file(str(fixtures_dir / "tiny" / "grads.safetensors"))
+    generate(model, grads["input_ids_b"][:, :8], max_new_tokens=2)  # inference first leaves nothing behind
+    model.requires_grad_(True).train()
     pixels = load_file(str(fixtures_dir / "tiny" / "reference.safetensors"))["pixel_values_a"]
     model(grads["input_ids_a"], pixels, labels=grads["labels_a"]).loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -200,3 +202,21 @@ def test_gradients_match_the_reference_on_cuda(fixtures_dir, fixture):
     reports = parity.run_grad_parity(fixtures_dir / fixture, device="cuda")
     bad = [(r.name, r.loss_abs_err, r.worst_param, r.grad_max_rel_err) for r in reports if not r.ok]
     assert not bad, bad
+
+
+def test_save_over_the_folder_it_was_loaded_from_and_a_from_config_model(fixtures_dir, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "model-00002-of-00002.safetensors"):
+        (folder / f).write_bytes((fixtures_dir / "tiny" / f).read_bytes())
+    model = load_model(folder)  # parameters are memory maps of the files about to be replaced
+    want = {n: t.clone() for n, t in model.state_dict().items()}
+    save_model(model, folder, layout="native", overwrite=True)
+    back = load_model(folder)
+    assert all(torch.equal(want[n], t) for n, t in back.state_dict().items())
+    fresh = GLM4V.from_config(model.config, seed=3, dtype=torch.bfloat16)
+    save_model(fresh, tmp_path / "fresh", layout="hf")
+    again = load_model(tmp_path / "fresh", dtype=torch.bfloat16)
+    assert all(torch.equal(fresh.state_dict()[n], t) for n, t in again.state_dict().items())
+    assert again.config == model.config

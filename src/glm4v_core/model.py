@@ -29,7 +29,7 @@ class InputError(ValueError):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None          # (B, T or 1, V) in the model dtype; None when labels were given
+    logits: torch.Tensor | None          # (B, T, V) in the model dtype; None when labels were given
     position_ids: torch.Tensor           # (B, T) after splicing: rotary positions
     attention_mask: torch.Tensor | None  # (B, T) after splicing, 1 = real token; None = no padding
     hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output
@@ -99,12 +99,12 @@ class GLM4V(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                output_hidden_states: bool = False, labels: torch.Tensor | None = None) -> ModelOutput:
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
         """input_ids (B, L) -> logits (B, T, V) of the spliced sequence, no cache (parity, training).
 
         attention_mask (B, L): 1 for real tokens, left padding only. position_ids default to
-        0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token,
-        -100 = not counted; the output then has `loss` (the mean next-token cross entropy, see
+        0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token, -100 =
+        not counted; the output then has `loss` (the mean next-token cross entropy, see
         glm4v_core.loss) and no logits."""
         prompt = self.check_prompt(input_ids, pixel_values, attention_mask, position_ids)
         if labels is not None:
@@ -147,7 +147,7 @@ class GLM4V(nn.Module):
     def embed(self, prompt: Prompt) -> tuple[torch.Tensor, ...]:
         """Word embeddings with every image spliced in: (embeds (B, T, H), positions (B, T),
         attention mask (B, T) or None, image embeddings or None, source_index (B, T) or None,
-        is_patch (B, T) or None); the last two map labels onto the spliced slots."""
+        is_patch (B, T) or None); the last two map slots to input tokens (for the labels)."""
         embeds = self.text.embed(prompt.input_ids)
         if prompt.pixel_values is None:
             return embeds, prompt.position_ids, prompt.attention_mask, None, None, None
@@ -162,8 +162,8 @@ class GLM4V(nn.Module):
                      max_new_tokens: int = 0) -> Prompt:
         """Every input check, before any compute: types, shapes, values, image blocks, and that
         the prompt plus max_new_tokens fits the context. Moves the inputs to the model's device."""
+        check_materialized(self)
         check_ids_shape(input_ids)
-        check_materialized(self)  # once per prompt, never per decode step
         L = input_ids.shape[1]
         if pixel_values is not None:
             check_pixels(pixel_values)

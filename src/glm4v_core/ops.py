@@ -3,6 +3,8 @@
 Backend: Triton on CUDA tensors, torch references elsewhere, unless overridden by the
 GLM4V_BACKEND environment variable (auto|torch|triton, read once at import) or by the
 `use_backend(...)` context manager (tests flip it). An explicit request that cannot run raises.
+Every op is differentiable on both backends (the Triton ones have Triton backward kernels), and the
+Triton ones are torch custom ops, so torch.compile(fullgraph=True) and CUDA graphs take them whole.
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """GLM-4 RMSNorm over the last dim (fp32 inside, one cast at the end); differentiable."""
     if backend_for(x) == "triton":
         return K.rms_norm(x, weight, eps)
     return K.rms_norm_ref(x, weight, eps)
@@ -67,7 +70,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual): the decoder's residual stream step."""
+    """(rms_norm(x + residual), x + residual): the decoder's residual stream step; differentiable."""
     if backend_for(x) == "triton":
         return K.add_rms_norm(x, residual, weight, eps)
     return K.add_rms_norm_ref(x, residual, weight, eps)
@@ -75,13 +78,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
               key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> torch.Tensor:
-    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); see glm4v_kernels.attention_ref.
-
-    The Triton kernel is forward-only: when gradients are needed, 'auto' takes the torch path."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if backend_for(q) == "triton" and not (needs_grad and _backend == "auto"):
-        if key_end is not None:  # stop-gap until the kernels read key_end: all rows end together
-            end = int(key_end.max())
-            k, v = k[:, :, :end], v[:, :, :end]
-        return K.attention(q, k, v, causal=causal, key_start=key_start)
+    """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) -> (B, Hq, Lq, D); each row b sees keys
+    key_start[b] <= j < key_end[b] (None: 0 and Lk); see glm4v_kernels.attention_ref.
+    Both backends are differentiable."""
+    if backend_for(q) == "triton":
+        return K.attention(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
     return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
