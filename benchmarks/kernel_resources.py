@@ -84,16 +84,23 @@ def decode_case(dtype, D, rows, group=16) -> Case:
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
 
 
-def backward_case(kernel, dtype, D, causal, key_range, group=16) -> Case:
-    """kernel: "dkdv" or "dq"; key_range: key_start and key_end given (a padded batch)."""
+def backward_case(kernel, dtype, D, causal, key_range, group=16, group_split=1) -> Case:
+    """kernel: "dkdv" or "dq"; key_range: key_start and key_end given (a padded batch);
+    group_split > 1: dk / dv are fp32 partials of a split group (short sequences)."""
     bm, bn, nw, ns = AB._backward_config(D, dtype, False)
     rows = bn if kernel == "dkdv" else bm  # the tile height of the kernel's dots (wgmma needs 64)
     expect = {"tensor_cores"} if dtype != torch.float32 and rows >= 64 else set()
-    fn = AB._attn_bwd_dkdv_kernel if kernel == "dkdv" else AB._attn_bwd_dq_kernel
-    return Case(f"bwd {kernel} {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' range' if key_range else ''}",
-                fn, attention_types(dtype),
+    fn, split = AB._attn_bwd_dq_kernel, {}
+    types = attention_types(dtype)
+    if kernel == "dkdv":
+        fn, split = AB._attn_bwd_dkdv_kernel, dict(GROUP_SPLIT=group_split)
+        if group_split > 1:
+            types |= {"dk_ptr": "*fp32", "dv_ptr": "*fp32"}
+    name = (f"bwd {kernel} {DTYPE_NAMES[dtype]} D{D}{' causal' if causal else ''}{' range' if key_range else ''}"
+            f"{f' split {group_split}' if group_split > 1 else ''}")
+    return Case(name, fn, types,
                 dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_range, HAS_KEY_END=key_range, HEAD_DIM=D,
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D))), nw, ns, expect)
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)), **split), nw, ns, expect)
 
 
 def rms_case(dtype, N, residual, backward=False) -> Case:
@@ -133,6 +140,7 @@ def cases() -> list[Case]:
         decode_case(fp32, 256, 64, group=4),
         *(backward_case(kernel, bf16, 112, False, False, group=1) for kernel in ("dkdv", "dq")),  # ViT
         *(backward_case(kernel, bf16, 128, True, True) for kernel in ("dkdv", "dq")),  # decoder, padded
+        backward_case("dkdv", bf16, 128, True, False, group_split=4),  # decoder at 2k, batch 1
         *(backward_case(kernel, bf16, 256, True, False, group=1) for kernel in ("dkdv", "dq")),
         *(backward_case(kernel, fp32, 128, True, False) for kernel in ("dkdv", "dq")),
         Case("decode combine bf16 D128", A._attn_combine_kernel,

@@ -3,6 +3,7 @@
     python benchmarks/kernels.py              # on a GPU: real shapes, timed by triton.testing.do_bench
     python benchmarks/kernels.py --smoke      # tiny shapes; forced without CUDA (Triton interpreter)
     python benchmarks/kernels.py --out DIR    # where the JSON copy goes (default benchmarks/results)
+    python benchmarks/kernels.py --only attention   # or rmsnorm: one family (a shorter GPU run)
 
 Work per call (elt = bytes per element; all inputs bf16 on a GPU):
     attention FLOPs = 4 * B * Hq * Lq * Lk * D       (QK^T and PV: 2 FLOPs per multiply-add),
@@ -27,8 +28,8 @@ splits=N"), so that one GPU run shows whether the configs the launchers pick are
 Baselines: torch SDPA with the flash and math backends (k/v expanded to Hq heads outside the timed
 region: the favourable case for torch), the eager reference, F.rms_norm, torch.compile of the
 reference, and a plain copy (x.clone(): the bandwidth an RMSNorm can hope for).
-Prints a device line with peaks, a fixed-width table, and the JSON record as the last line; a copy
-goes to <out>/kernels_<device>_<date>.json.
+Prints a device line with peaks, a fixed-width table (each row as soon as it is measured), and the
+JSON record as the last line; a copy goes to <out>/kernels_<device>_<date>.json.
 """
 from __future__ import annotations
 
@@ -223,24 +224,35 @@ def measure(shape: str, provider: str, fn, flops: int, nbytes: int, unit: str, c
     return row
 
 
-def print_table(device: dict, rows: list[dict]) -> None:
+def print_header(device: dict) -> None:
     print(f"device: {device['name']} | peaks {device['tflops']:.0f} TFLOP/s bf16 dense, "
           f"{device['gbps']:.0f} GB/s HBM [{device['peaks']}] | torch {torch.__version__}, triton {triton.__version__}")
     header = (f"{'shape':<46} | {'provider':<22} | {'ms':>9} | {'TFLOP/s or GB/s':>16} | {'% of peak':>9} | "
               f"{'% roofline':>10}")
     print(header)
-    print("-" * len(header))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['shape']:<46} | {r['provider']:<22} | {'error':>9} | {r['error'][:40]}")
-            continue
-        print(f"{r['shape']:<46} | {r['provider']:<22} | {r['ms']:>9.4f} | "
-              f"{r['value']:>8.1f} {r['unit']:<7} | {r['pct_of_peak']:>8.1f}% | {r['pct_of_roofline']:>9.1f}%")
+    print("-" * len(header), flush=True)
+
+
+def add_peaks(r: dict, device: dict) -> None:
+    """% of the device's peak, and of the roofline floor max(FLOPs / peak FLOP/s, bytes / peak GB/s)."""
+    if "value" in r:
+        r["pct_of_peak"] = 100 * r["value"] / (device["tflops"] if r["unit"] == "TFLOP/s" else device["gbps"])
+        r["roofline_ms"] = 1e3 * max(r["flops"] / (device["tflops"] * 1e12), r["bytes"] / (device["gbps"] * 1e9))
+        r["pct_of_roofline"] = 100 * r["roofline_ms"] / r["ms"]
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['shape']:<46} | {r['provider']:<22} | {'error':>9} | {r['error'][:40]}", flush=True)
+        return
+    print(f"{r['shape']:<46} | {r['provider']:<22} | {r['ms']:>9.4f} | "
+          f"{r['value']:>8.1f} {r['unit']:<7} | {r['pct_of_peak']:>8.1f}% | {r['pct_of_roofline']:>9.1f}%", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (always on without CUDA)")
+    parser.add_argument("--only", choices=("attention", "rmsnorm"), help="one kernel family (default: both)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="JSON folder")
     args = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -248,17 +260,18 @@ def main(argv: list[str] | None = None) -> dict:
     device_str, dtype = "cuda" if on_gpu else "cpu", torch.bfloat16
     device = device_info()
 
+    jobs = []  # each row is printed as soon as it is measured: a run cut short still shows them
+    if args.only in (None, "attention"):
+        jobs += [lambda case=case: attention_rows(case, dtype, device_str) for case in attention_cases(smoke)]
+    if args.only in (None, "rmsnorm"):
+        jobs += [lambda n=n, N=N: rms_norm_rows(n, N, dtype, device_str, smoke) for n, N in rms_norm_cases(smoke)]
+    print_header(device)
     rows = []
-    for case in attention_cases(smoke):
-        rows += attention_rows(case, dtype, device_str)
-    for n_rows, N in rms_norm_cases(smoke):
-        rows += rms_norm_rows(n_rows, N, dtype, device_str, smoke)
-    for r in rows:
-        if "value" in r:
-            r["pct_of_peak"] = 100 * r["value"] / (device["tflops"] if r["unit"] == "TFLOP/s" else device["gbps"])
-            r["roofline_ms"] = 1e3 * max(r["flops"] / (device["tflops"] * 1e12), r["bytes"] / (device["gbps"] * 1e9))
-            r["pct_of_roofline"] = 100 * r["roofline_ms"] / r["ms"]
-    print_table(device, rows)
+    for job in jobs:
+        for r in job():
+            add_peaks(r, device)
+            print_row(r)
+            rows.append(r)
 
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -15,9 +15,10 @@ rounded to the inputs' dtype before they enter a matmul; everything else is fp32
 
 Two kernels, neither with atomics (deterministic): `_attn_bwd_dkdv_kernel`, one program per
 (BLOCK_N keys, batch x KV head), loops over every query head of the KV head's group and every query
-block that can see its keys, so GQA's dk/dv are summed over the group without repeating K/V or a
-second reduction; `_attn_bwd_dq_kernel`, one program per (BLOCK_M queries, batch x query head),
-loops over the key blocks its rows can see.
+block that can see its keys, so GQA's dk/dv are summed over the group without repeating K/V (when
+that leaves SMs idle, the group is split over GROUP_SPLIT programs whose fp32 partials are summed);
+`_attn_bwd_dq_kernel`, one program per (BLOCK_M queries, batch x query head), loops over the key
+blocks its rows can see.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot, interpreted_on, on_device, round_to, strides3, valid_range
+from ._common import LOG2E, dot, interpreted_on, on_device, round_to, sm_count, strides3, valid_range
 
 
 @triton.jit
@@ -47,15 +48,17 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, Hq, Lq, Lk, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_START: tl.constexpr, HAS_KEY_END: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_SPLIT: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_START: tl.constexpr,
+    HAS_KEY_END: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bkv = tl.program_id(1)
+    pid_bs = tl.program_id(1)  # (batch, KV head, group part) = ((b * Hkv) + kv_h) * GROUP_SPLIT + part
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)
-    b = (pid_bkv // (Hq // GROUP)).to(tl.int64)
-    kv_h = (pid_bkv % (Hq // GROUP)).to(tl.int64)
+    b = (pid_bs // (Hq // GROUP * GROUP_SPLIT)).to(tl.int64)
+    out_h = (pid_bs % (Hq // GROUP * GROUP_SPLIT)).to(tl.int64)  # the head index in dk / dv
+    kv_h = out_h // GROUP_SPLIT
+    first_h = kv_h * GROUP + out_h % GROUP_SPLIT * (GROUP // GROUP_SPLIT)
     key_start, kv_len = valid_range(key_start_ptr, key_end_ptr, b, Lk, HAS_KEY_START=HAS_KEY_START,
                                     HAS_KEY_END=HAS_KEY_END)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -72,8 +75,8 @@ def _attn_bwd_dkdv_kernel(
     if CAUSAL:  # query i sees key j only if i >= j - (kv_len - Lq)
         lo = tl.maximum(pid_n * BLOCK_N - (kv_len - Lq), 0) // BLOCK_M * BLOCK_M
     hi = tl.where((pid_n * BLOCK_N < kv_len) & (pid_n * BLOCK_N + BLOCK_N > key_start), Lq, 0)
-    for g in range(GROUP):  # every query head that reads this KV head
-        h = kv_h * GROUP + g
+    for g in range(GROUP // GROUP_SPLIT):  # the query heads (of this part of the group) that read kv_h
+        h = first_h + g
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < Lq
@@ -92,9 +95,9 @@ def _attn_bwd_dkdv_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk = dot(round_to(ds_t, DTYPE=q.dtype, INTERPRETED=INTERPRETED), q, dk, INTERPRETED=INTERPRETED)
     out_mask = (offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM)  # keys outside the range get 0
-    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(dk_ptr + b * stride_dkb + out_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              round_to(dk * sm_scale, DTYPE=dk_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=out_mask)
-    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(dv_ptr + b * stride_dvb + out_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              round_to(dv, DTYPE=dv_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=out_mask)
 
 
@@ -162,17 +165,17 @@ def _backward_config(D: int, dtype: torch.dtype, interpreted: bool) -> tuple[int
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                        lse: torch.Tensor, causal: bool, scale: float | None = None,
                        key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None,
-                       config=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       config=None, group_split: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention_forward(q, k, v, causal, scale, key_start, key_end)` -> (o, lse)
-    for the output gradient do; contiguous, in the inputs' dtype. config forces the blocks."""
+    for the output gradient do; contiguous, in the inputs' dtype. config forces the blocks,
+    group_split the number of programs that share a KV head's query heads (tests)."""
     q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=q.device)
     if dq.numel() == 0 or Lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
     delta = (o.float() * do.float()).sum(-1).contiguous()  # (B, Hq, Lq)
     lse = lse.contiguous()
     sm_scale = D ** -0.5 if scale is None else float(scale)
@@ -182,14 +185,27 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     block_m, block_n, num_warps, num_stages = config or _backward_config(D, q.dtype, interpreted)
     common = (q if key_start is None else key_start, q if key_end is None else key_end,
               *strides3(q), *strides3(k), *strides3(v), *strides3(do))
-    meta = dict(GROUP=Hq // Hkv, CAUSAL=causal, HAS_KEY_START=key_start is not None,
+    group = Hq // Hkv
+    n_key_blocks = triton.cdiv(Lk, block_n)
+    if group_split is None:
+        # Few KV heads and short sequences leave SMs idle (GLM-4 at 2k: 2 KV heads x 32 key blocks):
+        # split each group's query heads over more programs, each writing fp32 partial dk / dv.
+        group_split, target = 1, 4 if interpreted else sm_count(q.device)
+        while n_key_blocks * B * Hkv * group_split < target and group % (2 * group_split) == 0:
+            group_split *= 2
+    # dk, dv: (B, Hkv * group_split, Lk, D), summed over the parts below when group_split > 1
+    part_dtype = torch.float32 if group_split > 1 else k.dtype
+    dk, dv = (torch.empty((B, Hkv * group_split, Lk, D), dtype=part_dtype, device=q.device) for _ in range(2))
+    meta = dict(GROUP=group, CAUSAL=causal, HAS_KEY_START=key_start is not None,
                 HAS_KEY_END=key_end is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=max(16, triton.next_power_of_2(D)), INTERPRETED=interpreted,
                 num_warps=num_warps, num_stages=num_stages)
     with on_device(q.device):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, block_n), B * Hkv)](
+        _attn_bwd_dkdv_kernel[(n_key_blocks, B * Hkv * group_split)](
             q, k, v, do, lse, delta, dk, dv, *common, *strides3(dk), *strides3(dv),
-            Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, **meta)
+            Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, GROUP_SPLIT=group_split, **meta)
         _attn_bwd_dq_kernel[(triton.cdiv(Lq, block_m), B * Hq)](
             q, k, v, do, lse, delta, dq, *common, *strides3(dq), Hq, Lq, Lk, sm_scale * LOG2E, sm_scale, **meta)
+    if group_split > 1:
+        dk, dv = (t.view(B, Hkv, group_split, Lk, D).sum(2).to(k.dtype) for t in (dk, dv))
     return dq, dk, dv

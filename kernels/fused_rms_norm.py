@@ -41,14 +41,16 @@ def _rms_norm_fwd_kernel(
     x32 = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         res32 = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        s = round_to(x32 + res32, DTYPE=s_ptr.dtype.element_ty, INTERPRETED=INTERPRETED)  # rounded to the input dtype FIRST
+        # rounded to the input dtype FIRST
+        s = round_to(x32 + res32, DTYPE=s_ptr.dtype.element_ty, INTERPRETED=INTERPRETED)
         tl.store(s_ptr + row * s_row_stride + cols, s, mask=mask)
         x32 = s.to(tl.float32)
     eps32 = tl.cast(eps, tl.float32)
     rstd = tl.math.rsqrt(tl.sum(x32 * x32, axis=0) / N + eps32)
     w32 = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = w32 * (x32 * rstd)  # the reference's order: normalize, then weight, all fp32
-    tl.store(y_ptr + row * y_row_stride + cols, round_to(y, DTYPE=y_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=mask)
+    tl.store(y_ptr + row * y_row_stride + cols, round_to(y, DTYPE=y_ptr.dtype.element_ty, INTERPRETED=INTERPRETED),
+             mask=mask)
     tl.store(rstd_ptr + row, rstd)  # for the backward
 
 
@@ -75,7 +77,8 @@ def _rms_norm_bwd_kernel(
         if HAS_DS:  # autograd rounds the norm's grad to the dtype, then adds d(s)
             dx = round_to(dx, DTYPE=dx_ptr.dtype.element_ty, INTERPRETED=INTERPRETED).to(tl.float32)
             dx += tl.load(ds_ptr + row * ds_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * dx_row_stride + cols, round_to(dx, DTYPE=dx_ptr.dtype.element_ty, INTERPRETED=INTERPRETED),
+        tl.store(dx_ptr + row * dx_row_stride + cols,
+                 round_to(dx, DTYPE=dx_ptr.dtype.element_ty, INTERPRETED=INTERPRETED),
                  mask=mask)
         dw_acc += dy32 * x_hat
     tl.store(dw_part_ptr + pid * N + cols, dw_acc, mask=mask)

@@ -100,7 +100,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 # ----------------------------------------------------------------------------- RMSNorm
 
-@torch.library.custom_op("glm4v_kernels::rms_norm", mutates_args=(), schema="(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
+@torch.library.custom_op("glm4v_kernels::rms_norm", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)")
 def _rms_norm_op(x, weight, eps):
     y, _, rstd = R.rms_norm_forward(R.rows(x), weight, eps)
     return y.view(x.shape), rstd.view(x.shape[:-1])
