@@ -78,7 +78,8 @@ def main() -> None:
             print(f"TP {n}: skipped, {gpus} GPU(s) here")
             continue
         try:
-            row = distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image, args.new_tokens, args.repeat)
+            row = distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image, args.new_tokens, args.repeat,
+                                        device_type="cuda" if args.real else "cpu")
         except distributed.DistributedError as e:
             row = {"ranks": n, "error": str(e).strip().splitlines()[-1]}
         if "tokens" in row and rows and "tokens" in rows[0]:
@@ -89,7 +90,8 @@ def main() -> None:
     if sum("error" not in r for r in rows) < 2:
         print("fewer than two degrees measured: nothing recorded")
         return
-    model = "GLM-4V-9B real size, random bf16 weights" if args.real else "mid-size random model (benchmarks/generate.py), fp32"
+    model = ("GLM-4V-9B real size, random bf16 weights" if args.real
+             else "mid-size random model (benchmarks/generate.py), fp32")
     slug = torch.cuda.get_device_name().lower().replace(" ", "-") if args.real else "cpu"
     write_result(f"distributed_{slug}", {"model": model, "prompt_text_tokens": n_text, "image": image,
                                           "new_tokens": args.new_tokens, "batch": 1, "rows": rows})

@@ -54,7 +54,8 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
     from glm4v_conversion.names import native_to_hf
     take = lambda name: grads[f"{name}_a"]  # noqa: E731
     ddp = distributed.ddp(model, torch.device("cpu"))  # kept alive: its reducer runs in backward
-    out = ddp(take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"), labels=take("labels"))
+    out = ddp(take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"),
+              labels=take("labels"))
     out.loss.backward()
     worst = max(parity.grad_error(p.grad, grads.get(f"grad_a.{native_to_hf(n)}"), info["grad_norm"][native_to_hf(n)],
                                   info["grad_maxabs"][native_to_hf(n)]) for n, p in model.named_parameters())
@@ -63,12 +64,13 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
 
 @pytest.fixture(scope="module")
 def two_ranks(fixtures_dir):
-    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"))
+    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), device_type="cpu")
 
 
 @pytest.fixture(scope="module")
 def one_process(fixtures_dir):
-    return greedy_and_logits(load_model(fixtures_dir / "tiny"), load_file(fixtures_dir / "tiny" / "reference.safetensors"))
+    tiny = fixtures_dir / "tiny"
+    return greedy_and_logits(load_model(tiny), load_file(tiny / "reference.safetensors"))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -129,14 +131,14 @@ def stall_on_rank1() -> None:
 def test_a_failing_rank_ends_the_run_with_its_error():
     start = time.monotonic()
     with pytest.raises(distributed.DistributedError, match=r"(?s)rank 1 of 2 failed.*rank 1 gave up on purpose"):
-        distributed.run_ranks(raise_on_rank1, 2)  # collectives would wait 120 s: the run must not
+        distributed.run_ranks(raise_on_rank1, 2, device_type="cpu")  # collectives would wait 120 s: the run must not
     assert time.monotonic() - start < 90
 
 
 def test_a_silent_rank_times_the_collective_out():
     start = time.monotonic()
     with pytest.raises(distributed.DistributedError, match=r"(?si)rank 0 of 2 failed.*time"):
-        distributed.run_ranks(stall_on_rank1, 2, timeout=timedelta(seconds=5))
+        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=5))
     assert time.monotonic() - start < 90
 
 
@@ -150,7 +152,8 @@ def test_generate_command_with_tp_writes_the_one_process_answer_once(fixtures_di
     import subprocess
     import sys
     command = [sys.executable, "-m", "glm4v_core", "generate", "--checkpoint", str(fixtures_dir / "tiny"),
-               "--image", str(fixtures_dir / "images" / "gradient_rgb_97x61.png"), "--max-new-tokens", "8", "Hi"]
+               "--image", str(fixtures_dir / "images" / "gradient_rgb_97x61.png"), "--max-new-tokens", "8",
+               "--device", "cpu", "Hi"]
     one = subprocess.run(command, capture_output=True, text=True, timeout=300)
     two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            'e.g. glm4v generate "Describe this image."')
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
             from . import distributed  # only here: torch.distributed.tensor takes seconds to import
-            return distributed.run_ranks(generate_on_rank, args.tp, args)
+            device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
+            return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
         if args.command == "generate":
             return session.generate(args.prompt, sys.stdout, sys.stderr)

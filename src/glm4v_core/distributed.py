@@ -52,12 +52,13 @@ class DistributedError(ValueError):
 
 # --- process groups and launching ------------------------------------------------------------
 
-def init(timeout: timedelta = COLLECTIVE_TIMEOUT) -> torch.device:
+def init(device_type: str | None = None, timeout: timedelta = COLLECTIVE_TIMEOUT) -> torch.device:
     """Join the process group named by the environment (torchrun's, or run_ranks'); returns this
-    rank's device: its own GPU with NCCL when CUDA is there, else the CPU with gloo."""
+    rank's device: its own GPU with NCCL for "cuda" (the default when there is CUDA), the CPU
+    with gloo for "cpu"."""
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         torch.cuda.set_device(device)
@@ -74,8 +75,10 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: timedelta = COLLECTIVE_TIMEOUT) -> Any:
-    """fn(*args) on every rank of a `world_size` group; returns rank 0's result.
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: str | None = None,
+              timeout: timedelta = COLLECTIVE_TIMEOUT) -> Any:
+    """fn(*args) on every rank of a `world_size` group on `device_type` ("cuda": one GPU per rank,
+    "cpu": gloo; default cuda when there is CUDA); returns rank 0's result.
 
     Under torchrun this process is already one rank: fn runs here. Otherwise world_size processes
     are spawned (on CPU: gloo) and this one waits; when any rank raises, the others are stopped
@@ -83,7 +86,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: time
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise DistributedError(f"torchrun started {os.environ['WORLD_SIZE']} ranks but {world_size} were asked for")
-        init(timeout)
+        init(device_type, timeout)
         try:
             return fn(*args)
         finally:
@@ -91,8 +94,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: time
     ctx = mp.get_context("spawn")
     results, received = ctx.SimpleQueue(), ctx.Event()
     try:
-        ranks = mp.start_processes(_spawned_rank, args=(world_size, free_port(), timeout, results, received, fn, args),
-                                   nprocs=world_size, join=False, start_method="spawn")
+        ranks = mp.start_processes(
+            _spawned_rank, args=(world_size, free_port(), device_type, timeout, results, received, fn, args),
+            nprocs=world_size, join=False, start_method="spawn")
         result = None
         while not ranks.join(timeout=0.1):  # raises as soon as any rank fails (and stops the others)
             if not received.is_set() and not results.empty():
@@ -105,11 +109,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: time
     return result
 
 
-def _spawned_rank(rank: int, world_size: int, port: int, timeout: timedelta, results: Any, received: Any,
-                  fn: Callable[..., Any], args: tuple) -> None:
+def _spawned_rank(rank: int, world_size: int, port: int, device_type: str | None, timeout: timedelta,
+                  results: Any, received: Any, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init(timeout)
+    init(device_type, timeout)
     try:
         result = fn(*args)
         if rank == 0:
@@ -135,8 +139,10 @@ def check_tp_degree(model: GLM4V, tp: int) -> None:
     """Each rank must own whole KV groups (and so whole query-head blocks), whole MLP halves and
     an equal slice of the vocabulary."""
     c = model.config
-    for what, n in (("query heads (num_attention_heads)", c.num_heads), ("KV groups (multi_query_group_num)", c.num_kv_groups),
-                    ("MLP width (ffn_hidden_size)", c.ffn_hidden_size), ("vocabulary (padded_vocab_size)", c.vocab_size)):
+    for what, n in (("query heads (num_attention_heads)", c.num_heads),
+                    ("KV groups (multi_query_group_num)", c.num_kv_groups),
+                    ("MLP width (ffn_hidden_size)", c.ffn_hidden_size),
+                    ("vocabulary (padded_vocab_size)", c.vocab_size)):
         if n % tp:
             raise DistributedError(f"tensor-parallel degree {tp} must divide the model's {what} = {n}")
 

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if ranks > 1:  # spawned here, or under torchrun (which must start `ranks` processes)
         from . import distributed
         try:
-            return distributed.run_ranks(rank_main, ranks, args, checkpoint)
+            return distributed.run_ranks(rank_main, ranks, args, checkpoint, device_type=torch.device(args.device).type)
         except distributed.DistributedError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
