@@ -36,7 +36,7 @@ def time_generation(hf: dict, dtype_name: str, n_text: int, image: bool, new_tok
     device = distributed.init()
     ranks = torch.distributed.get_world_size()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // ranks))  # the cores we may use, shared
     torch.manual_seed(0)
     model = random_model(hf, device, getattr(torch, dtype_name))
     if ranks > 1:
