@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -92,35 +93,40 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: 
         finally:
             dist.destroy_process_group()
     ctx = mp.get_context("spawn")
-    results, received = ctx.SimpleQueue(), ctx.Event()
+    results, errors, received = ctx.SimpleQueue(), ctx.SimpleQueue(), ctx.Event()
     try:
         ranks = mp.start_processes(
-            _spawned_rank, args=(world_size, free_port(), device_type, timeout, results, received, fn, args),
+            _spawned_rank, args=(world_size, free_port(), device_type, timeout, results, errors, received, fn, args),
             nprocs=world_size, join=False, start_method="spawn")
         result = None
         while not ranks.join(timeout=0.1):  # raises as soon as any rank fails (and stops the others)
             if not received.is_set() and not results.empty():
                 result = results.get()  # while rank 0 still lives: its tensors are shared, not copied
                 received.set()
-    except mp.ProcessRaisedException as e:
-        raise DistributedError(f"rank {e.error_index} of {world_size} failed:\n{e}") from None
-    except mp.ProcessExitedException as e:
-        raise DistributedError(f"rank {e.error_index} of {world_size} died (exit code {e.exit_code})") from None
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if not errors.empty():  # the first error reported is the cause: a peer's failure makes the others fail
+            rank, trace = errors.get()
+            raise DistributedError(f"rank {rank} of {world_size} failed:\n{trace}") from None
+        raise DistributedError(f"rank {e.error_index} of {world_size} died: {e}") from None
     return result
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, device_type: str | None, timeout: timedelta,
-                  results: Any, received: Any, fn: Callable[..., Any], args: tuple) -> None:
+                  results: Any, errors: Any, received: Any, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    init(device_type, timeout)
     try:
+        init(device_type, timeout)
         result = fn(*args)
         if rank == 0:
             results.put(result)
             received.wait(timeout.total_seconds())
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))  # in the order the ranks fail
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def free_port() -> int:
