@@ -2,6 +2,7 @@
 
 One spawned group does all the sharded work (spawning costs more than the tiny model); the
 tests then compare its results with one process and with the HF reference."""
+import dataclasses
 import json
 import time
 import warnings
@@ -12,7 +13,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from glm4v_core import distributed, load_model, parity
+from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, parity
 from glm4v_core.generate import generate
 
 CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
@@ -37,6 +38,12 @@ def sharded_runs(checkpoint: str) -> dict:
     local = tp_model.text.layers[0].attn
     result = {"tp": greedy_and_logits(tp_model, ref),
               "tp_local": (local.num_heads, local.num_kv, tuple(local.qkv.weight.to_local().shape))}
+    one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
+    distributed.tensor_parallel(one_head_vit, distributed.mesh(cpu))
+    with torch.no_grad():
+        result["vit_replicated"] = (one_head_vit(**parity.case_inputs(ref, "a")).logits,
+                                    type(one_head_vit.vision.layers[0].attn.qkv.weight).__name__,
+                                    type(one_head_vit.text.layers[0].attn.qkv.weight).__name__)
     with parity.reference_kernels(torch.float32):
         model = load_model(checkpoint).requires_grad_(True).gradient_checkpointing()
         model = distributed.fsdp(model, distributed.mesh(cpu))
@@ -46,6 +53,12 @@ def sharded_runs(checkpoint: str) -> dict:
             result["ddp"] = ddp_errors(load_model(checkpoint).requires_grad_(True), grads, ref, meta["cases"]["a"])
         result["ddp_warnings"] = [str(w.message) for w in caught]
     return result
+
+
+def one_head_vit_config(checkpoint: str) -> GLM4VConfig:
+    """The tiny config with a 1-head ViT: a head count that 2 ranks cannot share."""
+    c = GLM4VConfig.from_json(f"{checkpoint}/config.json")
+    return dataclasses.replace(c, vision=dataclasses.replace(c.vision, num_heads=1))
 
 
 def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]:
@@ -91,6 +104,15 @@ def test_tensor_parallel_logits_and_greedy_tokens_match_one_process(two_ranks, o
 def test_tensor_parallel_shards_attention_by_kv_group(two_ranks, fixtures_dir):
     """tiny: 4 query heads in 2 KV groups, head dim 32: each rank 2 heads + 1 group, qkv rows (2+1+1)*32."""
     assert two_ranks["tp_local"] == (2, 1, ((2 + 1 + 1) * 32, 128))
+
+
+def test_vit_with_an_indivisible_head_count_is_replicated(two_ranks, fixtures_dir):
+    logits, vit_weight, decoder_weight = two_ranks["vit_replicated"]
+    assert (vit_weight, decoder_weight) == ("Parameter", "DTensor")  # whole on every rank / sharded
+    ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+    one = GLM4V.from_config(one_head_vit_config(str(fixtures_dir / "tiny")))
+    with torch.no_grad():
+        assert (logits - one(**parity.case_inputs(ref, "a")).logits).abs().max().item() <= 1e-4
 
 
 def test_tensor_parallel_degree_must_divide_heads_and_groups(fixtures_dir):
