@@ -393,7 +393,8 @@ def grads_main(args: argparse.Namespace, checkpoint: Path) -> int:
     try:
         reports = run_grad_parity(checkpoint, args.device, fsdp=args.fsdp > 1)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_rank0():  # every rank meets the same error
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if not is_rank0():
         return 0 if all(r.ok for r in reports) else 1
@@ -457,7 +458,8 @@ def rank_main(args: argparse.Namespace, checkpoint: Path) -> int:
     try:
         reports = run_parity(checkpoint, args.reference, DTYPES[args.dtype], args.device, tp=args.tp > 1)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if not is_rank0():
         return 0 if all(r.ok for r in reports) else 1
