@@ -1,26 +1,157 @@
 """Publishing a folder all at once: write into a hidden sibling, rename it into place when complete.
 
-A failure or Ctrl-C inside `staging` removes the sibling, so readers never see a half-written
-folder. An existing destination (the converter's --force) is swapped out with Linux's
-renameat2(RENAME_EXCHANGE) where available, else by two renames that put it back on failure.
+A failure, Ctrl-C or SIGTERM/SIGHUP (the CLI turns those into exceptions) inside `staging`
+removes the sibling, so readers never see a half-written folder. An existing destination (the
+converter's --force) is swapped out with Linux's renameat2(RENAME_EXCHANGE) where available,
+else by two renames that put it back on failure.
+
+`destination_lock` keeps two writers off one destination: a lock file beside it, held with
+flock (the kernel drops it when its process dies, even by SIGKILL) and holding the owner's pid
+for the message the second writer gets. Whoever takes the lock removes the hidden siblings a
+killed run left behind (no live writer can own them) and reports them with a warning.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .files import os_reason
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rest works
+    fcntl = None
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot start: the destination is in the way, busy, not writable, or the disk
+    is too small."""
+
+
+class LeftoversWarning(UserWarning):
+    """Hidden folders of an earlier run that was killed were found and removed."""
+
+
+def staging_prefix(dst: Path) -> str:
+    return f".{dst.name}.partial-"
+
+
+def _swap_prefix(dst: Path) -> str:
+    return f".{dst.name}.old-"
+
+
+@contextmanager
+def destination_lock(dst: Path) -> Iterator[None]:
+    """Hold `.<dst name>.lock` beside `dst` for the block; refuse if a live process holds it.
+
+    Folders above `dst` are created here (so the lock has a place) and removed again if the
+    block fails and they are still empty. A destination that cannot be written (read-only or
+    virtual file system, no permission) is a ConversionError saying which."""
+    lock = dst.parent / f".{dst.name}.lock"
+    created: list[Path] = []
+    try:
+        try:
+            _check_writable_file_system(dst)
+            created += _make_parents(dst.parent)
+            fd = _take_lock(lock, dst)
+        except OSError as e:  # a read-only file system or no permission: not "no space"
+            raise ConversionError(f"cannot write {dst}: {e.filename or dst.parent} {os_reason(e)}") from None
+        try:
+            _remove_leftovers(dst)
+            yield
+        finally:
+            _unlink_quietly(lock)  # still held: nobody can take a lock on the unlinked inode and think it valid
+            os.close(fd)
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_writable_file_system(dst: Path) -> None:
+    """Name a read-only or virtual (/proc, /sys: no storage blocks) file system before trying to write."""
+    place = dst.parent
+    while not place.exists():
+        place = place.parent
+    if not hasattr(os, "statvfs"):
+        return
+    fs = os.statvfs(place)
+    if fs.f_flag & getattr(os, "ST_RDONLY", 1):
+        raise ConversionError(f"cannot write {dst}: {place} is on a read-only file system")
+    if fs.f_blocks == 0:
+        raise ConversionError(f"cannot write {dst}: {place} is on a virtual file system with no storage "
+                              "(such as /proc or /sys)")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    missing = []
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+    return list(reversed(missing))
+
+
+def _take_lock(lock: Path, dst: Path) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise ConversionError(f"{dst} is being written by another glm4v-convert (pid {owner}; lock file {lock}); "
+                                  "wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder unlinked it between our open and flock: take the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def _remove_leftovers(dst: Path) -> None:
+    """Hidden staging/swap folders of `dst` can only be a dead run's: we hold the lock."""
+    prefixes = (staging_prefix(dst), _swap_prefix(dst))
+    found = sorted(p for p in dst.parent.iterdir() if p.name.startswith(prefixes))
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    if found:
+        warnings.warn(f"removed {len(found)} unfinished folder(s) of an earlier interrupted run beside {dst}: "
+                      f"{', '.join(p.name for p in found)}", LeftoversWarning, stacklevel=4)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager
 def staging(dst: Path) -> Iterator[Path]:
     """A hidden sibling folder that becomes `dst` only if the block completes; removed otherwise."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = dst.parent / f"{staging_prefix(dst)}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the published folder
     try:
         yield tmp
@@ -35,17 +166,29 @@ def _publish(tmp: Path, dst: Path) -> None:
     if not (dst.exists() or dst.is_symlink()):
         os.rename(tmp, dst)
     elif _exchange(tmp, dst):
-        shutil.rmtree(tmp)  # tmp now holds the old dst
+        _remove_old(tmp, dst)  # tmp now holds the old dst
     else:  # two renames; if the second fails the old dst is put back
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        old = dst.parent / f"{_swap_prefix(dst)}{uuid.uuid4().hex[:8]}"
         os.rename(dst, old)
         try:
             os.rename(tmp, dst)
         except BaseException:
             os.rename(old, dst)
             raise
-        shutil.rmtree(old)
+        _remove_old(old, dst)
     _fsync_dir(dst.parent)
+
+
+def _remove_old(old: Path, dst: Path) -> None:
+    """The new folder is in place: failing to delete the old one is worth a warning, not a failure."""
+    try:
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()
+        else:
+            shutil.rmtree(old)
+    except OSError as e:
+        warnings.warn(f"{dst} was written, but its previous version could not be removed from {old}: {e}",
+                      stacklevel=4)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -8,7 +8,6 @@ converter both go through these two functions.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .config_check import ConfigError, check_config
+from .files import check_folder, parse_json, read_text
 from .names import HF_IGNORED_BUFFERS, hf_to_native, is_hf_name, native_to_hf
 from .safetensors_io import CheckpointError, TensorInfo, list_tensors
 
@@ -97,16 +98,17 @@ def check_tensors(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a plain dict (the converter never interprets more than the sizes)."""
+    """config.json as a plain dict, checked by the same validator the loader uses (so the converter
+    never writes a folder the loader refuses); returned unchanged, as the file holds it."""
+    check_folder(folder, "checkpoint folder", CheckpointError)
     path = folder / CONFIG_FILE
+    if not (path.exists() or path.is_symlink()):
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config")
+    config = parse_json(read_text(path, "config file", CheckpointError), path, CheckpointError)
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; a checkpoint folder holds its config") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object")
+        check_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return config
 
 
@@ -127,15 +129,44 @@ def _check_one_dtype(ckpt: Checkpoint) -> None:
 
 def _read_provenance(folder: Path) -> dict[str, Any] | None:
     path = folder / PROVENANCE_FILE
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return None  # a native folder written by other means: names alone identify it
-    try:
-        provenance = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    provenance = parse_json(read_text(path, "provenance file", CheckpointError), path, CheckpointError)
     if not isinstance(provenance, dict) or provenance.get("format") != NATIVE_FORMAT:
         raise CheckpointError(f"{path}: not a {NATIVE_FORMAT} provenance file")
     if provenance.get("format_version") != NATIVE_FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {provenance.get('format_version')!r}; this version of "
                               f"glm4v-core reads version {NATIVE_FORMAT_VERSION}")
+    _check_provenance_types(provenance, path)
     return provenance
+
+
+def _check_provenance_types(provenance: dict, path: Path) -> None:
+    """The fields `--to hf` reads have the types it expects (an edited file is named, not a traceback)."""
+    def require(ok: bool, key: str, want: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path}: {key} must be {want}")
+
+    def str_map(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    require(isinstance(provenance.get("dtype", ""), str), "dtype", "a string")
+    source = provenance.get("source", {})
+    require(isinstance(source, dict), "source", "an object")
+    require(isinstance(source.get("dtype", ""), str), "source.dtype", "a string")
+    require(isinstance(source.get("index", True), bool), "source.index", "true or false")
+    require(source.get("weight_map") is None or str_map(source["weight_map"]), "source.weight_map",
+            "an object mapping tensor names to file names")
+    files = source.get("files", {})
+    require(isinstance(files, dict), "source.files", "an object")
+    for name, record in files.items():
+        require(isinstance(record, dict) and isinstance(record.get("sha256", ""), str)
+                and str_map(record.get("metadata", {})), f"source.files.{name}",
+                "an object with a sha256 string and a metadata object of strings")
+    buffers = source.get("buffers", {})
+    require(isinstance(buffers, dict), "source.buffers", "an object")
+    for name, record in buffers.items():
+        require(isinstance(record, dict) and isinstance(record.get("dtype"), str) and isinstance(record.get("base64"), str)
+                and isinstance(record.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record["shape"]),
+                f"source.buffers.{name}", "an object with dtype, shape (a list of sizes) and base64")

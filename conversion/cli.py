@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from . import __version__
+from .files import human_size, os_reason
+from .streams import WriteCounter, quiet_broken_pipe
+from .config_check import ConfigError
 from .convert import ConversionError, convert
 from .safetensors_io import CheckpointError
 
@@ -28,7 +35,8 @@ examples:
   glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-native            HF -> native
   glm4v-convert ~/glm-4v-9b-native ~/glm-4v-9b-hf --to hf  native -> HF (the original files again)
 
-exit status: 0 on success, 1 when the input or output is refused (the message says why), 130 on Ctrl-C."""
+exit status: 0 on success, 1 when the input or output is refused (the message says why), 2 for a usage
+error, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (the unfinished output is removed in all three)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,33 +57,72 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace DST if it exists and is a checkpoint folder (has config.json) or empty; the old "
                         "folder is swapped out only once the new one is complete")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is written to stderr)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is, so the unfinished output is cleaned up as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
+    with quiet_broken_pipe() as stdout:
+        return _main(argv, stdout)
+
+
+def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():  # restores the default printer on exit
+        with warnings.catch_warnings(), stop_signals():  # restores the default printer and handlers on exit
             warnings.showwarning = _print_warning
             result = convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
                              max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    except (CheckpointError, ConversionError, OSError) as e:
+    except (CheckpointError, ConfigError, ConversionError) as e:
         print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # while writing: ENOSPC, EIO, a quota...; the unfinished output was removed
+        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
         return 130
-    gb = result.bytes_written / 1e9
-    print(f"wrote {result.dst} ({len(result.files)} files, {gb:.2f} GB in {result.seconds:.1f} s, "
-          f"{gb / max(result.seconds, 1e-9):.2f} GB/s)")
+    except Stopped as e:
+        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
+        return 128 + e.signum
+    rate = result.bytes_written / max(result.seconds, 1e-9)
+    print(f"wrote {result.dst} ({len(result.files)} files, {human_size(result.bytes_written)} in "
+          f"{result.seconds:.1f} s, {human_size(rate)}/s)", file=stdout)
     if result.verified is True:
         print("verified: every safetensors file is byte-identical to the original HF file (sha256 recorded in "
-              "glm4v_native.json)")
+              "glm4v_native.json)", file=stdout)
     elif result.verified is False:
         print("glm4v-convert: note: the safetensors files differ from the sha256 glm4v_native.json records for "
               "the original HF files (the native folder was changed since, or the originals were laid out "
               "differently)", file=sys.stderr)
     return 0
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped (once: a second one during the clean-up is ignored)."""
+    def stop(signum, frame):
+        for s in names:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    names = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+             if s is not None and signal.getsignal(s) is not signal.SIG_IGN]  # under nohup, SIGHUP stays ignored
+    saved = {s: signal.signal(s, stop) for s in names}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def _size(text: str) -> int:

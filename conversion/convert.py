@@ -29,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import staging
+from .atomic import ConversionError, destination_lock, staging
 from .checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE, Checkpoint,
                          check_tensors, dtype_name, open_checkpoint, read_config)
+from .files import human_size, os_reason
 from .names import HF_IGNORED_BUFFERS, native_to_hf
 from .safetensors_io import (DTYPE_NAMES, DTYPES, INDEX_FILE, CheckpointError, MappedFiles, TensorInfo, file_size,
                              index_json, read_header, read_index, sha256_file, shard_names, storage_order,
@@ -40,10 +41,6 @@ from .shapes import expected_shapes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' default when nothing records the original sharding
 HF_FILE_METADATA = {"format": "pt"}  # transformers refuses safetensors files without it
-
-
-class ConversionError(ValueError):
-    """A conversion that cannot start: the destination is in the way or the disk is too small."""
 
 
 class LossyCastWarning(UserWarning):
@@ -70,10 +67,10 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "native", dtype: torc
             max_shard_size: int | None = None, force: bool = False, progress: bool = False) -> Result:
     """Convert checkpoint folder `src` (HF layout for to='native', native for to='hf') into `dst`."""
     start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), _real_destination(Path(dst), force)
     if to not in ("native", "hf"):
         raise ValueError(f"to must be 'native' or 'hf', got {to!r}")
-    _check_destination(src, dst, force)
+    _check_destination(src, dst, force)  # early, before reading SRC; again below under the lock
     config = read_config(src)
     ckpt = _open_source(src, to, config)
     out_dtype = _output_dtype(ckpt, dtype)
@@ -86,8 +83,15 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "native", dtype: torc
         texts[INDEX_FILE] = index_json(weight_map, _total_size(files, out_dtype))
     data = sum(file_size(_layout(f, out_dtype), f.metadata) for f in files)
     provenance_slack = 200 * len(ckpt.tensors) + 4096  # glm4v_native.json: the weight_map plus a few hashes
-    _check_disk_space(dst, data + sum(len(t.encode()) for t in texts.values()) + provenance_slack)
 
+    with destination_lock(dst):  # one writer per destination; a killed run's leftovers are removed
+        _check_destination(src, dst, force)
+        _check_disk_space(dst, data + sum(len(t.encode()) for t in texts.values()) + provenance_slack)
+        return _write(ckpt, dst, to, files, texts, data, out_dtype, max_shard_size, progress, start)
+
+
+def _write(ckpt: Checkpoint, dst: Path, to: str, files: list[OutFile], texts: dict[str, str], data: int,
+           out_dtype: torch.dtype, max_shard_size: int | None, progress: bool, start: float) -> Result:
     verify = to == "hf" and _recorded_hf_files(ckpt, max_shard_size, out_dtype)
     with staging(dst) as tmp:
         # hash each file while it is still in the page cache: the HF sources for the provenance,
@@ -98,9 +102,9 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "native", dtype: torc
         else:
             to_hash = {i: [tmp / f.name] for i, f in enumerate(files)} if verify else {}
             hash_bytes = data if verify else 0
-        hashes = {}
-        with tqdm(total=data + hash_bytes, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                  disable=not progress, desc=f"to {to}") as bar:
+        hashes = {}  # the bar counts the bytes written plus the bytes hashed, and says so
+        with tqdm(total=data + hash_bytes, unit="B", unit_scale=True, file=sys.stderr,
+                  disable=not progress, desc=f"to {to}: write" + (" + sha256" if hash_bytes else "")) as bar:
             for i, out in enumerate(files):
                 _write_shard(tmp / out.name, out, out_dtype, bar.update)
                 hashes.update({p.name: sha256_file(p, bar.update) for p in to_hash.get(i, [])})
@@ -114,8 +118,27 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "native", dtype: torc
 
 # --- checks (all before anything is written) -------------------------------------------------
 
+def _real_destination(dst: Path, force: bool) -> Path:
+    """A symlinked DST is replaced where it points (the link keeps pointing at the new folder);
+    a dangling link or a link loop is refused by name."""
+    if not dst.is_symlink():
+        return dst
+    target = os.readlink(dst)
+    try:
+        os.stat(dst)
+    except OSError as e:
+        raise ConversionError(f"{dst} is a symlink to {target}, which {os_reason(e)}; remove the link or "
+                              "choose another destination") from None
+    if not force:
+        raise ConversionError(f"{dst} already exists (a symlink to {target}); pass --force to replace the "
+                              "folder it points to")
+    return Path(os.path.realpath(dst))
+
+
 def _check_destination(src: Path, dst: Path, force: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
+    if dst.name in ("", ".", ".."):
+        raise ConversionError(f"DST must name the folder to create, got {str(dst)!r}")
+    s, d = Path(os.path.realpath(src)), Path(os.path.realpath(dst))  # realpath: no error on a link loop
     if d == s or s in d.parents or d in s.parents:
         raise ConversionError(f"{dst}: the destination must not be SRC ({src}), inside it, or contain it")
     if not (dst.exists() or dst.is_symlink()):
@@ -161,8 +184,8 @@ def _check_disk_space(dst: Path, needed: int) -> None:
         place = place.parent
     free = shutil.disk_usage(place).free
     if free < needed:
-        raise ConversionError(f"not enough free disk space in {place}: the output needs {needed / 1e9:.2f} GB, "
-                              f"only {free / 1e9:.2f} GB are free")
+        raise ConversionError(f"not enough free disk space in {place}: the output needs {human_size(needed)}, "
+                              f"only {human_size(free)} are free")
 
 
 # --- plans: which tensor goes to which file, under which name ---------------------------------
@@ -222,7 +245,15 @@ def _recorded_buffer(record: dict | None, dtype: torch.dtype) -> torch.Tensor | 
     """A buffer glm4v_native.json stored byte for byte (e.g. inv_freq), if stored in `dtype`."""
     if not isinstance(record, dict) or DTYPES.get(record.get("dtype")) != dtype:
         return None
-    raw = bytearray(base64.b64decode(record["base64"]))
+    try:
+        raw = bytearray(base64.b64decode(record["base64"], validate=True))
+    except ValueError as e:
+        raise CheckpointError(f"{PROVENANCE_FILE}: a recorded buffer's base64 is invalid ({e})") from None
+    if len(raw) != tensor_nbytes(tuple(record["shape"]), dtype):
+        raise CheckpointError(f"{PROVENANCE_FILE}: a recorded buffer holds {len(raw)} bytes, shape {record['shape']} "
+                              f"{dtype_name(dtype)} needs {tensor_nbytes(tuple(record['shape']), dtype)}")
+    if not raw:  # frombuffer refuses an empty buffer
+        return torch.empty(record["shape"], dtype=dtype)
     return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(record["shape"]).clone()
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .files import check_folder, check_regular_file, open_regular, parse_json, read_text
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
@@ -58,60 +60,90 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one safetensors file's header: (tensors by name, metadata)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(f"{path}: corrupt safetensors header (declares {header_len} header "
-                                      f"bytes, file has {size})")
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    """Parse and validate one safetensors file's header: (tensors by name, metadata).
+
+    Every number is checked against the file's size before anything is allocated or mapped:
+    a header longer than the file, offsets that are negative, past the end or out of order,
+    and two tensors sharing bytes are refused by name."""
+    with open_regular(path, "safetensors file", CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: corrupt safetensors header (declares {header_len} header "
+                                  f"bytes, file has {size}; the format allows at most {MAX_HEADER_BYTES})")
+        raw = f.read(header_len)
+    header = parse_json(raw, f"{path}: corrupt safetensors header", CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     data_start = 8 + header_len
+    data_size = size - data_start
     tensors = {}
     for name, entry in header.items():
-        try:
-            dtype_name = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}") from None
+        dtype_name, shape, offsets = _header_entry(path, name, entry)
         if dtype_name not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this reader does not support")
         dtype = DTYPES[dtype_name]
-        if begin < 0 or min(shape, default=0) < 0:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {entry!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {[begin, end]}; they must satisfy "
+                                  "0 <= begin <= end")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
+                                  f"file has {size}")
         nbytes = tensor_nbytes(shape, dtype)
         if end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {list(shape)} "
-                                  f"{entry['dtype']} needs {nbytes}")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {data_start + end}, "
-                                  f"file has {size}")
+                                  f"{dtype_name} needs {nbytes}")
         tensors[name] = TensorInfo(name, path, dtype, shape, data_start + begin, nbytes)
+    _check_no_overlap(path, tensors)
     return tensors, metadata
+
+
+def _header_entry(path: Path, name: str, entry) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (begin, end)) of one header entry: exact JSON types, non-negative integers."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({why}): {str(entry)[:200]}")
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise bad("needs dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise bad("dtype must be a string")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad("shape must be a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise bad("data_offsets must be two non-negative integers")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Two tensors sharing bytes would silently alias each other once mapped."""
+    spans = sorted((info.start, info.start + info.nbytes, name) for name, info in tensors.items() if info.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first!r} and {second!r} share bytes (their data_offsets "
+                                  "overlap); each tensor needs its own bytes")
 
 
 def read_index(folder: Path) -> dict[str, str] | None:
     """The `weight_map` of the folder's index (tensor -> file, in file order), or None if unsharded."""
     index_path = folder / INDEX_FILE
-    if not index_path.exists():
+    if not (index_path.exists() or index_path.is_symlink()):
         return None
+    index = parse_json(read_text(index_path, "index file", CheckpointError), index_path, CheckpointError)
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        weight_map = index["weight_map"]
+    except (KeyError, TypeError) as e:
         raise CheckpointError(f"{index_path}: malformed index ({e!r})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path}: malformed index ('weight_map' must map names to file names)")
@@ -121,20 +153,21 @@ def read_index(folder: Path) -> dict[str, str] | None:
 def list_tensors(folder: str | Path) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint folder (single file or index + shards), headers validated."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    check_folder(folder, "checkpoint folder", CheckpointError)
     index_path = folder / INDEX_FILE
     weight_map = read_index(folder)
     if weight_map is not None:
         shards = sorted(set(weight_map.values()))
-    elif (folder / SINGLE_FILE).exists():
+    elif (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink():
         shards = [SINGLE_FILE]
     else:
         raise CheckpointError(f"{folder}: no {INDEX_FILE} and no {SINGLE_FILE}")
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         shard_path = folder / shard
-        if not shard_path.is_file():
+        if Path(shard).name != shard:
+            raise CheckpointError(f"{index_path}: names shard {shard!r}; shards are file names inside {folder}")
+        if not (shard_path.exists() or shard_path.is_symlink()):
             raise CheckpointError(f"{index_path}: names shard {shard!r}, which does not exist in {folder}")
         found, _ = read_header(shard_path)
         for name, info in found.items():
@@ -160,7 +193,7 @@ class MappedFiles:
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         data = self._maps.get(info.file)
         if data is None:
-            size = info.file.stat().st_size
+            size = check_regular_file(info.file, "safetensors file", CheckpointError).st_size
             # shared=False maps the file copy-on-write: pages load lazily, the file is never written.
             data = self._maps[info.file] = torch.from_file(str(info.file), shared=False, size=size, dtype=torch.uint8)
         raw = data[info.start:info.start + info.nbytes]
@@ -240,7 +273,7 @@ def _chunks(tensor: torch.Tensor, dtype: torch.dtype):
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     """sha256 of a whole file, read sequentially in chunks."""
     digest, buffer = hashlib.sha256(), bytearray(16 * 1024 * 1024)
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path, "file", CheckpointError) as f:
         while n := f.readinto(buffer):
             digest.update(memoryview(buffer)[:n])
             if on_bytes is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .safetensors_io import CheckpointError
+from .config_check import check_config
 
 Shape = tuple[int, ...]
 
@@ -71,14 +71,9 @@ _VISION_KEYS = {"v_hidden": "hidden_size", "v_layers": "num_hidden_layers", "v_m
 
 
 def _sizes(hf_config: dict[str, Any]) -> dict[str, int]:
-    """The integer sizes the shapes depend on; a missing or non-integer one is named."""
-    vision = hf_config.get("vision_config")
-    if not isinstance(vision, dict):
-        raise CheckpointError("config.json: missing or malformed 'vision_config' object")
-    sizes = {k: hf_config.get(k) for k in _TEXT_KEYS}
-    sizes.update({k: vision.get(v) for k, v in _VISION_KEYS.items()})
-    for key, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            where = f"vision_config.{_VISION_KEYS[key]}" if key in _VISION_KEYS else key
-            raise CheckpointError(f"config.json: {where} must be a non-negative integer, got {value!r}")
+    """The integer sizes the shapes depend on, after the one config check (it names a bad key)."""
+    hf_config = check_config(hf_config)
+    vision = hf_config["vision_config"]
+    sizes = {k: hf_config[k] for k in _TEXT_KEYS}
+    sizes.update({k: vision[v] for k, v in _VISION_KEYS.items()})
     return sizes

@@ -99,7 +99,7 @@ def test_chat_runs_the_model(capsys, monkeypatch):
 def test_parity_subcommand_forwards_its_arguments(monkeypatch):
     from glm4v_core import parity
     seen = []
-    monkeypatch.setattr(parity, "main", lambda argv=None: seen.append(argv) or 7)
+    monkeypatch.setattr(parity, "main", lambda argv=None, prog=None: seen.append(argv) or 7)
     assert cli.main(["parity", "--dtype", "bfloat16", "--json"]) == 7
     assert seen == [["--dtype", "bfloat16", "--json"]]
 
@@ -119,7 +119,7 @@ def test_unreadable_image(capsys, tmp_path, no_model_load):
     rc, _, err = run(capsys, ["generate", "--image", str(bad), "hi"])
     assert rc == 1 and "glm4v: error:" in err and "broken.png" in err
     rc, _, err = run(capsys, ["generate", "--image", str(tmp_path / "missing.jpg"), "hi"])
-    assert rc == 1 and "does not exist" in err
+    assert rc == 1 and "missing.jpg not found" in err
 
 
 def test_empty_prompt(capsys, no_model_load):
@@ -177,7 +177,7 @@ def test_bad_device(capsys, no_model_load, device, message):
 
 def test_empty_stop_string(capsys, no_model_load):
     rc, _, err = run(capsys, ["generate", "--stop", "", "hi"])
-    assert rc == 1 and "stop_strings" in err
+    assert rc == 1 and "--stop needs a non-empty text" in err
 
 
 def test_chat_turn_error_keeps_the_session(capsys, monkeypatch):

@@ -165,7 +165,9 @@ def test_a_silent_rank_times_the_collective_out():
 
 
 def test_parity_cli_refuses_tp_with_grads(fixtures_dir, capsys):
-    assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--grads", "--tp", "2"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--grads", "--tp", "2"])
+    assert exit_.value.code == 2  # a usage error
     assert "--fsdp N with --grads" in capsys.readouterr().err
 
 

@@ -134,9 +134,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(ImageError, match="nope.png does not exist"):
+    with pytest.raises(ImageError, match="nope.png not found"):
         load_image(tmp_path / "nope.png", 56)
-    with pytest.raises(ImageError, match="is a directory"):
+    with pytest.raises(ImageError, match="is a folder, not a regular file"):
         load_image(tmp_path, 56)
 
 

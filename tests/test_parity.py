@@ -119,12 +119,12 @@ def test_cli_fails_with_exit_1_on_drift(fixtures_dir, monkeypatch, capsys):
 
 
 def test_cli_missing_reference_is_a_clear_error(tmp_path, fixtures_dir, capsys):
-    assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--reference", str(tmp_path / "nope.safetensors")]) == 2
+    assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--reference", str(tmp_path / "nope.safetensors")]) == 1
     assert "nope.safetensors" in capsys.readouterr().err
 
 
 def test_cli_unusable_device_is_a_clear_error(capsys):
-    assert parity.main(["--device", "cuda:5" if torch.cuda.is_available() else "cuda"]) == 2
+    assert parity.main(["--device", "cuda:5" if torch.cuda.is_available() else "cuda"]) == 1
     assert "CUDA" in capsys.readouterr().err
 
 

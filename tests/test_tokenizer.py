@@ -222,7 +222,7 @@ def test_malformed_vocabulary(tmp_path, line, corrupt, message):
 
 
 def test_missing_and_empty_vocabulary(tmp_path):
-    with pytest.raises(TokenizerError, match="cannot read tokenizer vocabulary .*nope.model"):
+    with pytest.raises(TokenizerError, match="tokenizer vocabulary .*nope.model not found"):
         Tokenizer.from_file(tmp_path / "nope.model")
     (tmp_path / "empty.model").write_bytes(b"")
     with pytest.raises(TokenizerError, match="empty.model is empty"):

@@ -3,6 +3,7 @@
     glm4v generate [--checkpoint DIR] [--image PATH] "Describe this image."
     glm4v chat [--checkpoint DIR] [--image PATH]
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
+    glm4v make-reference --checkpoint DIR --out REF [...]   (record the checkpoint's own HF code)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
 every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
@@ -17,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
 import torch
+
+from glm4v_conversion import __version__
+from glm4v_conversion.files import check_folder
+from glm4v_conversion.streams import WriteCounter, quiet_broken_pipe
 
 from .config import GLM4VConfig
 from .generate import GenerationStats, Sampling, TextDeltas, stream_text
@@ -41,8 +47,11 @@ class CLIError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm4v", description="GLM-4V-9B inference (glm4v-core).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity}")
+    parser = argparse.ArgumentParser(prog="glm4v", description="GLM-4V-9B inference (glm4v-core).",
+                                     epilog="exit status: 0 on success, 1 for a refused input or a failure (the "
+                                            "message says which), 2 for a usage error, 130 on Ctrl-C.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity,make-reference}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
     gen.add_argument("prompt", help="the user message")
     gen.add_argument("--tp", type=int, default=1, metavar="N",
@@ -54,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_sampling_arguments(p)
     commands.add_parser("parity", help="compare with the HF reference fixtures (see glm4v parity --help)",
                         add_help=False)
+    commands.add_parser("make-reference", add_help=False,
+                        help="record a parity reference with the checkpoint's own HF code (see glm4v make-reference --help)")
     return parser
 
 
@@ -76,39 +87,72 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (with --do-sample)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature (with --do-sample; 0 without it means greedy, the default)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all; with --do-sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; with --do-sample)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seed the sampler for reproducible output")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed the sampler for reproducible output (0 .. {MAX_SEED})")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); the stop ids always apply")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with quiet_broken_pipe() as stdout:
+        return _main(list(sys.argv[1:] if argv is None else argv), stdout)
+
+
+def _main(argv: list[str], stdout: WriteCounter) -> int:
     if argv[:1] == ["parity"]:  # every further argument belongs to the parity tool
         from . import parity
-        return parity.main(argv[1:])
+        return parity.main(argv[1:], prog="glm4v parity")
+    if argv[:1] == ["make-reference"]:  # likewise; transformers is imported only inside this command
+        from . import make_reference
+        return make_reference.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate" and not args.prompt.strip():
-            raise CLIError('the prompt is empty; give the question as an argument, '
-                           'e.g. glm4v generate "Describe this image."')
+        check_arguments(args)
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
             from . import distributed  # only here: torch.distributed.tensor takes seconds to import
             device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
             return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
         if args.command == "generate":
-            return session.generate(args.prompt, sys.stdout, sys.stderr)
-        return session.chat(sys.stdin, sys.stdout, sys.stderr)
+            return session.generate(args.prompt, stdout, sys.stderr)
+        return session.chat(sys.stdin, stdout, sys.stderr)
     except ValueError as e:  # every input error of glm4v_core is a ValueError subclass with a clear text
         print(f"glm4v: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nglm4v: interrupted", file=sys.stderr)
         return 130
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The command line's own checks, all before any file is read. `--temperature 0` without
+    --do-sample means greedy decoding (the temperature is then unused and set to its neutral 1)."""
+    if args.command == "generate" and not args.prompt.strip():
+        raise CLIError('the prompt is empty; give the question as an argument, '
+                       'e.g. glm4v generate "Describe this image."')
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise CLIError(f"--seed must be in 0 .. {MAX_SEED} (2**64 - 1), got {args.seed}")
+    for flag in ("temperature", "top_p", "repetition_penalty"):
+        value = getattr(args, flag)
+        if not math.isfinite(value):
+            raise CLIError(f"--{flag.replace('_', '-')} must be a finite number, got {value}")
+    if args.temperature == 0 and not args.do_sample:
+        args.temperature = 1.0
+    if args.temperature <= 0 and args.do_sample:
+        raise CLIError(f"--temperature must be > 0 with --do-sample, got {args.temperature} "
+                       "(leave out --do-sample for greedy decoding)")
+    if any(not text for text in args.stop):
+        raise CLIError("--stop needs a non-empty text")
+    if args.device is not None:
+        check_device(args.device)
 
 
 class Session:
@@ -198,17 +242,19 @@ def resolve_checkpoint(path: Path | None) -> Path:
             raise CLIError(f"no --checkpoint given and the bundled demo checkpoint {BUNDLED_CHECKPOINT} is missing "
                            "(it ships with a source checkout of glm4v-core); pass --checkpoint DIR")
         return BUNDLED_CHECKPOINT
-    if not (path / "config.json").is_file():
+    check_folder(path, "--checkpoint", CLIError)  # names a file, FIFO or link loop as what it is
+    config = path / "config.json"
+    if not (config.exists() or config.is_symlink()):
         raise CLIError(f"{path} is not a checkpoint folder (no config.json in it)")
-    return path
+    return path  # a config.json that is not a regular file is named by GLM4VConfig.from_json
 
 
 def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig) -> Tokenizer:
     """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit."""
     if path is not None:
         tokenizer = Tokenizer.from_file(path)
-    elif (checkpoint / "tokenizer.model").is_file():
-        tokenizer = Tokenizer.from_checkpoint(checkpoint)
+    elif (checkpoint / "tokenizer.model").exists() or (checkpoint / "tokenizer.model").is_symlink():
+        tokenizer = Tokenizer.from_checkpoint(checkpoint)  # a FIFO or folder there is named, not skipped
     elif BUNDLED_VOCABULARY.is_file():
         tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id)
     else:

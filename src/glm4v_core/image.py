@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from glm4v_conversion.files import check_regular_file
+
 
 class ImageError(ValueError):
     """An image that cannot be read, is too large, or has a mode we cannot map to RGB."""
@@ -63,10 +65,8 @@ def _check_size(size: int) -> int:
 
 def _open(path: Path) -> Image.Image:
     """Open lazily (header only) and refuse oversized images before any pixel is decoded."""
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ImageError(f"image file {path} {what}")
-    if path.stat().st_size == 0:
+    # a FIFO, device or folder is refused before any open: reading a FIFO would block
+    if check_regular_file(path, "image file", ImageError).st_size == 0:
         raise ImageError(f"image file {path} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.atomic import staging
+from glm4v_conversion.atomic import destination_lock, staging
 from glm4v_conversion.checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE,
                                          dtype_name)
 from glm4v_conversion.convert import HF_FILE_METADATA, rotary_inv_freq
@@ -43,10 +43,9 @@ def save_model(model: GLM4V, path: str | Path, layout: str = "hf", *, dtype: tor
     if layout not in ("hf", "native"):
         raise SaveError(f"layout must be 'hf' or 'native', got {layout!r}")
     dst = Path(path)
-    if (dst.exists() or dst.is_symlink()) and not overwrite:
-        raise SaveError(f"{dst} already exists; pass overwrite=True to replace it")
-    if dst.exists() and not (dst.is_dir() and ((dst / CONFIG_FILE).exists() or not any(dst.iterdir()))):
-        raise SaveError(f"{dst} exists and is not a checkpoint folder (no {CONFIG_FILE}); refusing to replace it")
+    if dst.name in ("", ".", ".."):
+        raise SaveError(f"path must name the folder to create, got {str(path)!r}")
+    _check_destination(dst, overwrite)  # early; again under the lock
     params = {name: p.detach() for name, p in model.state_dict().items()}
     dtype = dtype or _single_dtype(params)
     raw = dict(getattr(model, "raw_config", None) or model.config.to_hf())
@@ -61,7 +60,8 @@ def save_model(model: GLM4V, path: str | Path, layout: str = "hf", *, dtype: tor
     names = sorted(tensors, key=_natural_key)
     groups = _pack(names, lambda n: tensor_nbytes(tuple(tensors[n].shape), dtype), max_shard_size)
     files = shard_names(len(groups))
-    with staging(dst) as tmp:
+    with destination_lock(dst), staging(dst) as tmp:  # one writer per folder; a killed run's leftovers go
+        _check_destination(dst, overwrite)
         for file, group in zip(files, groups):
             shard = {n: tensors[n].cpu() for n in group}  # no copy on CPU; one shard at a time from CUDA
             write_file(tmp / file, shard, metadata, dtype)
@@ -76,6 +76,14 @@ def save_model(model: GLM4V, path: str | Path, layout: str = "hf", *, dtype: tor
                       "tool": "glm4v_core.save_model", "dtype": dtype_name(dtype)}
             _write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2) + "\n")
     return dst
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise SaveError(f"{dst} already exists; pass overwrite=True to replace it")
+    # overwrite replaces only what looks like a checkpoint: a typo must not delete a home folder
+    if dst.exists() and not (dst.is_dir() and ((dst / CONFIG_FILE).exists() or not any(dst.iterdir()))):
+        raise SaveError(f"{dst} exists and is not a checkpoint folder (no {CONFIG_FILE}); refusing to replace it")
 
 
 def _single_dtype(params: dict[str, torch.Tensor]) -> torch.dtype:

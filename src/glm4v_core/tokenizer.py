@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 
 import tiktoken
 
+from glm4v_conversion.files import read_bytes
+
 
 class TokenizerError(ValueError):
     """A bad vocabulary file, message or token id; the text says which and where."""
@@ -56,10 +58,7 @@ class Message(NamedTuple):
 def load_ranks(path: str | Path) -> dict[bytes, int]:
     """Parse a tiktoken rank file; any defect raises TokenizerError naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as e:
-        raise TokenizerError(f"cannot read tokenizer vocabulary {path}: {e.strerror or e}") from e
+    lines = read_bytes(path, "tokenizer vocabulary", TokenizerError).splitlines()  # refuses FIFOs, folders
     if not lines:
         raise TokenizerError(f"{path} is empty; expected lines 'base64(token_bytes) rank'")
     ranks = _parse_ranks_fast(lines)
@@ -179,7 +178,7 @@ class Tokenizer:
     @classmethod
     def from_checkpoint(cls, directory: str | Path) -> Tokenizer:
         path = Path(directory) / "tokenizer.model"
-        if not path.is_file():
+        if not (path.exists() or path.is_symlink()):
             raise TokenizerError(
                 f"no tokenizer.model in {directory}: GLM-4V checkpoints ship it beside config.json; "
                 "for a folder without one, use Tokenizer.from_file(<path to a rank file>)"

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint, read_config
+from glm4v_conversion.files import check_folder
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
 from .model import GLM4V
 
-__all__ = ["CheckpointError", "build_meta_model", "check_against_model", "load_model"]
+__all__ = ["CheckpointError", "DeviceError", "build_meta_model", "check_against_model", "check_device", "load_model"]
 
 
 def build_meta_model(config: GLM4VConfig) -> GLM4V:
@@ -38,30 +39,56 @@ def check_against_model(ckpt: Checkpoint, model: GLM4V, config_path: Path) -> No
 BUNDLED_CHECKPOINT = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny"
 
 
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+class DeviceError(ValueError):
+    """A device string torch does not know, or one this implementation does not run on, or absent here."""
+
+
 def check_device(device: str | torch.device) -> torch.device:
-    """A usable torch device, or a ValueError that says why not (before any weight is read)."""
+    """A usable torch device, or a DeviceError that says why not (before any weight is read).
+
+    glm4v-core runs on the CPU (torch kernels) and on CUDA GPUs (Triton kernels); mps, xpu and
+    other backends are refused by name rather than failing inside the first tensor copy."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e})") from None
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {str(device)!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type not in SUPPORTED_DEVICES:
+        raise DeviceError(f"device {str(device)!r} is not supported: glm4v-core runs on 'cpu' or 'cuda[:N]'")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here (use --device cpu)")
+        raise DeviceError(f"device {str(device)!r} requested but CUDA is not available here (use --device cpu)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        raise DeviceError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.float32/bfloat16/float16 or their names; anything else is a named CheckpointError."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    raise CheckpointError(f"model dtype must be one of {list(MODEL_DTYPES)} (a torch.dtype or its name), got {dtype!r}")
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
     Inference-ready: eval mode, no gradients. To train, `model.requires_grad_(True).train()` is
     all it takes. `model.raw_config` keeps config.json as read (auto_map, torch_dtype...) for
     `save_model`.
 
-    Raises CheckpointError (files, names, shapes, dtypes) or ConfigError (config.json), both
-    ValueErrors whose message names the file and tensor at fault."""
+    Raises CheckpointError (files, names, shapes, dtypes), ConfigError (config.json) or DeviceError,
+    all ValueErrors whose message names the file, tensor or argument at fault."""
     device = check_device(device)
+    dtype = check_dtype(dtype)
     folder = Path(path)
+    check_folder(folder, "checkpoint folder", CheckpointError)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
     model = build_meta_model(config)
