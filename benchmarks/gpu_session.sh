@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Everything only a GPU can show, in one run planned for about 8 minutes of one device call:
+# Everything only a GPU can show, in one run of about 10 minutes (one device call; split it with ONLY=...):
 #
 #     bash benchmarks/gpu_session.sh [OUT_DIR]     # OUT_DIR: $1, else $OUT, else benchmarks/results
-#     ONLY="tests generate" bash benchmarks/gpu_session.sh    # a subset of the steps, by name
+#     ONLY="setup tests generate" bash benchmarks/gpu_session.sh    # a subset of the steps, by name
+#     KERNELS_ARGS="--only attention" ...                            # extra arguments of benchmarks/kernels.py
 #
 # setup        install the project without dependencies (the GPU machine brings its own torch and
 #              triton; if that install fails, the packages are put on PYTHONPATH through links);
 # kernels      benchmarks/kernels.py: kernel microbenchmarks (attention forward and backward, RMSNorm)
 #              vs PyTorch and the roofline, each Triton row checked against its torch reference;
-# tests        the kernel and backend tests compiled on the GPU, and every `gpu` marked test;
+# tests        the kernel and backend tests compiled on the GPU (`gpu` marked big shapes included);
+# gputests     every other `gpu` marked test (CUDA-graph decode, gradients, make-reference, quantized);
 # generate     benchmarks/generate.py --real: TTFT and decode speed of the real-size model (random
 #              weights), eager vs compiled decode step replayed from a CUDA graph;
 # train        benchmarks/train.py: a training step at real widths, with and without chunked loss
 #              and activation checkpointing;
+# quant        benchmarks/quant.py --real --compile: decode and prefill of bf16, int8 and int4 weights;
 # multi_image  benchmarks/multi_image.py --real: TTFT and peak memory for 1, 2 and 4 images;
 # resources    benchmarks/kernel_resources.py: the compile checks again, with this machine's triton.
 # Each step has its own time limit and runs even if an earlier one failed. The log and the new JSON
@@ -58,12 +61,16 @@ if ! python -c "import glm4v_core, glm4v_kernels, glm4v_conversion" 2>>"$log"; t
     echo "== install failed: packages linked from $shim" | tee -a "$log"
 fi
 step setup 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-workers=$(python -c "import xdist" 2>/dev/null && echo "-n 4" || echo "")
-step tests 200 python -m pytest -q -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
-    tests/test_kernels_attention_backward.py tests/test_kernels_rms_norm.py tests/test_backends.py
-step tests 150 python -m pytest -q -rf --tb=short -m gpu tests
-step kernels 150 python benchmarks/kernels.py --out benchmarks/results
+workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+step tests ${TESTS_LIMIT:-150} python -m pytest -q -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
+    tests/test_kernels_attention_backward.py tests/test_kernels_rms_norm.py tests/test_kernels_quant_matmul.py \
+    tests/test_backends.py
+step gputests ${GPUTESTS_LIMIT:-150} python -m pytest -q -rf --tb=short -m gpu $workers tests --ignore=tests/test_kernels_attention.py \
+    --ignore=tests/test_kernels_attention_backward.py --ignore=tests/test_kernels_rms_norm.py \
+    --ignore=tests/test_kernels_quant_matmul.py --ignore=tests/test_backends.py
+step kernels ${KERNELS_LIMIT:-150} python benchmarks/kernels.py --out benchmarks/results ${KERNELS_ARGS:-}
 step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
+step quant 240 python benchmarks/quant.py --real --compile --repeat 2 --new-tokens 64 --out benchmarks/results
 step train 90 python benchmarks/train.py --device cuda
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
 step resources 40 python benchmarks/kernel_resources.py

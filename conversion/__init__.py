@@ -30,6 +30,10 @@ The native format (format_version 1), as `glm4v-convert SRC DST` writes it:
   "format_version": "1", "dtype": ..., "tool": "glm4v-convert <version>", "source_files": ...};
   files are byte-for-byte what `safetensors.torch.save_file` writes for the same tensors, so
   any safetensors reader opens them.
+
+`glm4v-convert SRC DST --quantize int8|int4 [--group-size N]` writes the quantized variant of this
+format (weight-only int8 / int4 Linear weights, everything else in the source dtype, a
+`quantization` record in glm4v_native.json); it is documented in quantize.py.
 """
 from importlib.metadata import PackageNotFoundError, version
 

@@ -16,6 +16,7 @@ from .files import human_size, os_reason
 from .streams import WriteCounter, quiet_broken_pipe
 from .config_check import ConfigError
 from .convert import ConversionError, convert
+from .quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizationError, quantize_checkpoint, quantized_scheme_of
 from .safetensors_io import CheckpointError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -34,6 +35,8 @@ EPILOG = """\
 examples:
   glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-native            HF -> native
   glm4v-convert ~/glm-4v-9b-native ~/glm-4v-9b-hf --to hf  native -> HF (the original files again)
+  glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-int8 --quantize int8
+  glm4v-convert ~/glm-4v-9b ~/glm-4v-9b-int4 --quantize int4 --group-size 128 --int4-method mse
 
 exit status: 0 on success, 1 when the input or output is refused (the message says why), 2 for a usage
 error, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (the unfinished output is removed in all three)."""
@@ -56,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace DST if it exists and is a checkpoint folder (has config.json) or empty; the old "
                         "folder is swapped out only once the new one is complete")
+    p.add_argument("--quantize", choices=SCHEMES,
+                   help="write a weight-only quantized native folder: every Linear weight int8 (one scale per "
+                        "output row) or int4 (groups along the input dim); everything else keeps its dtype")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help="int4 group size (default 128); a layer whose input width is not a multiple is int8")
+    p.add_argument("--int4-method", choices=METHODS, default="rtn",
+                   help="int4 rounding: rtn = min/max round to nearest; mse = per-group clipping search that "
+                        "minimizes the reconstruction error (slower, more accurate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is written to stderr)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -75,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantize is not None:
+        return _quantize(args, parser, stdout)
+    scheme = quantized_scheme_of(args.src)
+    if scheme is not None:  # packed weights have no HF (or other native) form
+        print(f"glm4v-convert: error: {args.src} is a weight-only quantized folder ({scheme}); it cannot be "
+              "converted back: convert the float checkpoint it was made from", file=sys.stderr)
+        return 1
     try:
         with warnings.catch_warnings(), stop_signals():  # restores the default printer and handlers on exit
             warnings.showwarning = _print_warning
@@ -104,6 +123,34 @@ def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
         print("glm4v-convert: note: the safetensors files differ from the sha256 glm4v_native.json records for "
               "the original HF files (the native folder was changed since, or the originals were laid out "
               "differently)", file=sys.stderr)
+    return 0
+
+
+def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser, stdout: WriteCounter) -> int:
+    if args.to != "native" or args.dtype is not None:
+        parser.error("--quantize writes a native folder in the source dtype: it cannot be combined with "
+                     "--to hf or --dtype")
+    group_size = args.group_size or (128 if args.quantize == "int4" else None)
+    try:
+        with stop_signals():
+            dst, files, nbytes, seconds = quantize_checkpoint(
+                args.src, args.dst, args.quantize, group_size, method=args.int4_method,
+                max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
+    except (CheckpointError, ConfigError, ConversionError, QuantizationError) as e:
+        print(f"glm4v-convert: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"glm4v-convert: error: {e.filename or args.dst}: {os_reason(e)}; {args.dst} was not written",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"glm4v-convert: interrupted; {args.dst} was not written", file=sys.stderr)
+        return 130
+    except Stopped as e:
+        print(f"glm4v-convert: stopped by {signal.Signals(e.signum).name}; {args.dst} was not written", file=sys.stderr)
+        return 128 + e.signum
+    print(f"wrote {dst} ({args.quantize}{f', group size {group_size}' if group_size else ''}; {len(files)} files, "
+          f"{human_size(nbytes)} of tensors in {seconds:.1f} s)", file=stdout)
     return 0
 
 

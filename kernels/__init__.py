@@ -1,5 +1,5 @@
-"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention forward and backward) and their
-torch references.
+"""glm4v_kernels: Triton kernels (fused RMSNorm, flash attention forward and backward, weight-only
+quantized matmul) and their torch references.
 
 Depends on torch and triton only. Every kernel has a `*_ref` beside it: the spec and the fallback.
 The kernels run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (set before import).
@@ -8,5 +8,9 @@ traces them without a graph break, and a CUDA graph can capture them.
 """
 from .reference import add_rms_norm_ref, attention_ref, rms_norm_ref
 from .torch_ops import add_rms_norm, attention, rms_norm
+from .quant_matmul import (dequantize_int4_ref, dequantize_int8_ref, int4_matmul, int4_matmul_ref, int8_matmul,
+                           int8_matmul_ref)
 
-__all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention"]
+__all__ = ["rms_norm_ref", "add_rms_norm_ref", "attention_ref", "rms_norm", "add_rms_norm", "attention",
+           "int8_matmul", "int8_matmul_ref", "int4_matmul", "int4_matmul_ref", "dequantize_int8_ref",
+           "dequantize_int4_ref"]

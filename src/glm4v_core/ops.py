@@ -84,3 +84,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if backend_for(q) == "triton":
         return K.attention(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
     return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
+
+
+CPU_FP32_PACKED_MAX_ROWS = 8
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                 group_size: int = 0, cpu_int4: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x (..., K) @ dequant(W).T -> (..., N) for a weight-only quantized W (see glm4v_kernels.quant_matmul):
+    int8 when `zero` is None, else int4 with groups of `group_size`.
+
+    Triton kernels (fused dequantization) on CUDA; on CPU PyTorch's packed weight-only kernels
+    (`_weight_int8pack_mm`; `_weight_int4pack_mm_for_cpu` when the caller passes its packed weight and
+    scale-and-zero tensor as `cpu_int4`); the dequantize-then-matmul reference elsewhere and whenever
+    gradients must flow to x (the packed kernels have no backward, e.g. QLoRA training)."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    backend = backend_for(x)
+    if backend == "triton" and not (needs_grad and _backend == "auto"):
+        return K.int8_matmul(x, qweight, scale) if zero is None else K.int4_matmul(x, qweight, scale, zero, group_size)
+    rows = x.numel() // x.shape[-1]
+    # PyTorch's packed CPU kernels are vectorized for bf16 activations; with fp32 ones they beat
+    # dequantize-then-matmul only for a few rows (decode), and lose 10x on a prefill
+    fast_cpu = (x.device.type == "cpu" and not needs_grad and _backend == "auto"
+                and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and rows <= CPU_FP32_PACKED_MAX_ROWS)))
+    if fast_cpu and zero is None:
+        scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    if fast_cpu and cpu_int4 is not None:
+        packed, scale_and_zero = cpu_int4
+        if scale_and_zero.dtype != x.dtype:
+            scale_and_zero = scale_and_zero.to(x.dtype)
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, group_size,
+                                              scale_and_zero)
+        return y.view(*x.shape[:-1], packed.shape[0])
+    if zero is None:
+        return K.int8_matmul_ref(x, qweight, scale)
+    return K.int4_matmul_ref(x, qweight, scale, zero, group_size)

@@ -5,6 +5,9 @@ per-stage table (vision stages, image embeddings, position ids, each decoder lay
 logits, greedy tokens) so that a failure points at the first stage that drifts, and exits 0 only
 if every case passes.
 
+Quantized checkpoints (`glm4v-convert --quantize`) are judged on the logits only, by their own
+budgets (see `QuantBudget`); the per-layer stages are then shown for bisecting.
+
 Tolerances (DESIGN 1.5): fp32: max-abs <= 1e-4 (+ 1e-4 relative to the stage's scale for the
 large vision activations). bf16: max-abs vs the fp32 reference <= 2x the reference's own
 bf16-vs-fp32 error, and the same argmax wherever the fp32 top-2 margin exceeds that error.
@@ -206,7 +209,8 @@ def reference_cases(ref: dict[str, torch.Tensor]) -> list[str]:
 
 
 def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, device: str = "cpu", tp: bool = False) -> list[CaseReport]:
+               dtype: torch.dtype = torch.float32, device: str = "cpu",
+               baseline: str | Path | None = None, tp: bool = False) -> list[CaseReport]:
     """tp: run as one rank of a tensor-parallel group (every rank of the group calls this)."""
     checkpoint = Path(checkpoint)
     ref_path = Path(reference) if reference else checkpoint / "reference.safetensors"
@@ -215,6 +219,9 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
         raise FileNotFoundError(f"reference file {ref_path} not found (pass --reference)")
     ref = load_file(str(ref_path))
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    record = quantization_of(checkpoint)
+    if record is not None:
+        return run_quantized_parity(checkpoint, ref, meta, record, dtype, device, baseline or ref_path.parent)
     tol = Tolerances(meta, torch.float32 if recorded_in_bf16(meta) else dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
     if tp:
@@ -511,6 +518,9 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
                    help="reference .safetensors (its .json beside it); default: CHECKPOINT/reference.safetensors")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="quantized checkpoints: the float checkpoint it was made from, for the int4 budget "
+                        "(default: the reference file's folder)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object instead of the table (strict JSON: a non-finite number is a string)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -550,7 +560,8 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
                 raise ReferenceFileError(f"reference file {reference} not found (pass --reference)")
             check_reference(reference, config)
             check_device(args.device)
-            reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, tp=args.tp > 1)
+            reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, args.baseline,
+                                 tp=args.tp > 1)
         except ValueError as e:  # every refused input is a ValueError subclass naming the file or flag
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 1
@@ -567,13 +578,89 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         return 0 if all(r.ok for r in reports) else 1
 
 
-
 def main_on_rank(argv: list[str], prog: str) -> int:
     """One rank of --tp / --fsdp: the whole comparison with this rank's shard; rank 0 prints."""
     if torch.distributed.get_rank() == 0:
         return main(argv, prog)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return main(argv, prog)
+
+
+# --- quantized checkpoints ---------------------------------------------------------------------
+
+INT8_BUDGET_X_BF16 = 3.0     # int8 logits max-abs <= 3x the reference's own bf16-vs-fp32 error
+INT8_MIN_ARGMAX_AGREEMENT = 0.9
+INT4_BUDGET_X_RTN = 1.25     # int4 logits max-abs <= 1.25x that of plain round-to-nearest, same group size
+
+
+def quantization_of(checkpoint: str | Path) -> dict | None:
+    """The `quantization` record of a native folder's glm4v_native.json, or None (float checkpoints)."""
+    path = Path(checkpoint) / "glm4v_native.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("quantization")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # load_model names the problem
+
+
+@dataclass
+class QuantBudget:
+    """Logits budget of a quantized model: int8 from the reference's bf16 error, int4 from plain
+    round-to-nearest on the float baseline (None when no baseline can be run: shown, not judged)."""
+    scheme: str
+    logits: float | None
+    min_argmax_agreement: float | None
+    why: str
+
+
+def quant_budget(record: dict, meta: dict, ref: dict[str, torch.Tensor], baseline: Path | None,
+                 dtype: torch.dtype, device: str) -> QuantBudget:
+    if record["scheme"] == "int8":
+        bf16 = meta.get("tolerances_observed", {}).get("bf16_vs_fp32_logits_a_maxabs")
+        if bf16 is None:
+            raise ValueError("an int8 parity run needs tolerances_observed.bf16_vs_fp32_logits_a_maxabs in the "
+                             "reference's .json")
+        return QuantBudget("int8", INT8_BUDGET_X_BF16 * bf16, INT8_MIN_ARGMAX_AGREEMENT,
+                           f"{INT8_BUDGET_X_BF16:g}x the reference's bf16-vs-fp32 error {bf16:.3g}")
+    if baseline is None or not (Path(baseline) / "config.json").exists():
+        return QuantBudget("int4", None, None, "no float baseline checkpoint: pass --baseline to judge int4")
+    from .ops import use_backend
+    from .quant import quantize_model
+    rtn = quantize_model(load_model(baseline, dtype=dtype, device=device), "int4", record["group_size"], "rtn")
+    worst = 0.0
+    with use_backend("torch"), torch.no_grad():  # plain dequantize-then-matmul
+        for case in reference_cases(ref):
+            logits, rows = _case_logits(rtn, ref, case)
+            worst = max(worst, compare("logits", logits, ref[f"logits_{case}"], None, rows).max_abs)
+    return QuantBudget("int4", INT4_BUDGET_X_RTN * worst, None,
+                       f"{INT4_BUDGET_X_RTN:g}x plain round-to-nearest int4 (group {record['group_size']}) "
+                       f"on {baseline}: {worst:.3g}")
+
+
+def _case_logits(model: GLM4V, ref: dict[str, torch.Tensor], case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    inputs = {k: (v.to(model.device) if v is not None else None) for k, v in case_inputs(ref, case).items()}
+    rows = ref.get(f"attention_mask_expanded_{case}", ref.get(f"attention_mask_{case}"))
+    return model(**inputs).logits, rows.bool() if rows is not None else None
+
+
+@torch.no_grad()
+def run_quantized_parity(checkpoint: Path, ref: dict[str, torch.Tensor], meta: dict, record: dict,
+                         dtype: torch.dtype, device: str, baseline: Path | None) -> list[CaseReport]:
+    """Every case's logits against the fp32 reference, judged by the quantized budget (see QuantBudget)."""
+    budget = quant_budget(record, meta, ref, baseline, dtype, device)
+    model = load_model(checkpoint, dtype=dtype, device=device)
+    reports = []
+    for case in reference_cases(ref):
+        logits, rows = _case_logits(model, ref, case)
+        stage = compare("logits", logits, ref[f"logits_{case}"], budget.logits, rows, argmax_margin=float("inf"))
+        if budget.min_argmax_agreement is not None:
+            stage.ok = stage.ok and stage.argmax_agree >= budget.min_argmax_agreement
+        stage.note = (f"{budget.scheme} budget: {budget.why}"
+                      + (f"; argmax agreement >= {budget.min_argmax_agreement:g}" if budget.min_argmax_agreement else ""))
+        desc = meta.get("inputs", {}).get(case, {}).get("desc", "")
+        reports.append(CaseReport(case, f"{desc} [{record['scheme']}]", [stage]))
+    return reports
 
 
 if __name__ == "__main__":

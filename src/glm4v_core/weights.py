@@ -14,10 +14,12 @@ import torch
 
 from glm4v_conversion.checkpoint import CONFIG_FILE, Checkpoint, check_tensors, open_checkpoint, read_config
 from glm4v_conversion.files import check_folder
+from glm4v_conversion.quantize import quantization_record
 from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
 from .model import GLM4V
+from .quant import load_quantized
 
 __all__ = ["CheckpointError", "DeviceError", "build_meta_model", "check_against_model", "check_device", "load_model"]
 
@@ -73,7 +75,10 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return MODEL_DTYPES[dtype.removeprefix("torch.")]
     if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
         return dtype
-    raise CheckpointError(f"model dtype must be one of {list(MODEL_DTYPES)} (a torch.dtype or its name), got {dtype!r}")
+    hint = ("; weights are quantized with `glm4v-convert SRC DST --quantize int8|int4`, then loaded with a float "
+            "(compute) dtype") if dtype in (torch.int8, torch.uint8, "int8", "int4") else ""
+    raise CheckpointError(f"model dtype must be one of {list(MODEL_DTYPES)} (a torch.dtype or its name), got "
+                          f"{dtype!r}{hint}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
@@ -91,6 +96,10 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     check_folder(folder, "checkpoint folder", CheckpointError)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
+    record = quantization_record(ckpt)
+    if record is not None:  # weight-only quantized: packed weights stay packed, `dtype` is the compute dtype
+        model = build_meta_model(config).to(MODEL_DTYPES[ckpt.provenance["dtype"]])
+        return load_quantized(ckpt, record, model, folder / CONFIG_FILE, dtype, device).eval().requires_grad_(False)
     model = build_meta_model(config)
     check_against_model(ckpt, model, folder / CONFIG_FILE)
     files = MappedFiles()
