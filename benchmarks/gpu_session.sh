@@ -62,10 +62,10 @@ if ! python -c "import glm4v_core, glm4v_kernels, glm4v_conversion" 2>>"$log"; t
 fi
 step setup 30 python -c "import torch, triton, pytest; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-step tests ${TESTS_LIMIT:-150} python -m pytest -q -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
+step tests ${TESTS_LIMIT:-240} python -m pytest -v -rf --tb=line -m "gpu or not gpu" $workers tests/test_kernels_attention.py \
     tests/test_kernels_attention_backward.py tests/test_kernels_rms_norm.py tests/test_kernels_quant_matmul.py \
     tests/test_backends.py
-step gputests ${GPUTESTS_LIMIT:-150} python -m pytest -q -rf --tb=short -m gpu $workers tests --ignore=tests/test_kernels_attention.py \
+step gputests ${GPUTESTS_LIMIT:-150} python -m pytest -v -rf --tb=short -m gpu $workers tests --ignore=tests/test_kernels_attention.py \
     --ignore=tests/test_kernels_attention_backward.py --ignore=tests/test_kernels_rms_norm.py \
     --ignore=tests/test_kernels_quant_matmul.py --ignore=tests/test_backends.py
 step kernels ${KERNELS_LIMIT:-150} python benchmarks/kernels.py --out benchmarks/results ${KERNELS_ARGS:-}

@@ -8,6 +8,7 @@ reference on the same inputs, plus a small atol, plus what fp32 scores may lose 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 import pytest
@@ -253,6 +254,9 @@ def test_key_end_out_of_range_and_empty():
         _assert_matches_ref(out, q, k, v, causal=True, key_end=key_end)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the interpreter's time is proportional to the blocks visited; on a GPU small kernels "
+                           "cost their launch (benchmarks/kernels.py times the static-cache decode instead)")
 @pytest.mark.parametrize("path,Lq", [("decode", 1), ("prefill", 20)])
 def test_key_end_bounds_the_work(path, Lq):
     """A program never visits key blocks past key_end: reading a 32x longer buffer filled to the

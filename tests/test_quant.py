@@ -373,8 +373,9 @@ def test_sharded_quantized_folder_loads_the_same_model(converted, tiny, tmp_path
 @pytest.mark.parametrize("key", ["int8", "int4-32"])
 def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
     """On CUDA the Triton kernels run (bf16 compute): logits close to the CPU reference path, and
-    greedy tokens with compile=True (CUDA graph) equal the eager ones."""
-    from glm4v_core.generate import generate
+    compile=True (CUDA graph) steps give the eager logits within the bf16 bound and the same tokens,
+    up to a near tie that bf16 rounding may break the other way (seen on an H200: int8, step 6)."""
+    from glm4v_core.generate import stream_tokens
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _, ref, _ = tiny
@@ -387,9 +388,14 @@ def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
             want = cpu(**case_inputs(ref, "a")).logits
     bf16 = json.loads((tiny[0] / "reference.json").read_text())["tolerances_observed"]["bf16_vs_fp32_logits_a_maxabs"]
     assert (ours - want).abs().max().item() <= 3 * bf16
-    eager = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[])
-    compiled = generate(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True)
-    assert torch.equal(eager, compiled)
+    eager = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[]))
+    compiled = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True))
+    for e, c in zip(eager, compiled):  # the same inputs so far: the same logits, up to bf16 rounding
+        assert (e.logits.float() - c.logits.float()).abs().max().item() <= 3 * bf16
+        if not torch.equal(e.tokens, c.tokens):
+            top2 = e.logits.float().topk(2, dim=-1).values
+            assert (top2[:, 0] - top2[:, 1]).min().item() <= 3 * bf16, "tokens differ where the choice was clear"
+            break
 
 
 def test_benchmark_kernel_rows_smoke(tmp_path):

@@ -4,6 +4,7 @@
     glm4v chat [--checkpoint DIR] [--image PATH]
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
     glm4v make-reference --checkpoint DIR --out REF [...]   (record the checkpoint's own HF code)
+    glm4v finetune --data F --out DIR [...] (the arguments of python -m glm4v_core.finetune)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
 every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="exit status: 0 on success, 1 for a refused input or a failure (the "
                                             "message says which), 2 for a usage error, 130 on Ctrl-C.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,parity,make-reference}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{generate,chat,parity,make-reference,finetune}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
     gen.add_argument("prompt", help="the user message")
     gen.add_argument("--tp", type=int, default=1, metavar="N",
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     commands.add_parser("make-reference", add_help=False,
                         help="record a parity reference with the checkpoint's own HF code (see glm4v make-reference --help)")
+    commands.add_parser("finetune", help="LoRA / full fine-tuning on a JSONL (see glm4v finetune --help)",
+                        add_help=False)
     return parser
 
 
@@ -110,6 +114,9 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
     if argv[:1] == ["make-reference"]:  # likewise; transformers is imported only inside this command
         from . import make_reference
         return make_reference.main(argv[1:])
+    if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
+        from . import finetune
+        return finetune.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)

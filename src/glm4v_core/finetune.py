@@ -1,0 +1,355 @@
+"""`glm4v finetune`: LoRA or full fine-tuning on a JSONL of image conversations, resumable.
+
+    glm4v finetune --data train.jsonl --out runs/cat [--checkpoint DIR] [--lora-rank 8]
+                   [--train decoder,projector] [--max-steps 100] [--resume runs/cat]
+
+Each optimizer step runs --grad-accum micro-batches of --batch-size samples; each micro-batch's
+loss is weighted by its share of the step's counted tokens, so the step's loss is the mean over
+every counted token of the step, whatever the split. The learning rate warms up linearly over
+--warmup-steps, then follows --schedule (cosine to 10% of --lr, linear to 0, or constant).
+
+The output folder OUT:
+    loss.jsonl                  one JSON line per step (step, epoch, loss, lr, tokens, tokens_per_s)
+                                and per evaluation (step, eval_loss)
+    loss.png                    the loss curve (needs matplotlib; skipped with a note otherwise)
+    checkpoints/step-00000N/    every --save-every steps, at the end and on Ctrl-C: trained
+                                tensors, AdamW state, RNG states, step (glm4v_core.finetune_state)
+    adapter.safetensors         the final adapters (LoRA runs)
+    merged/ or model/           with --save-merged (LoRA: adapters merged) or after a full
+                                fine-tune: a checkpoint folder written by save_model (HF layout)
+
+--resume OUT (or a checkpoint folder) reloads the latest checkpoint and continues: the data order
+is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
+uninterrupted run gives, bit for bit on CPU (same thread count; on CUDA up to the nondeterminism
+of its attention backward kernels). No pickle anywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import lora
+from .config import GLM4VConfig
+from .finetune_data import ON_BAD_RECORD, TRAIN_ON, collate, micro_batches, read_samples
+from .finetune_state import (check_resume_args, deferred_interrupt, find_resume, keep_log_until,
+                             latest_checkpoint, plot_loss, read_checkpoint, write_checkpoint)
+from .model import GLM4V
+from .save import save_model
+from .tokenizer import Tokenizer
+from .weights import check_device, load_model
+
+PARTS = {"vision": "vision", "projector": "projector", "decoder": "text"}  # --train name -> module
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning request that cannot run; the message says which argument or file and why."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glm4v finetune", description="LoRA / full fine-tuning of GLM-4V on a "
+                                "JSONL of conversations (see glm4v_core.finetune_data for the format).")
+    p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint folder (default: the bundled "
+                   "tiny fixture)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: as glm4v generate)")
+    p.add_argument("--data", type=Path, required=True, help="training JSONL")
+    p.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL: its loss is reported")
+    p.add_argument("--out", type=Path, required=True, help="output folder (log, curve, checkpoints)")
+    p.add_argument("--resume", type=Path, default=None, help="an output folder (its latest checkpoint) or one "
+                   "checkpoints/step-N folder to continue from")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 = full fine-tune")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter update scale is alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-shared-fused", action="store_true", help="one adapter over each fused qkv / gate_up "
+                   "layer instead of one per part (q, k, v / gate, up)")
+    p.add_argument("--train", default="decoder", help="comma-separated parts to train: vision, projector, "
+                   "decoder (LoRA: where adapters go; full: which weights train)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="base model dtype (adapters stay float32); auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order")
+    p.add_argument("--train-on", choices=TRAIN_ON, default="assistant", help="which tokens carry labels")
+    p.add_argument("--max-length", type=int, default=None, help="refuse longer samples (decoder rows after "
+                   "the image splice; default: the config's seq_length)")
+    p.add_argument("--on-bad-record", choices=ON_BAD_RECORD, default="skip")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: only at the end)")
+    p.add_argument("--save-merged", action="store_true", help="LoRA: also write OUT/merged, a full checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        return trainer.run()
+    except ValueError as e:  # every input error of glm4v_core is a ValueError subclass with a clear text
+        print(f"glm4v finetune: error: {e}", file=sys.stderr)
+        return 1
+
+
+def learning_rate(step: int, args: argparse.Namespace, total: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup, then the schedule over the rest."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    if args.schedule == "cosine":
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if args.schedule == "linear":
+        return args.lr * (1 - progress)
+    return args.lr
+
+
+class Trainer:
+    """Model, data, optimizer and the loop; everything that can fail on bad input fails in __init__."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .cli import resolve_checkpoint, resolve_tokenizer  # cli imports this module lazily
+        check_args(args)
+        self.args = args
+        self.resume_dir = find_resume(args.resume) if args.resume else None
+        if self.resume_dir:
+            check_resume_args(self.resume_dir, args)
+        elif latest_checkpoint(args.out) is not None:
+            raise FinetuneError(f"--out {args.out} already holds a run's checkpoints; continue it with "
+                                f"--resume {args.out}, or choose another --out")
+        self.checkpoint = resolve_checkpoint(args.checkpoint)
+        self.config = GLM4VConfig.from_json(self.checkpoint / "config.json")
+        self.tokenizer: Tokenizer = resolve_tokenizer(args.tokenizer, self.checkpoint, self.config)
+        report = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        read = dict(max_length=args.max_length, train_on=args.train_on, on_bad=args.on_bad_record, report=report)
+        self.samples = read_samples(args.data, self.tokenizer, self.config, **read)
+        self.eval_samples = read_samples(args.eval_data, self.tokenizer, self.config, **read) if args.eval_data else []
+        self.micro_per_epoch = math.ceil(len(self.samples) / args.batch_size)
+        self.total_steps = args.max_steps or math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum)
+        self.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = self.build_model()
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=args.lr, weight_decay=args.weight_decay)
+        self.step = 0
+        self.step_rng: dict | None = None  # RNG states at the start of the step in progress
+        self.epoch_batches: tuple[int, list] = (-1, [])
+        self.log_path = args.out / "loss.jsonl"
+
+    def build_model(self) -> GLM4V:
+        a = self.args
+        torch.manual_seed(a.seed)  # dropout draws from the global generator; its state is checkpointed
+        model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
+        parts = a.train.split(",")
+        if a.lora_rank > 0:
+            config = lora.LoRAConfig.from_presets(parts, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                                                  split_fused=not a.lora_shared_fused)
+            lora.add_lora(model, config, seed=a.seed)
+        else:
+            for part in parts:
+                getattr(model, PARTS[part]).requires_grad_(True)
+        model.gradient_checkpointing(a.gradient_checkpointing)
+        return model.train()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        a = self.args
+        a.out.mkdir(parents=True, exist_ok=True)
+        if self.resume_dir:
+            self.load_checkpoint(self.resume_dir)
+            print(f"resumed from {self.resume_dir} at step {self.step}", file=sys.stderr)
+        source_log = self.resume_dir.parent.parent / "loss.jsonl" if self.resume_dir else self.log_path
+        keep_log_until(source_log, self.log_path, self.step)
+        interrupted = False
+        bar = make_progress(self.total_steps, self.step, a.progress)
+        try:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                self.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if a.save_every and self.step % a.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+        path = self.save_checkpoint()
+        if interrupted:
+            print(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume {a.out}",
+                  file=sys.stderr)
+            return 130
+        self.evaluate()
+        self.finish()
+        return 0
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its log record."""
+        a = self.args
+        start = time.perf_counter()
+        self.step_rng = self.rng_state()  # a Ctrl-C inside this step saves the state it started from
+        batches = [self.micro_batch(self.step * a.grad_accum + k) for k in range(a.grad_accum)]
+        counted = sum(b.counted for b in batches)
+        lr = learning_rate(self.step, a, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float32)
+        for batch in batches:
+            inputs = batch.inputs.to(self.device)
+            out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
+                             labels=batch.labels.to(self.device))
+            weighted = out.loss * (batch.counted / counted)  # token-weighted: the step's mean over all tokens
+            if weighted.requires_grad:  # a text-only batch does not reach trained vision/projector weights
+                weighted.backward()
+            total += weighted.detach().cpu()
+        if a.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.params.values(), a.max_grad_norm)
+        with deferred_interrupt():  # never a half-updated model
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.step_rng = None
+        seconds = time.perf_counter() - start
+        tokens = sum(b.tokens for b in batches)
+        epoch = (self.step * a.grad_accum - 1) // self.micro_per_epoch
+        return {"step": self.step, "epoch": epoch, "loss": float(total), "lr": lr, "counted_tokens": counted,
+                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+
+    def micro_batch(self, index: int):
+        """Micro-batch number `index` of the whole run (epochs laid end to end)."""
+        epoch, k = divmod(index, self.micro_per_epoch)
+        if self.epoch_batches[0] != epoch:  # one shuffle per epoch
+            a = self.args
+            self.epoch_batches = (epoch, micro_batches(self.samples, a.batch_size, a.seed, epoch, a.shuffle))
+        return collate(self.epoch_batches[1][k], self.tokenizer, self.config.vision.image_size)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over every counted token of --eval-data (no RNG drawn: resume stays exact)."""
+        if not self.eval_samples:
+            return None
+        self.model.eval()
+        total, counted = 0.0, 0
+        size = self.args.batch_size
+        for k in range(0, len(self.eval_samples), size):
+            batch = collate(self.eval_samples[k:k + size], self.tokenizer, self.config.vision.image_size)
+            inputs = batch.inputs.to(self.device)
+            out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
+                             labels=batch.labels.to(self.device))
+            total += float(out.loss) * batch.counted
+            counted += batch.counted
+        self.model.train()
+        loss = total / max(counted, 1)
+        self.log({"step": self.step, "eval_loss": loss, "eval_tokens": counted})
+        print(f"step {self.step}: held-out loss {loss:.4f} over {counted} tokens", file=sys.stderr)
+        return loss
+
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self) -> None:
+        a = self.args
+        if a.lora_rank > 0:
+            lora.save_adapters(self.model, a.out / "adapter.safetensors")
+            if a.save_merged:
+                save_model(lora.remove_lora(self.model), a.out / "merged", overwrite=True)
+        else:
+            save_model(self.model, a.out / "model", overwrite=True)
+        plot_loss(self.log_path, a.out / "loss.png")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step-N (see glm4v_core.finetune_state), published atomically."""
+        dst = self.args.out / "checkpoints" / f"step-{self.step:06d}"
+        if self.args.lora_rank > 0:
+            def write_trained(path: Path) -> None:
+                lora.save_adapters(self.model, path)
+        else:
+            def write_trained(path: Path) -> None:
+                lora.atomic_save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, path,
+                                      {"format": "glm4v-finetune"})
+        state = {"step": self.step, "total_steps": self.total_steps,
+                 "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}}
+        rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from
+        return write_checkpoint(dst, write_trained, self.optimizer, list(self.params), rng, state)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def load_checkpoint(self, folder: Path) -> None:
+        trained = lora.adapter_state(self.model) if self.args.lora_rank > 0 else dict(self.params)
+        state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), self.device)
+        torch.set_rng_state(rng["cpu"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.step = state["step"]
+
+
+def check_args(a: argparse.Namespace) -> None:
+    parts = a.train.split(",")
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise FinetuneError(f"--train {a.train!r}: unknown part(s) {bad}; choose from {list(PARTS)}")
+    positive = {"--batch-size": a.batch_size, "--grad-accum": a.grad_accum, "--epochs": a.epochs}
+    if a.max_steps is not None:
+        positive["--max-steps"] = a.max_steps
+    for flag, value in positive.items():
+        if value < 1:
+            raise FinetuneError(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--lora-rank": a.lora_rank, "--warmup-steps": a.warmup_steps,
+                        "--save-every": a.save_every, "--eval-every": a.eval_every}.items():
+        if value < 0:
+            raise FinetuneError(f"{flag} must be >= 0, got {value}")
+    if a.lr <= 0:
+        raise FinetuneError(f"--lr must be > 0, got {a.lr}")
+    if a.save_merged and a.lora_rank == 0:
+        raise FinetuneError("--save-merged is for LoRA runs; a full fine-tune always writes OUT/model")
+    if not a.data.is_file():
+        raise FinetuneError(f"--data {a.data} is not a file")
+    if a.eval_data is not None and not a.eval_data.is_file():
+        raise FinetuneError(f"--eval-data {a.eval_data} is not a file")
+
+
+def make_progress(total: int, done: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return _NoBar()
+    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+if __name__ == "__main__":
+    sys.exit(main())
