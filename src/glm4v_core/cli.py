@@ -19,6 +19,7 @@ vocabulary), so the special tokens land at the fixture's ids (vocab - 223 + offs
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      metavar="{generate,chat,parity,make-reference,finetune}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
     gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
+                          "spawned here or the ranks of torchrun")
     chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit' or EOF ends)")
     for p in (gen, chat):
         add_model_arguments(p)
@@ -121,6 +125,10 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
+        if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
+            from . import distributed  # only here: torch.distributed.tensor takes seconds to import
+            device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
+            return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
         if args.command == "generate":
             return session.generate(args.prompt, stdout, sys.stderr)
@@ -262,6 +270,19 @@ class Session:
         note = "answer cancelled (Ctrl-C again at the prompt quits); " if cancelled else ""
         print(f"[{note}{stats.summary()}; {n_images} image(s), spliced prompt {slots} tokens]", file=err, flush=True)
         return "".join(pieces)
+
+
+def generate_on_rank(args: argparse.Namespace) -> int:
+    """One rank of `glm4v generate --tp N`: its shard of the model, the same tokens as every other
+    rank (the logits are gathered, the seed shared); rank 0 writes the answer."""
+    from . import distributed
+    args.device = str(distributed.init())
+    session = Session.open(args)
+    distributed.tensor_parallel(session.model, distributed.mesh(torch.device(args.device)))
+    if args.seed is None:
+        args.seed = 0  # sampling draws must agree across ranks
+    out = (sys.stdout, sys.stderr) if distributed.is_rank0() else (io.StringIO(), io.StringIO())
+    return session.generate(args.prompt, *out)
 
 
 def resolve_checkpoint(path: Path | None) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import sys
@@ -209,7 +210,8 @@ def reference_cases(ref: dict[str, torch.Tensor]) -> list[str]:
 
 def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str = "cpu",
-               baseline: str | Path | None = None) -> list[CaseReport]:
+               baseline: str | Path | None = None, tp: bool = False) -> list[CaseReport]:
+    """tp: run as one rank of a tensor-parallel group (every rank of the group calls this)."""
     checkpoint = Path(checkpoint)
     ref_path = Path(reference) if reference else checkpoint / "reference.safetensors"
     meta_path = ref_path.with_suffix(".json")
@@ -222,6 +224,9 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
         return run_quantized_parity(checkpoint, ref, meta, record, dtype, device, baseline or ref_path.parent)
     tol = Tolerances(meta, torch.float32 if recorded_in_bf16(meta) else dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
+    if tp:
+        from . import distributed  # only here: torch.distributed.tensor takes seconds to import
+        model = distributed.tensor_parallel(model, distributed.mesh(torch.device(device)))
     with reference_kernels(dtype):
         reports = [run_case(model, ref, meta, case, tol) for case in reference_cases(ref)]
     if recorded_in_bf16(meta):
@@ -413,9 +418,9 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
         ref = grads.get(f"grad_{case}.{hf}")
         full = full or ref is not None
         if hf in without:
-            err = grad_error(p.grad, torch.zeros_like(p, device="cpu"), 0.0, 0.0)
+            err = grad_error(whole(p.grad), torch.zeros(p.shape), 0.0, 0.0)
         else:
-            err = grad_error(p.grad, ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
+            err = grad_error(whole(p.grad), ref, info["grad_norm"][hf], info["grad_maxabs"][hf])
         if err >= worst:
             worst, worst_name = err, hf
     model.zero_grad(set_to_none=True)
@@ -425,8 +430,15 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
                           loss_err <= GRAD_LOSS_ATOL and worst <= GRAD_REL_TOL)
 
 
-def run_grad_parity(checkpoint: str | Path, device: str = "cpu") -> list[GradCaseReport]:
-    """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors."""
+def whole(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole gradient: FSDP2 leaves each rank a shard (a DTensor; gathering is a collective)."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+
+def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = False) -> list[GradCaseReport]:
+    """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors.
+    fsdp: run as one rank of an FSDP2 group; every rank computes the same case (the averaged
+    gradient must then equal the one-process gradient)."""
     checkpoint = Path(checkpoint)
     path, pixels_path = checkpoint / "grads.safetensors", checkpoint / "reference.safetensors"
     for needed in (path, path.with_suffix(".json"), pixels_path):
@@ -435,6 +447,9 @@ def run_grad_parity(checkpoint: str | Path, device: str = "cpu") -> list[GradCas
     grads, pixels = load_file(str(path)), load_file(str(pixels_path))
     meta = json.loads(path.with_suffix(".json").read_text())
     model = load_model(checkpoint, dtype=torch.float32, device=device).requires_grad_(True)
+    if fsdp:
+        from . import distributed
+        model = distributed.fsdp(model, distributed.mesh(torch.device(device)))
     with reference_kernels(torch.float32):
         return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]
 
@@ -461,7 +476,7 @@ def grads_main(args: argparse.Namespace, checkpoint: Path, prog: str, out) -> in
     try:
         check_folder(checkpoint, "checkpoint folder", ReferenceFileError)
         check_device(args.device)
-        reports = run_grad_parity(checkpoint, args.device)
+        reports = run_grad_parity(checkpoint, args.device, fsdp=args.fsdp > 1)
     except (ValueError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -555,13 +570,29 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--grads", action="store_true",
                    help="gradient parity instead: loss and every parameter gradient vs CHECKPOINT/grads.safetensors")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel over N ranks (spawned here: gloo on CPU, NCCL on CUDA; or torchrun's)")
+    p.add_argument("--fsdp", type=int, default=1, metavar="N", help="with --grads: FSDP2 over N ranks (as --tp)")
     parity_report.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
     with quiet_broken_pipe() as out:
-        args = build_parser(prog).parse_args(argv)
+        parser = build_parser(prog)
+        args = parser.parse_args(argv)
+        ranks = args.fsdp if args.grads else args.tp
+        if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads) or min(args.tp, args.fsdp) < 1:
+            parser.error("--tp N goes with logit parity, --fsdp N with --grads (N >= 1)")
+        if ranks > 1 and not torch.distributed.is_initialized():  # start the ranks; each runs this main again
+            from . import distributed  # only here: torch.distributed.tensor takes seconds to import
+            device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+            try:
+                return distributed.run_ranks(main_on_rank, ranks, sys.argv[1:] if argv is None else argv, prog,
+                                             device_type=device_type)
+            except distributed.DistributedError as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 1
         checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
         if args.grads:
             return grads_main(args, checkpoint, prog, out)
@@ -573,12 +604,13 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
                 raise ReferenceFileError(f"reference file {reference} not found (pass --reference)")
             check_reference(reference, config)
             check_device(args.device)
-            reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, args.baseline)
-            if args.dtype == "float32" and quantization_of(checkpoint) is None:  # fp32 outputs, fp32 bound
-                reports += run_multi_image_parity(checkpoint, device=args.device)
+            reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, args.baseline,
+                                 tp=args.tp > 1)
+            if args.dtype == "float32" and quantization_of(checkpoint) is None and args.tp <= 1:
+                reports += run_multi_image_parity(checkpoint, device=args.device)  # fp32 outputs, fp32 bound
             elif (checkpoint / "multi_image.safetensors").exists():
-                print("note: the multi_image cases run in float32 on float weights only (their reference "
-                      "holds fp32 outputs)", file=sys.stderr)
+                print("note: the multi_image cases run in float32 on float weights in one process only (their "
+                      "reference holds fp32 outputs)", file=sys.stderr)
         except ValueError as e:  # every refused input is a ValueError subclass naming the file or flag
             print(f"{prog}: error: {e}", file=sys.stderr)
             return 1
@@ -593,6 +625,14 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         if not parity_report.write_requested(reports, args, f"{checkpoint} [{args.dtype}]", prog):
             return 1
         return 0 if all(r.ok for r in reports) else 1
+
+
+def main_on_rank(argv: list[str], prog: str) -> int:
+    """One rank of --tp / --fsdp: the whole comparison with this rank's shard; rank 0 prints."""
+    if torch.distributed.get_rank() == 0:
+        return main(argv, prog)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return main(argv, prog)
 
 
 # --- quantized checkpoints ---------------------------------------------------------------------

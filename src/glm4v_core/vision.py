@@ -35,7 +35,7 @@ class VisionAttention(nn.Module):
         B, L, H = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
         out = ops.attention(qkv[0], qkv[1], qkv[2], causal=False)  # bidirectional, (B, nh, L, hd)
-        return self.out(out.transpose(1, 2).reshape(B, L, H))
+        return self.out(out.transpose(1, 2).reshape(B, L, -1))  # -1: this rank's heads under tensor parallelism
 
 
 class VisionMLP(nn.Module):
@@ -120,5 +120,7 @@ class Projector(nn.Module):
     def forward(self, vit_out: torch.Tensor) -> torch.Tensor:
         x = self.glu(self.downsample(vit_out).flatten(2).transpose(1, 2))  # (B, (g/2)^2, H)
         B = x.shape[0]
-        x = torch.cat((self.boi.expand(B, 1, -1), x, self.eoi.expand(B, 1, -1)), dim=1)
-        return x / self.scaling_factor
+        s = self.scaling_factor
+        # divided before the cat (the same numbers): at batch 1 the expand is a no-op, and boi/eoi
+        # would get views of the cat's gradient as theirs, strides (T*H, H, 1), which DDP warns about
+        return torch.cat(((self.boi / s).expand(B, 1, -1), x / s, (self.eoi / s).expand(B, 1, -1)), dim=1)

@@ -1,0 +1,184 @@
+"""Tensor-parallel inference and FSDP2 / DDP training on 2 gloo ranks (CPU), tiny fixture.
+
+One spawned group does all the sharded work (spawning costs more than the tiny model); the
+tests then compare its results with one process and with the HF reference."""
+import dataclasses
+import json
+import time
+import warnings
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, parity
+from glm4v_core.generate import generate
+
+CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
+NEW_TOKENS = 8
+
+
+def greedy_and_logits(model, ref: dict) -> dict:
+    out = {}
+    with torch.no_grad():
+        for case in CASES:
+            inputs = parity.case_inputs(ref, case)
+            out[case] = (model(**inputs).logits, generate(model, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[]))
+    return out
+
+
+def sharded_runs(checkpoint: str) -> dict:
+    """On every rank: TP logits and greedy tokens; FSDP2 (with checkpointing) and DDP gradients."""
+    ref = load_file(f"{checkpoint}/reference.safetensors")
+    grads, meta = load_file(f"{checkpoint}/grads.safetensors"), json.loads(open(f"{checkpoint}/grads.json").read())
+    cpu = torch.device("cpu")
+    tp_model = distributed.tensor_parallel(load_model(checkpoint), distributed.mesh(cpu))
+    local = tp_model.text.layers[0].attn
+    result = {"tp": greedy_and_logits(tp_model, ref),
+              "tp_local": (local.num_heads, local.num_kv, tuple(local.qkv.weight.to_local().shape))}
+    one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
+    distributed.tensor_parallel(one_head_vit, distributed.mesh(cpu))
+    with torch.no_grad():
+        result["vit_replicated"] = (one_head_vit(**parity.case_inputs(ref, "a")).logits,
+                                    type(one_head_vit.vision.layers[0].attn.qkv.weight).__name__,
+                                    type(one_head_vit.text.layers[0].attn.qkv.weight).__name__)
+    with parity.reference_kernels(torch.float32):
+        model = load_model(checkpoint).requires_grad_(True).gradient_checkpointing()
+        model = distributed.fsdp(model, distributed.mesh(cpu))
+        result["fsdp"] = [parity.run_grad_case(model, grads, ref, meta, case) for case in CASES]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result["ddp"] = ddp_errors(load_model(checkpoint).requires_grad_(True), grads, ref, meta["cases"]["a"])
+        result["ddp_warnings"] = [str(w.message) for w in caught]
+    return result
+
+
+def one_head_vit_config(checkpoint: str) -> GLM4VConfig:
+    """The tiny config with a 1-head ViT: a head count that 2 ranks cannot share."""
+    c = GLM4VConfig.from_json(f"{checkpoint}/config.json")
+    return dataclasses.replace(c, vision=dataclasses.replace(c.vision, num_heads=1))
+
+
+def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]:
+    """Case a (batch of one image prompt, where the stride warning showed) through DDP: the loss
+    error and the worst gradient error (relative to its max-abs) against the HF reference."""
+    from glm4v_conversion.names import native_to_hf
+    take = lambda name: grads[f"{name}_a"]  # noqa: E731
+    ddp = distributed.ddp(model, torch.device("cpu"))  # kept alive: its reducer runs in backward
+    out = ddp(take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"),
+              labels=take("labels"))
+    out.loss.backward()
+    worst = max(parity.grad_error(p.grad, grads.get(f"grad_a.{native_to_hf(n)}"), info["grad_norm"][native_to_hf(n)],
+                                  info["grad_maxabs"][native_to_hf(n)]) for n, p in model.named_parameters())
+    return abs(out.loss.item() - info["loss"]), worst
+
+
+@pytest.fixture(scope="module")
+def two_ranks(fixtures_dir):
+    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), device_type="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_process(fixtures_dir):
+    tiny = fixtures_dir / "tiny"
+    return greedy_and_logits(load_model(tiny), load_file(tiny / "reference.safetensors"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tensor_parallel_logits_and_greedy_tokens_match_one_process(two_ranks, one_process, fixtures_dir, case):
+    tp_logits, tp_tokens = two_ranks["tp"][case]
+    logits, tokens = one_process[case]
+    assert tp_logits.shape == logits.shape
+    assert (tp_logits - logits).abs().max().item() <= 1e-4
+    assert torch.equal(tp_tokens, tokens)
+    ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")  # and the HF reference itself
+    rows = ref.get(f"attention_mask_expanded_{case}", ref.get(f"attention_mask_{case}"))  # real rows only
+    diff = (tp_logits - ref[f"logits_{case}"]).abs()
+    assert (diff[rows.bool()] if rows is not None else diff).max().item() <= 1e-4
+    if f"gen_tokens_{case}" in ref:
+        assert torch.equal(tp_tokens, ref[f"gen_tokens_{case}"][:, :NEW_TOKENS])
+
+
+def test_tensor_parallel_shards_attention_by_kv_group(two_ranks, fixtures_dir):
+    """tiny: 4 query heads in 2 KV groups, head dim 32: each rank 2 heads + 1 group, qkv rows (2+1+1)*32."""
+    assert two_ranks["tp_local"] == (2, 1, ((2 + 1 + 1) * 32, 128))
+
+
+def test_vit_with_an_indivisible_head_count_is_replicated(two_ranks, fixtures_dir):
+    logits, vit_weight, decoder_weight = two_ranks["vit_replicated"]
+    assert (vit_weight, decoder_weight) == ("Parameter", "DTensor")  # whole on every rank / sharded
+    ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+    one = GLM4V.from_config(one_head_vit_config(str(fixtures_dir / "tiny")))
+    with torch.no_grad():
+        assert (logits - one(**parity.case_inputs(ref, "a")).logits).abs().max().item() <= 1e-4
+
+
+def test_tensor_parallel_degree_must_divide_heads_and_groups(fixtures_dir):
+    model = load_model(fixtures_dir / "tiny")  # 4 heads, 2 KV groups
+    with pytest.raises(distributed.DistributedError, match=r"degree 4 must divide the model's KV groups .* = 2"):
+        distributed.check_tp_degree(model, 4)
+    with pytest.raises(distributed.DistributedError, match=r"degree 3 must divide the model's query heads"):
+        distributed.check_tp_degree(model, 3)
+    distributed.check_tp_degree(model, 2)
+
+
+def test_fsdp2_loss_and_gradients_match_the_reference(two_ranks):
+    """FSDP2 per block with gradient checkpointing: loss within 1e-5, gradients within 1e-4 x max-abs."""
+    reports = two_ranks["fsdp"]
+    assert [r.name for r in reports] == CASES
+    for r in reports:
+        assert r.loss_abs_err <= 1e-5 and r.grad_max_rel_err <= 1e-4, (r.name, r.worst_param, r.grad_max_rel_err)
+
+
+def test_ddp_gradients_match_without_the_stride_warning(two_ranks):
+    loss_err, grad_err = two_ranks["ddp"]
+    assert loss_err <= 1e-5 and grad_err <= 1e-4, (loss_err, grad_err)
+    assert not [w for w in two_ranks["ddp_warnings"] if "strides" in w], two_ranks["ddp_warnings"]
+
+
+def raise_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 gave up on purpose")
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that is gone
+
+
+def stall_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        time.sleep(600)  # alive but silent
+    dist.all_reduce(torch.ones(1))
+
+
+def test_a_failing_rank_ends_the_run_with_its_error():
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match=r"(?s)rank 1 of 2 failed.*rank 1 gave up on purpose"):
+        distributed.run_ranks(raise_on_rank1, 2, device_type="cpu")  # collectives would wait 120 s: the run must not
+    assert time.monotonic() - start < 90
+
+
+def test_a_silent_rank_times_the_collective_out():
+    start = time.monotonic()
+    with pytest.raises(distributed.DistributedError, match=r"(?si)rank 0 of 2 failed.*time"):
+        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=5))
+    assert time.monotonic() - start < 90
+
+
+def test_parity_cli_refuses_tp_with_grads(fixtures_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--grads", "--tp", "2"])
+    assert exit_.value.code == 2  # a usage error
+    assert "--fsdp N with --grads" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_command_with_tp_writes_the_one_process_answer_once(fixtures_dir):
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "glm4v_core", "generate", "--checkpoint", str(fixtures_dir / "tiny"),
+               "--image", str(fixtures_dir / "images" / "gradient_rgb_97x61.png"), "--max-new-tokens", "8",
+               "--device", "cpu", "Hi"]
+    one = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout.strip() and two.stdout == one.stdout  # rank 0 alone writes, the same text
