@@ -606,7 +606,9 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
             check_device(args.device)
             reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, args.baseline,
                                  tp=args.tp > 1)
-            if args.dtype == "float32" and quantization_of(checkpoint) is None and args.tp <= 1:
+            if args.reference is not None:  # a recording of its own (make-reference): its cases only
+                pass
+            elif args.dtype == "float32" and quantization_of(checkpoint) is None and args.tp <= 1:
                 reports += run_multi_image_parity(checkpoint, device=args.device)  # fp32 outputs, fp32 bound
             elif (checkpoint / "multi_image.safetensors").exists():
                 print("note: the multi_image cases run in float32 on float weights in one process only (their "
