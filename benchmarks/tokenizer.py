@@ -112,7 +112,7 @@ def main() -> None:
     load = measure_load(args.repeats)
     tok = Tokenizer.from_file(VOCAB)
     raw = reference_encoding({})
-    raw_special = reference_encoding(tok.special_ids)  # ids checked against DESIGN.md in the tests
+    raw_special = reference_encoding(tok.special_ids)  # ids checked against the reference in the tests
     split_encode = python_split_encode(raw, tok.special_ids)
     text = make_text(int(args.mb * 1e6))
     n_bytes = len(text.encode())

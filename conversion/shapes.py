@@ -1,4 +1,4 @@
-"""Every native tensor name and its shape, from a plain HF config dict (DESIGN 1.1-1.3).
+"""Every native tensor name and its shape, from a plain HF config dict (docs/architecture.md).
 
 The converter checks checkpoints against this without building the model (it does not import
 glm4v_core); tests/test_names.py proves it equals the state_dict of the model built on the

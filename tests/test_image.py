@@ -17,7 +17,7 @@ from glm4v_core.image import ImageError, load_image, preprocess
 
 IMAGES = Path(__file__).parent / "fixtures" / "images"
 PAIRS = [(name, size) for name in ("gradient_rgb_97x61", "rgba_alpha_40x40", "gray_L_50x80") for size in (56, 112)]
-# DESIGN.md section 2, written out here rather than imported from the code under test.
+# The preprocessing constants, written out here rather than imported from the code under test.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 

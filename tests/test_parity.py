@@ -36,7 +36,7 @@ def test_parity_all_cases_pass(fixtures_dir, fixture, dtype):
 
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_bf16_logits_bit_exact_with_reference_kernels(fixtures_dir, fixture):
-    """DESIGN 1.5: following the spec exactly reproduces the reference's bf16 logits bit for bit."""
+    """Following the spec exactly reproduces the reference's bf16 logits bit for bit."""
     (report_a, *_) = run_parity(fixtures_dir / fixture, dtype=torch.bfloat16)
     stage = next(s for s in report_a.stages if s.name == "logits vs reference bf16")
     assert stage.max_abs == 0.0, _describe([report_a])

@@ -1,6 +1,6 @@
 """Tokenizer and chat template vs the reference ChatGLM4Tokenizer outputs in fixtures/tokenizer/cases.json.
 
-Expected values come from the fixtures, from the DESIGN.md tables written out here, or from raw
+Expected values come from the fixtures, from the tokenizer facts written out here, or from raw
 tiktoken built straight from the rank file (an oracle that shares no code with ours).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ CASES = json.loads((FIXTURES / "tokenizer" / "cases.json").read_text(encoding="u
 TEXT_CASES = CASES["cases"]
 CHAT_CASES = [c for c in CASES["chat_template_cases"] if "conversation" in c]  # batch case: test_chat.py
 
-# DESIGN.md section 2, written out independently of the code under test.
+# The tokenizer facts (special ids, split pattern), written out independently of the code under test.
 EXPECTED_SPECIAL_IDS = {
     "<|endoftext|>": 151329, "[MASK]": 151330, "[gMASK]": 151331, "[sMASK]": 151332, "<sop>": 151333,
     "<eop>": 151334, "<|system|>": 151335, "<|user|>": 151336, "<|assistant|>": 151337,

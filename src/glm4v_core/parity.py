@@ -8,7 +8,7 @@ if every case passes.
 Quantized checkpoints (`glm4v-convert --quantize`) are judged on the logits only, by their own
 budgets (see `QuantBudget`); the per-layer stages are then shown for bisecting.
 
-Tolerances (DESIGN 1.5): fp32: max-abs <= 1e-4 (+ 1e-4 relative to the stage's scale for the
+Tolerances (docs/architecture.md, numerics): fp32: max-abs <= 1e-4 (+ 1e-4 relative to the stage's scale for the
 large vision activations). bf16: max-abs vs the fp32 reference <= 2x the reference's own
 bf16-vs-fp32 error, and the same argmax wherever the fp32 top-2 margin exceeds that error.
 """

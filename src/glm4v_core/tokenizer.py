@@ -1,6 +1,6 @@
 """GLM-4 tokenizer: tiktoken byte-level BPE over `tokenizer.model`, 14 special tokens, chat template.
 
-Reproduces THUDM/glm-4v-9b `ChatGLM4Tokenizer` (DESIGN.md section 2; every claim is pinned by
+Reproduces THUDM/glm-4v-9b `ChatGLM4Tokenizer` (every claim is pinned by
 tests/fixtures/tokenizer/cases.json) without transformers or jinja. The template is the
 `apply_chat_template` method below: that is the whole algorithm.
 """

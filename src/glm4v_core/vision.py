@@ -1,4 +1,4 @@
-"""EVA2-CLIP vision encoder and the conv + GLU projector into the decoder's width (DESIGN 1.1-1.2)."""
+"""EVA2-CLIP vision encoder and the conv + GLU projector into the decoder's width (docs/architecture.md)."""
 from __future__ import annotations
 
 import torch
