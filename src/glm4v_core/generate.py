@@ -186,7 +186,7 @@ def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sa
             if step_fn is None:
                 start = time.perf_counter()
                 step_fn = decode_step_runner(model, state, compile)
-                if stats is not None:
+                if stats is not None and compile:
                     stats.compile_s = time.perf_counter() - start
             if not compile and batch - n_done < len(alive):  # drop stopped rows: later steps cost only the rest
                 keep = (~finished[alive]).nonzero()[:, 0]
