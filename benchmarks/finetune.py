@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
-from train import MANIFEST, cpu_model_and_batch, make_batch, peak_rss, reset_peak_rss  # noqa: E402
+from train import MANIFEST, cpu_model_and_batch, first_step_peak_then_times, make_batch  # noqa: E402
 
 from glm4v_core import GLM4V, GLM4VConfig, lora  # noqa: E402
 
@@ -75,15 +75,7 @@ def run_variant_cpu(method: str, kind: str, text_tokens: int, steps: int, rank: 
     model, batch = cpu_model_and_batch(1, text_tokens)
     model.requires_grad_(False)
     optimizer = prepare(model, method, kind, rank)
-    reset = reset_peak_rss()
-    base = peak_rss()
-    value = step(model, batch, optimizer)  # the first step is measured: later ones reuse cached memory
-    peak = peak_rss() - base
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step(model, batch, optimizer)
-        times.append(time.perf_counter() - t0)
+    value, peak, reset, times = first_step_peak_then_times(lambda: step(model, batch, optimizer), steps)
     return {"method": method, "kind": kind, "loss_value": value, "peak_rss_growth_bytes": peak, "hwm_reset": reset,
             "step_s_median": statistics.median(times), "step_s_best": min(times), **trainable_numbers(model)}
 

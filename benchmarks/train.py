@@ -103,16 +103,7 @@ def run_variant_cpu(loss: str, checkpointing: bool, rows: int, text_tokens: int,
     model, batch = cpu_model_and_batch(rows, text_tokens)
     configure(model, loss, checkpointing)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the update runs; lr 0 keeps the weights
-    # the first step is measured: later ones reuse memory the allocator kept, which hides the peak
-    reset = reset_peak_rss()
-    base = peak_rss()
-    value, kept = train_step(model, batch, optimizer)
-    peak = peak_rss() - base
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        train_step(model, batch, optimizer)
-        times.append(time.perf_counter() - t0)
+    (value, kept), peak, reset, times = first_step_peak_then_times(lambda: train_step(model, batch, optimizer), steps)
     return {"loss": loss, "checkpointing": checkpointing, "loss_value": value, "peak_rss_growth_bytes": peak,
             "hwm_reset": reset, "saved_for_backward_bytes": kept, "step_s_median": statistics.median(times),
             "step_s_best": min(times)}
@@ -141,6 +132,21 @@ def run_variants_cuda(rows: int, text_tokens: int, steps: int, layers: int, visi
                         "peak_allocated_growth_bytes": peak, "weights_bytes": base, "saved_for_backward_bytes": kept,
                         "step_s_median": statistics.median(times), "step_s_best": min(times)})
     return results
+
+
+def first_step_peak_then_times(run, steps: int) -> tuple[object, int, bool, list[float]]:
+    """(first result, peak RSS growth of the first call, whether the high-water mark was reset, seconds
+    of each of `steps` further calls): later steps reuse memory the allocator kept, hiding the peak."""
+    reset = reset_peak_rss()
+    base = peak_rss()
+    value = run()
+    peak = peak_rss() - base
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return value, peak, reset, times
 
 
 def peak_rss() -> int:

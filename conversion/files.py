@@ -39,23 +39,22 @@ def os_reason(e: OSError) -> str:
 
 def check_regular_file(path: str | Path, what: str, error: type[Exception]) -> os.stat_result:
     """stat `path` (following links) and refuse anything but a regular file, naming what it is."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise error(f"{what} {path} {os_reason(e)}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise error(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file")
-    return st
+    return _check_kind(path, what, error, stat.S_ISREG, "a regular file")
 
 
 def check_folder(path: str | Path, what: str, error: type[Exception]) -> None:
     """stat `path` (following links) and refuse anything but a folder, naming what it is."""
+    _check_kind(path, what, error, stat.S_ISDIR, "a folder")
+
+
+def _check_kind(path, what: str, error: type[Exception], is_kind, kind: str) -> os.stat_result:
     try:
         st = os.stat(path)
     except OSError as e:
         raise error(f"{what} {path} {os_reason(e)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise error(f"{what} {path} is {file_kind(st.st_mode)}, not a folder")
+    if not is_kind(st.st_mode):
+        raise error(f"{what} {path} is {file_kind(st.st_mode)}, not {kind}")
+    return st
 
 
 def open_regular(path: str | Path, what: str, error: type[Exception]) -> BinaryIO:
