@@ -21,9 +21,11 @@ class CacheFullError(ValueError):
 class KVCache:
     def __init__(self, num_layers: int, batch: int, num_kv: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_layers, batch, num_kv, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # rotated keys per KV group, never expanded
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One tensor per layer, not one (layers, ...) tensor: a compiled step writes a view of a
+        # shared tensor through a copy of the whole buffer, a layer's own tensor in place.
+        shape = (batch, num_kv, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # rotated keys
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # per KV group
         self.key_start = torch.zeros(batch, dtype=torch.int32, device=device)  # first valid slot per row
         self.max_len = max_len
         self.rows = batch  # live rows, at the front of the buffers
@@ -32,7 +34,7 @@ class KVCache:
               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (rows, Hkv, T, D) at cache slots `slots` (T,); return the layer's whole buffers
         (rows, Hkv, max_len, D). Slots are shared by the rows: every row is left-padded to one length."""
-        k_all, v_all = self.k[layer, :self.rows], self.v[layer, :self.rows]
+        k_all, v_all = self.k[layer][:self.rows], self.v[layer][:self.rows]
         k_all.index_copy_(2, slots, k)
         v_all.index_copy_(2, slots, v)
         return k_all, v_all
@@ -41,10 +43,10 @@ class KVCache:
         """Keep only `rows` (indices among the live rows, in order), moved to the front, so rows
         that finished stop costing compute. Copies the `filled` slots once; nothing is reallocated."""
         n = rows.numel()
-        for layer in range(self.k.shape[0]):  # a layer at a time keeps the gather's temporary small
+        for layer in range(len(self.k)):  # a layer at a time keeps the gather's temporary small
             # the gather copies before the write: overlap is safe
-            self.k[layer, :n, :, :filled] = self.k[layer, rows, :, :filled]
-            self.v[layer, :n, :, :filled] = self.v[layer, rows, :, :filled]
+            self.k[layer][:n, :, :filled] = self.k[layer][rows, :, :filled]
+            self.v[layer][:n, :, :filled] = self.v[layer][rows, :, :filled]
         self.key_start[:n] = self.key_start[rows]
         self.rows = n
 

@@ -15,15 +15,17 @@ also leave the batch (KVCache.keep_rows), so later steps compute only the rows s
 from __future__ import annotations
 
 import codecs
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.utils._pytree as pytree
 
 from .cache import KVCache
-from .model import GLM4V, MAX_CONTEXT, DecodeState, InputError, Prompt
+from .model import GLM4V, MAX_CONTEXT, InputError, Prompt
 
 __all__ = ["MAX_CONTEXT", "Sampling", "Step", "GenerationStats", "generate", "stream_tokens", "stream_text",
            "next_token", "TextDeltas", "NonFiniteLogitsError"]
@@ -62,6 +64,20 @@ class Sampling:
 def next_token(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). `seen` (B, V) bool marks tokens for the repetition penalty."""
+    return choose_token(logits, sampling, seen, uniform_draws(sampling, logits.shape[0], generator, logits.device))
+
+
+def uniform_draws(sampling: Sampling, rows: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor | None:
+    """The randomness of one sampling step, (rows,) in [0, 1); None when greedy."""
+    return torch.rand(rows, generator=generator, device=device) if sampling.do_sample else None
+
+
+def choose_token(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None,
+                 uniform: torch.Tensor | None) -> torch.Tensor:
+    """next_token with its random draw given (uniform (B,) in [0, 1), from uniform_draws): no generator
+    inside, so a compiled step can sample. A row takes the first token whose cumulative probability
+    passes its draw (inverse-CDF sampling: each token is hit with its probability)."""
     logits = logits.float()
     if sampling.repetition_penalty != 1.0 and seen is not None:
         p = sampling.repetition_penalty  # shrink a seen token's logit toward -inf, whatever its sign
@@ -74,8 +90,9 @@ def next_token(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | No
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         logits = keep_top_p(logits, sampling.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cdf = torch.softmax(logits, dim=-1).cumsum(-1, dtype=torch.float64)  # (B, V); float64: tiny tokens keep their share
+    # tokens with probability 0 never pass: their cdf equals the one before them
+    return (cdf <= uniform[:, None] * cdf[:, -1:]).sum(-1)
 
 
 def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -94,6 +111,42 @@ class Step:
     tokens: torch.Tensor      # (B,) chosen ids; pad_token_id for rows stopped at an earlier step
     logits: torch.Tensor      # (B, V) the model's raw logits that chose them (NaN: rows stopped earlier)
     finished: torch.Tensor    # (B,) bool: the row has produced a stop id (at this step or before)
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """What happens to a step's logits: the sampling rule, the ids that may be chosen, the stop ids,
+    and the padding of rows that have stopped."""
+
+    sampling: Sampling
+    stops: torch.Tensor           # (n,) ids that end a row
+    pad: int                      # the token of a row after it ended
+    unknown: torch.Tensor | None  # (V,) bool: ids never chosen (past a tokenizer's vocabulary); None = none
+
+    def __call__(self, logits: torch.Tensor, finished: torch.Tensor, seen: torch.Tensor | None,
+                 uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """logits (B, V) of the running rows -> tokens (B,), logits (B, V) with NaN rows for rows that
+        had stopped, finished (B,), seen (B, V) or None, and counts (2,) = [rows finished, non-finite
+        logits]: the one tensor the loop reads on the host."""
+        allowed = logits if self.unknown is None else logits.float().masked_fill(self.unknown, float("-inf"))
+        tokens = choose_token(allowed, self.sampling, seen, uniform)
+        if seen is not None:
+            seen = seen.scatter(1, tokens[:, None], True)
+        non_finite = (~torch.isfinite(logits)).sum()
+        tokens = tokens.masked_fill(finished, self.pad)
+        logits = logits.masked_fill(finished[:, None], float("nan"))
+        finished = finished | torch.isin(tokens, self.stops)
+        return tokens, logits, finished, seen, torch.stack((finished.sum(), non_finite))
+
+
+def decode_and_choose(model: GLM4V, rule: TokenRule, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor,
+                      slot: torch.Tensor, finished: torch.Tensor, seen: torch.Tensor | None,
+                      uniform: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """One whole new token for the running rows, the unit that compile=True compiles: the model's decode
+    step from the last tokens (B,), then the rule. Returns the rule's five outputs, then the next
+    positions and slot. Nothing is changed in place but the cache."""
+    logits = model.decode_step(tokens[:, None], positions, slot, cache)
+    return (*rule(logits, finished, seen, uniform), positions + 1, slot + 1)
 
 
 def generate(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -142,102 +195,103 @@ def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
 def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sampling, stops: torch.Tensor,
                  generator: torch.Generator | None, vocab_limit: int | None, compile: bool,
                  stats: GenerationStats | None) -> Iterator[Step]:
-    device, pad = model.device, model.config.pad_token_id
-    batch = prompt.input_ids.shape[0]
-    stops = stops.to(device)
-    seen = None
-    if sampling.repetition_penalty != 1.0:  # (B, V) prompt tokens, left pads excluded
-        real = torch.ones_like(prompt.input_ids) if prompt.attention_mask is None else prompt.attention_mask
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=device)
-        seen = seen.scatter_add_(1, prompt.input_ids, real) > 0
+    device, batch, vocab = model.device, prompt.input_ids.shape[0], model.config.vocab_size
+    unknown = None if vocab_limit is None else torch.arange(vocab, device=device) >= vocab_limit
+    rule = TokenRule(sampling, stops.to(device), model.config.pad_token_id, unknown)
     # inference_mode is entered per block, never across a yield (it would leak into the caller)
     with torch.inference_mode():
         cache_len = prompt.spliced_length + max_new_tokens
         if compile:  # a few cache sizes, so that a new prompt length rarely means a new compile
             cache_len = -(-cache_len // COMPILE_CACHE_MULTIPLE) * COMPILE_CACHE_MULTIPLE
         state = model.prefill(prompt, cache_len)
-        logits = state.logits
+        positions, slot, cache = state.positions, state.slot, state.cache
+        seen = None
+        if sampling.repetition_penalty != 1.0:  # (B, V) prompt tokens, left pads excluded
+            real = torch.ones_like(prompt.input_ids) if prompt.attention_mask is None else prompt.attention_mask
+            seen = torch.zeros(batch, vocab, dtype=torch.long, device=device)
+            seen = seen.scatter_add_(1, prompt.input_ids, real) > 0
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        alive = torch.arange(batch, device=device)  # the rows still running, in cache-row order
-        unknown = None if vocab_limit is None else torch.arange(vocab_limit, logits.shape[-1], device=device)
-    step_fn = None
+        uniform = uniform_draws(sampling, batch, generator, device)
+        tokens, logits, finished, seen, counts = rule(state.logits, finished, seen, uniform)
+    # The tensors above describe the running rows: all rows, unless eager decoding dropped some
+    # (`alive`: their rows in the batch); compiled steps keep every row (fixed shapes).
+    alive, step_fn = None, None
     for i in range(max_new_tokens):
-        with torch.inference_mode():
-            allowed = logits if unknown is None else logits.float().index_fill(-1, unknown, float("-inf"))
-            picked = next_token(allowed, sampling, None if seen is None else seen[alive], generator)
-            if seen is not None:
-                seen[alive, picked] = True
-            # one host sync per step: how many rows are done, and whether the logits were finite
-            n_bad = (~torch.isfinite(logits)).sum()
-            # rows stopped at an earlier step get pad and NaN logits (compiled steps keep them in the batch)
-            token = torch.full((batch,), pad, dtype=torch.long, device=device).index_copy_(0, alive, picked)
-            token = token.masked_fill(finished, pad)
-            full = logits.new_full((batch, logits.shape[-1]), float("nan")).index_copy_(0, alive, logits)
-            logits = full.masked_fill(finished[:, None], float("nan"))
-            finished = finished | torch.isin(token, stops)
-            n_done, n_bad = torch.stack((finished.sum(), n_bad)).tolist()
+        n_done, n_bad = counts.tolist()  # the one host sync per step
         if n_bad:
             raise NonFiniteLogitsError(f"the model produced NaN/inf logits at new token {i}; "
                                        f"{first_non_finite_stage(model, prompt)}")
-        yield Step(i, token, logits, finished)
-        if i + 1 == max_new_tokens or n_done == batch:
+        n_running = tokens.shape[0]
+        yield Step(i, tokens, logits, finished) if alive is None else whole_batch(i, batch, alive, rule.pad, tokens,
+                                                                                  logits, finished)
+        if i + 1 == max_new_tokens or n_done == n_running:
             return
         with torch.inference_mode():
             if step_fn is None:
                 start = time.perf_counter()
-                step_fn = decode_step_runner(model, state, compile)
+                step_fn = decode_step_runner(model, rule, cache, (tokens, positions, slot, finished, seen, uniform),
+                                             compile)
                 if stats is not None and compile:
                     stats.compile_s = time.perf_counter() - start
-            if not compile and batch - n_done < len(alive):  # drop stopped rows: later steps cost only the rest
-                keep = (~finished[alive]).nonzero()[:, 0]
-                state.cache.keep_rows(keep, int(state.slot))
-                alive, state.positions = alive[keep], state.positions[keep]
-            tokens = token[alive][:, None]
-            logits = step_fn(tokens, state.positions, state.slot, state.cache)
-            state.positions += 1
-            state.slot += 1
+            if not compile and n_done:  # drop stopped rows: later steps cost only the rest
+                keep = (~finished).nonzero()[:, 0]
+                cache.keep_rows(keep, int(slot))
+                alive = keep if alive is None else alive[keep]
+                tokens, positions, finished = tokens[keep], positions[keep], finished[keep]
+                seen = None if seen is None else seen[keep]
+            uniform = uniform_draws(sampling, tokens.shape[0], generator, device)
+            tokens, logits, finished, seen, counts, positions, slot = step_fn(tokens, positions, slot, finished, seen,
+                                                                              uniform)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+def whole_batch(index: int, batch: int, alive: torch.Tensor, pad: int, tokens: torch.Tensor, logits: torch.Tensor,
+                finished: torch.Tensor) -> Step:
+    """The Step of the whole batch from the running rows `alive`: dropped rows get pad, NaN logits, finished."""
+    return Step(index, tokens.new_full((batch,), pad).index_copy(0, alive, tokens),
+                logits.new_full((batch, logits.shape[-1]), float("nan")).index_copy(0, alive, logits),
+                finished.new_ones(batch).index_copy(0, alive, finished))
 
 
-def decode_step_runner(model: GLM4V, state: DecodeState, compile: bool) -> StepFn:
-    """model.decode_step, or with compile=True its torch.compile'd graph (fullgraph: no graph breaks),
-    replayed from a CUDA graph on CUDA. Compiling and capturing happen here, before the first step;
-    the warm-up runs write the next slot, which the first real step overwrites before reading it."""
+StepFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def decode_step_runner(model: GLM4V, rule: TokenRule, cache: KVCache, example: tuple, compile: bool) -> StepFn:
+    """decode_and_choose for this model, rule and cache; with compile=True its torch.compile'd graph
+    (fullgraph: no graph breaks), replayed from a CUDA graph on CUDA. Compiling and capturing happen
+    here, before the first step, on `example` inputs; these warm-up runs write the next slot, which
+    the first real step overwrites before reading it."""
+    step = functools.partial(decode_and_choose, model, rule, cache)
     if not compile:
-        return model.decode_step
-    step = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
-    tokens = torch.full((state.cache.rows, 1), model.config.pad_token_id, dtype=torch.long, device=model.device)
-    if model.device.type != "cuda":
-        step(tokens, state.positions.clone(), state.slot.clone(), state.cache)  # compile now, not in step 1
         return step
-    return CUDAGraphStep(step, tokens, state)
+    step = torch.compile(step, fullgraph=True, dynamic=False)
+    if model.device.type != "cuda":
+        step(*example)  # compile now, not in step 1
+        return step
+    return CUDAGraphStep(step, example)
 
 
 class CUDAGraphStep:
     """A decode step captured once in a CUDA graph and replayed: one launch per step instead of
-    hundreds. The inputs are copied into the graph's static tensors; the logits tensor it returns
-    is the graph's own and is overwritten by the next replay."""
+    hundreds. The inputs are copied into the graph's static tensors, and its outputs copied out (the
+    next replay overwrites them; the caller may keep a Step)."""
 
-    def __init__(self, step: StepFn, tokens: torch.Tensor, state: DecodeState):
-        self.inputs = (tokens.clone(), state.positions.clone(), state.slot.clone())
+    def __init__(self, step: StepFn, example: tuple):
+        self.inputs = pytree.tree_map(torch.clone, example)  # None stays None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: compiles kernels, settles the allocator
             for _ in range(2):
-                step(*self.inputs, state.cache)
+                step(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(*self.inputs, state.cache)
+            self.outputs = step(*self.inputs)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                 cache: KVCache) -> torch.Tensor:
-        for static, value in zip(self.inputs, (tokens, positions, slot)):
+    def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        for static, value in zip(pytree.tree_leaves(self.inputs), pytree.tree_leaves(inputs)):
             static.copy_(value)
         self.graph.replay()
-        return self.logits
+        return pytree.tree_map(torch.clone, self.outputs)
 
 
 def first_non_finite_stage(model: GLM4V, prompt: Prompt) -> str:
