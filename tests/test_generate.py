@@ -568,3 +568,23 @@ def test_cuda_graph_decode_gives_the_eager_tokens(fixtures_dir, fixture):
                                                                compile=True, stats=stats)], dim=1)
     assert torch.equal(graphed, eager) and torch.equal(eager.cpu(), ref["gen_tokens_c"].cpu())
     assert stats.compile_s > 0
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_decode_steps_write_the_cache_in_place(tiny, compile):
+    """No decode step allocates (so copies) anything the size of a layer's cache buffer: a step's work
+    must not grow with the cache length. A compiled step used to write a view of one (layers, ...)
+    tensor through copies of whole layer buffers."""
+    inputs = tiny.case("c")
+    steps = stream_tokens(tiny.model, **inputs, max_new_tokens=120, stop_ids=[], compile=compile)
+    next(steps), next(steps)  # the prefill, and the first decode step (the compile)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        for _ in range(4):
+            next(steps)
+    steps.close()
+    (B, L), c = inputs["input_ids"].shape, tiny.config
+    layer_buffer = B * c.num_kv_groups * (L + 120) * c.head_dim * 4  # fp32; at least L + 120 slots
+    # every allocation, the compiled graph's own buffers included (they bypass the aten ops)
+    allocations = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    largest = max(allocations)
+    assert 0 < largest < layer_buffer / 2, (largest, layer_buffer)

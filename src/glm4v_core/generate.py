@@ -132,7 +132,7 @@ class TokenRule:
         tokens = choose_token(allowed, self.sampling, seen, uniform)
         if seen is not None:
             seen = seen.scatter(1, tokens[:, None], True)
-        non_finite = (~torch.isfinite(logits)).sum()
+        non_finite = (~torch.isfinite(logits)).count_nonzero()  # no int64 copy of the logits
         tokens = tokens.masked_fill(finished, self.pad)
         logits = logits.masked_fill(finished[:, None], float("nan"))
         finished = finished | torch.isin(tokens, self.stops)
