@@ -551,6 +551,23 @@ def test_compiled_decode_gives_the_eager_tokens(tiny):
     assert stats.compile_s > 0  # reported apart from decode speed
 
 
+def test_compiled_sampling_gives_the_eager_tokens(tiny):
+    """Sampling compiles too (the random draws are inputs of the step): with the same seed, the same
+    tokens as eager decoding, with every sampling rule, a vocabulary limit and a padded batch."""
+    inputs = tiny.case("c")
+    sampling = Sampling(do_sample=True, temperature=1.5, top_k=40, top_p=0.95, repetition_penalty=1.3)
+
+    def run(compile):
+        steps = stream_tokens(tiny.model, **inputs, max_new_tokens=12, stop_ids=[], sampling=sampling,
+                              vocab_limit=tiny.special["<|endoftext|>"], compile=compile,
+                              generator=torch.Generator().manual_seed(5))
+        return torch.stack([s.tokens for s in steps], dim=1)
+    eager, compiled = run(False), run(True)
+    assert torch.equal(compiled, eager), (compiled.tolist(), eager.tolist())
+    greedy = glm4v_core.generate(tiny.model, **inputs, max_new_tokens=12, stop_ids=[])
+    assert not torch.equal(eager, greedy)  # it did sample
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fixture", FIXTURES)
 def test_cuda_graph_decode_gives_the_eager_tokens(fixtures_dir, fixture):

@@ -34,6 +34,8 @@ __all__ = ["MAX_CONTEXT", "Sampling", "Step", "GenerationStats", "generate", "st
 # With compile=True the cache length is rounded up to a multiple of this: the compiled step (and
 # its CUDA graph) is specialized to the cache's shape, and this bounds the number of shapes.
 COMPILE_CACHE_MULTIPLE = 256
+# How many compiled decode steps (one per model, batch size, cache size, rule) a process may hold.
+MAX_COMPILED_STEPS = 64
 
 
 class NonFiniteLogitsError(ValueError):
@@ -263,11 +265,18 @@ def decode_step_runner(model: GLM4V, rule: TokenRule, cache: KVCache, example: t
     step = functools.partial(decode_and_choose, model, rule, cache)
     if not compile:
         return step
-    step = torch.compile(step, fullgraph=True, dynamic=False)
-    if model.device.type != "cuda":
-        step(*example)  # compile now, not in step 1
-        return step
-    return CUDAGraphStep(step, example)
+    # dynamo's guards already check every input's shape and strides: the graph's own size asserts
+    # only add Python work to each token (about a tenth of a small model's compiled step on CPU)
+    options = {"size_asserts": False} if hasattr(torch._inductor.config, "size_asserts") else {}
+    step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
+    # Each model, batch size, cache size and rule compiles one more graph of decode_and_choose; past
+    # dynamo's limit (8) a fullgraph compile fails, so a long chat (a cache size per 256 slots) would.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # older torch
+    with torch._dynamo.config.patch(**{limit: MAX_COMPILED_STEPS}):
+        if model.device.type != "cuda":
+            step(*example)  # compile now, not in step 1
+            return step
+        return CUDAGraphStep(step, example)
 
 
 class CUDAGraphStep:
