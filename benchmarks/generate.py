@@ -5,10 +5,13 @@
     python benchmarks/generate.py --real           # + real-size GLM-4V-9B, random bf16 weights (CUDA)
     python benchmarks/generate.py --real --real-layers 1 --device cpu   # smoke test of the real path
 
-Every row is timed twice in one run, eager and with `compile=True` (torch.compile of the decode
-step, replayed from a CUDA graph on CUDA); the one-time compile is reported apart. Everything goes
-through glm4v_core.generate.stream_tokens, the loop the library uses; each step ends with a host
-sync (the loop reads how many rows are done), so wall time per step is honest.
+Every row is timed eager and with `compile=True` (torch.compile of the whole-token decode step,
+replayed from a CUDA graph on CUDA) in one process, interleaved (eager, compiled, eager, ...), so
+that a busy machine slows both alike; medians, min/max, and the median of the per-pair ratios. The
+one-time compile is reported apart (GenerationStats.compile_s). Everything goes through
+glm4v_core.generate.stream_tokens, the loop the library uses; each step ends with a host sync (the
+loop reads how many rows are done), so wall time per step is honest. `step_ms` times the step
+function alone (same inputs, no loop) at batch 1: the rest of decode_ms_per_step is the loop.
 
 Decode roofline (batch B, step at cache length T): a step reads every decoder weight once
 (embedding excluded: only B rows are gathered) plus the whole KV cache,
@@ -33,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import datasheet_peaks, write_result  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
-from glm4v_core.generate import GenerationStats, stream_tokens  # noqa: E402
+from glm4v_core.generate import (COMPILE_CACHE_MULTIPLE, GenerationStats, Sampling, TokenRule,  # noqa: E402
+                                 decode_step_runner, stream_tokens)
 from glm4v_core.weights import build_meta_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -71,8 +75,9 @@ def prompt(config: GLM4VConfig, n_text: int, image: bool, seed: int = 0) -> list
     return [gmask, sop, user, *placeholder, *text, assistant]
 
 
-def run_once(model, ids, pixels, new_tokens, compile: bool) -> tuple[list[float], float]:
-    """(times of every step from the call, compile seconds); the compile happens before step 1."""
+def run_once(model, ids, pixels, new_tokens, compile: bool) -> tuple[float, float, float]:
+    """(time to first token, mean seconds per decode step after the first, compile seconds) of one
+    generation. The first decode step is left out: it may carry the compile."""
     stats = GenerationStats()
     start = time.perf_counter()
     times = []
@@ -80,11 +85,34 @@ def run_once(model, ids, pixels, new_tokens, compile: bool) -> tuple[list[float]
                               stats=stats):
         step.tokens.cpu()  # the token is on the host: what a user would see
         times.append(time.perf_counter() - start)
-    return times, stats.compile_s
+    return times[0], (times[-1] - times[1]) / (len(times) - 2), stats.compile_s
+
+
+def step_only(model, ids, pixels, compile: bool, calls: int = 50, repeat: int = 5) -> float:
+    """Median seconds of one call of the decode step function itself (decode_and_choose, compiled or
+    not), with the same inputs every call: what the step costs without the loop around it."""
+    prompt = model.check_prompt(ids, pixels, max_new_tokens=2)
+    cache_len = -(-(prompt.spliced_length + 2) // COMPILE_CACHE_MULTIPLE) * COMPILE_CACHE_MULTIPLE  # as compile=True
+    rule = TokenRule(Sampling(), torch.tensor(model.config.eos_token_ids, device=model.device),
+                     model.config.pad_token_id, None)
+    with torch.inference_mode():
+        state = model.prefill(prompt, cache_len)
+        tokens = state.logits.argmax(-1)
+        finished = torch.zeros_like(tokens, dtype=torch.bool)
+        inputs = (tokens, state.positions, state.slot, finished, None, None)
+        step = decode_step_runner(model, rule, state.cache, inputs, compile)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(calls):
+                counts = step(*inputs)[4]
+            counts.tolist()  # wait for the device
+            times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
 
 
 def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat: int) -> dict:
-    """One prompt shape, eager and compiled side by side (medians over `repeat` runs of each)."""
+    """One prompt shape, eager and compiled, interleaved over `repeat` pairs of runs."""
     c = model.config
     device = model.text.embed.weight.device
     ids = torch.tensor([prompt(c, n_text, image)] * batch, device=device)
@@ -95,21 +123,26 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     slots = ids.shape[1] + (c.vision.num_image_tokens - 1 if image else 0)
     row = {"prompt_tokens": ids.shape[1], "cache_slots": slots, "image": image, "batch": batch,
            "new_tokens": new_tokens}
-    for mode in ("eager", "compiled"):
-        _, compile_s = run_once(model, ids, pixels, 2, mode == "compiled")  # warm-up (and the compile)
-        ttfts, steps = [], []
-        for _ in range(repeat):
-            times, _ = run_once(model, ids, pixels, new_tokens, mode == "compiled")
-            ttfts.append(times[0])
-            steps.append((times[-1] - times[1]) / (len(times) - 2))  # step 1 may carry a cached compile
+    modes = {"eager": False, "compiled": True}
+    compile_s = run_once(model, ids, pixels, 3, compile=True)[2]  # this shape's compile (0 when already made)
+    run_once(model, ids, pixels, 3, compile=False)
+    runs = {mode: [] for mode in modes}
+    for _ in range(repeat):
+        for mode, compile in modes.items():
+            runs[mode].append(run_once(model, ids, pixels, new_tokens, compile))
+    for mode, compile in modes.items():
+        steps = [r[1] for r in runs[mode]]
         step_s = statistics.median(steps)
-        row[mode] = {"ttft_ms": statistics.median(ttfts) * 1e3, "decode_ms_per_step": step_s * 1e3,
+        row[mode] = {"ttft_ms": statistics.median(r[0] for r in runs[mode]) * 1e3, "decode_ms_per_step": step_s * 1e3,
                      "decode_ms_spread": [min(steps) * 1e3, max(steps) * 1e3],
                      "decode_tok_s_per_row": 1 / step_s, "decode_tok_s_total": batch / step_s,
                      **roofline(model, batch, slots + new_tokens // 2, step_s)}
-        if mode == "compiled":
-            row[mode]["first_compile_s"] = compile_s
+        if batch == 1:
+            row[mode]["step_ms"] = step_only(model, ids, pixels, compile) * 1e3
+    row["compiled"]["first_compile_s"] = compile_s
+    pairs = [e[1] / c[1] for e, c in zip(runs["eager"], runs["compiled"])]
     row["compiled_speedup"] = row["eager"]["decode_ms_per_step"] / row["compiled"]["decode_ms_per_step"]
+    row["compiled_speedup_pairs"] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
     return row
 
 
@@ -162,25 +195,27 @@ def real_config(layers: int | None) -> dict:
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'prompt':>6} {'slots':>6} {'img':>4} {'B':>3} {'TTFT ms':>9} | {'eager ms/step':>13} {'% peak':>7} | "
-          f"{'compiled ms/step':>16} {'% peak':>7} {'compile s':>9} | {'speedup':>7}")
+    print(f"{'prompt':>6} {'slots':>6} {'img':>4} {'B':>3} {'TTFT ms':>8} | {'eager ms/tok':>12} {'step':>6} {'% peak':>6} | "
+          f"{'compiled ms/tok':>15} {'step':>6} {'% peak':>6} {'compile s':>9} | {'speedup':>7} {'pairs':>15}")
     for r in rows:
-        e, c = r["eager"], r["compiled"]
+        e, c, p = r["eager"], r["compiled"], r["compiled_speedup_pairs"]
         pct = lambda m: f"{m['pct_of_bandwidth_roofline']:.1f}" if m["pct_of_bandwidth_roofline"] else "-"  # noqa: E731
+        step = lambda m: f"{m['step_ms']:.3f}" if "step_ms" in m else "-"  # noqa: E731
         print(f"{r['prompt_tokens']:>6} {r['cache_slots']:>6} {'yes' if r['image'] else 'no':>4} {r['batch']:>3} "
-              f"{e['ttft_ms']:>9.2f} | {e['decode_ms_per_step']:>13.3f} {pct(e):>7} | "
-              f"{c['decode_ms_per_step']:>16.3f} {pct(c):>7} {c['first_compile_s']:>9.1f} | "
-              f"{r['compiled_speedup']:>6.2f}x")
+              f"{e['ttft_ms']:>8.2f} | {e['decode_ms_per_step']:>12.3f} {step(e):>6} {pct(e):>6} | "
+              f"{c['decode_ms_per_step']:>15.3f} {step(c):>6} {pct(c):>6} {c['first_compile_s']:>9.1f} | "
+              f"{r['compiled_speedup']:>6.2f}x {p['min']:>4.2f}-{p['median']:.2f}-{p['max']:.2f}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fixtures", default="tiny,narrow", help="fixture checkpoints to time, fp32 ('' for none)")
-    p.add_argument("--prompt-lengths", default="16,512", help="text tokens per prompt (fixtures)")
-    p.add_argument("--batches", default="1,8", help="batch sizes (fixtures)")
+    p.add_argument("--prompt-lengths", default="128", help="text tokens per prompt (fixtures), e.g. 16,512")
+    p.add_argument("--batches", default="1", help="batch sizes (fixtures), e.g. 1,8")
     p.add_argument("--mid", default="float32,bfloat16", help="dtypes of the mid-size random model ('' for none)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3, help="runs per point and mode; the median is reported")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeat", type=int, default=15,
+                   help="interleaved eager/compiled pairs of runs per point (a third of it for the mid-size model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--real", action="store_true", default=torch.cuda.is_available(),
                    help="also time the real-size model with random weights (default on CUDA)")
@@ -190,7 +225,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    results: dict = {"new_tokens": args.new_tokens, "fixtures": {}, "mid": {}, "real": None}
+    results: dict = {"new_tokens": args.new_tokens, "repeat": args.repeat, "fixtures": {}, "mid": {}, "real": None}
     if device.type == "cpu":
         results["cpu_copy_GB_s"] = cpu_copy_bandwidth() / 1e9
         print(f"CPU copy bandwidth (read + write): {results['cpu_copy_GB_s']:.1f} GB/s")
@@ -205,7 +240,7 @@ def main() -> None:
 
     for dtype_name in filter(None, args.mid.split(",")):
         model = random_model(mid_size_config(), device, getattr(torch, dtype_name))
-        rows = [measure(model, 64, 1, False, args.new_tokens, args.repeat)]
+        rows = [measure(model, 64, 1, False, args.new_tokens, max(3, args.repeat // 3))]
         results["mid"][dtype_name] = {"decoder_params": sum(p.numel() for p in model.text.parameters()), "rows": rows}
         print_table(f"mid-size random model, {dtype_name}, {device}", rows)
         del model

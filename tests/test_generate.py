@@ -551,6 +551,16 @@ def test_compiled_decode_gives_the_eager_tokens(tiny):
     assert stats.compile_s > 0  # reported apart from decode speed
 
 
+def test_compiled_batch_one_decode_matches_reference(fx):
+    """Batch 1 compiles differently on CPU (one-row products become inductor's own loops, not BLAS
+    calls): tokens and step logits of reference case a (an image prompt) as the HF reference's."""
+    steps = list(stream_tokens(fx.model, **fx.case("a"), max_new_tokens=16, stop_ids=[], compile=True))
+    tokens = torch.stack([s.tokens for s in steps], dim=1)
+    assert tokens.tolist() == [fx.meta["generation"]["a"]]
+    logits, want = torch.stack([s.logits for s in steps], dim=1), fx.ref["gen_step_logits_a"]
+    assert torch.allclose(logits, want, atol=1e-4, rtol=1e-4), report("compiled step logits", logits, want)
+
+
 def test_compiled_sampling_gives_the_eager_tokens(tiny):
     """Sampling compiles too (the random draws are inputs of the step): with the same seed, the same
     tokens as eager decoding, with every sampling rule, a vocabulary limit and a padded batch."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import importlib.util
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -265,9 +266,7 @@ def decode_step_runner(model: GLM4V, rule: TokenRule, cache: KVCache, example: t
     step = functools.partial(decode_and_choose, model, rule, cache)
     if not compile:
         return step
-    # dynamo's guards already check every input's shape and strides: the graph's own size asserts
-    # only add Python work to each token (about a tenth of a small model's compiled step on CPU)
-    options = {"size_asserts": False} if hasattr(torch._inductor.config, "size_asserts") else {}
+    options = cpu_compile_options() if model.device.type == "cpu" else {}
     step = torch.compile(step, fullgraph=True, dynamic=False, options=options)
     # Each model, batch size, cache size and rule compiles one more graph of decode_and_choose; past
     # dynamo's limit (8) a fullgraph compile fails, so a long chat (a cache size per 256 slots) would.
@@ -277,6 +276,20 @@ def decode_step_runner(model: GLM4V, rule: TokenRule, cache: KVCache, example: t
             step(*example)  # compile now, not in step 1
             return step
         return CUDAGraphStep(step, example)
+
+
+def cpu_compile_options() -> dict:
+    """Inductor options of the compiled CPU step, each only where this torch version has it:
+    - no size asserts: dynamo's guards already check every input's shape and strides, and the
+      asserts are Python work on every token;
+    - batch-1 products (one row, both weight sides <= 2048) as inductor's own fused loops instead
+      of BLAS calls: on small models the BLAS call, not the arithmetic, is the cost."""
+    config, options = torch._inductor.config, {}
+    if hasattr(config, "size_asserts"):
+        options["size_asserts"] = False
+    if importlib.util.find_spec("torch._inductor.fx_passes.decompose_mem_bound_mm") is not None:
+        options["post_grad_fusion_options"] = {**config.post_grad_fusion_options, "decompose_mm_pass": {}}
+    return options
 
 
 class CUDAGraphStep:
