@@ -7,9 +7,11 @@
                  image's patch rows fill one slot each but share one position.
 
 Every input check runs once, at the call, before any compute (GLM4V.check_prompt). The cache is
-sized once (B, T + max_new_tokens) and decode steps have the same shapes at every length: with
-`compile=True` the step is compiled with torch.compile (fullgraph) and, on CUDA, replayed from a
-CUDA graph. Rows that hit a stop id are padded with pad_token_id afterwards; in eager mode they
+sized once (B, T + max_new_tokens) and decode steps have the same shapes at every length. A new
+token is one call of decode_and_choose (the decode step, then the TokenRule: choose, pad stopped
+rows, check stop ids) and one host read (how many rows are done, whether the logits were finite):
+with `compile=True` that whole unit is compiled with torch.compile (fullgraph) and, on CUDA,
+replayed from a CUDA graph. Rows that hit a stop id are padded with pad_token_id afterwards; in eager mode they
 also leave the batch (KVCache.keep_rows), so later steps compute only the rows still running.
 """
 from __future__ import annotations
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.utils._pytree as pytree
 
 from .cache import KVCache
 from .model import GLM4V, MAX_CONTEXT, InputError, Prompt
@@ -298,7 +299,7 @@ class CUDAGraphStep:
     next replay overwrites them; the caller may keep a Step)."""
 
     def __init__(self, step: StepFn, example: tuple):
-        self.inputs = pytree.tree_map(torch.clone, example)  # None stays None
+        self.inputs = clone_all(example)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the capture: compiles kernels, settles the allocator
@@ -310,10 +311,15 @@ class CUDAGraphStep:
             self.outputs = step(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        for static, value in zip(pytree.tree_leaves(self.inputs), pytree.tree_leaves(inputs)):
-            static.copy_(value)
+        for static, value in zip(self.inputs, inputs):
+            if static is not None:
+                static.copy_(value)
         self.graph.replay()
-        return pytree.tree_map(torch.clone, self.outputs)
+        return clone_all(self.outputs)
+
+
+def clone_all(tensors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if t is None else t.clone() for t in tensors)
 
 
 def first_non_finite_stage(model: GLM4V, prompt: Prompt) -> str:
