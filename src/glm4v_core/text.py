@@ -70,8 +70,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_groups, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_groups * cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=True)  # fused q | k | v, with bias
-        self.out = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv = ops.Linear(cfg.hidden_size, cfg.qkv_size, bias=True)  # fused q | k | v, with bias
+        self.out = ops.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeyRange,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,8 +91,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GLM4VConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
-        self.down = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+        self.gate_up = ops.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.down = ops.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # SwiGLU: first half gates the second
@@ -125,7 +125,7 @@ class TextDecoder(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed
+        self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # untied from embed
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, keys: KeyRange = KeyRange(None, None),
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
