@@ -21,7 +21,8 @@ Every bf16 path's result is checked equal to F.linear's (same inputs, max abs di
 Bandwidth references, measured in the same run: copy (bytes read + written by a 512 MiB tensor
 copy per second, what benchmarks/generate.py's roofline divides by) and read (bytes per second of
 a sum over a 512 MiB tensor: a GEMV only reads). The JSON gives each path's median/min/max ms per
-pass, GB/s and % of both references, at the threads asked for (default: 1 and 2).
+pass (wall; and process CPU time, steadier on a shared machine), GB/s and % of both references from the
+median and from the best pass, at the threads asked for (default: 1 and 2).
 """
 from __future__ import annotations
 
@@ -50,25 +51,26 @@ def decode_shapes(config: dict) -> list[tuple[int, int]]:
 
 
 def copy_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
-    """Bytes read + written per second by a large tensor copy (median of `repeat`)."""
+    """Bytes read + written per second by a large tensor copy (best of `repeat`: on a shared machine
+    the best run is the one least disturbed)."""
     src, dst = torch.ones(n_bytes // 4), torch.empty(n_bytes // 4)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - start)
-    return 2 * n_bytes / statistics.median(times)
+    return 2 * n_bytes / min(times)
 
 
 def read_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
-    """Bytes read per second by a sum over a large tensor (median of `repeat`)."""
+    """Bytes read per second by a sum over a large tensor (best of `repeat`)."""
     src = torch.ones(n_bytes // 4)
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         src.sum()
         times.append(time.perf_counter() - start)
-    return n_bytes / statistics.median(times)
+    return n_bytes / min(times)
 
 
 def make_paths(weights: list[torch.Tensor], weights32: list[torch.Tensor], compile_modes: list[str]) -> dict:
@@ -91,24 +93,30 @@ def make_paths(weights: list[torch.Tensor], weights32: list[torch.Tensor], compi
 
     paths = {"bf16 F.linear": (linear_pass, bf16_bytes), "bf16 torch.mv": (mv_pass, bf16_bytes),
              "bf16 mkldnn packed": (packed_pass, bf16_bytes), "fp32 F.linear": (fp32_pass, 2 * bf16_bytes)}
+    if compile_modes:
+        import torch._inductor.config as inductor_config
+        inductor_config.freezing = True  # weights become constants inductor may re-lay out (inference)
     for mode in compile_modes:
         compiled = torch.compile(linear_pass, mode=mode, dynamic=False)
         paths[f"bf16 compiled ({mode})"] = (compiled, bf16_bytes)
     return paths
 
 
-def time_paths(paths: dict, x: torch.Tensor, repeat: int) -> dict:
-    """Interleaved: every path once per round; ms per pass (median, min, max)."""
-    times = {name: [] for name in paths}
+def time_paths(paths: dict, x: dict, repeat: int) -> tuple[dict, dict]:
+    """Interleaved: every path once per round; seconds per pass, wall clock and process CPU time (on a
+    shared machine the CPU time of a 1-thread run is the steadier of the two)."""
+    wall = {name: [] for name in paths}
+    cpu = {name: [] for name in paths}
     for run, _ in paths.values():  # warm-up (and compiles)
         run(x)
         run(x)
     for _ in range(repeat):
         for name, (run, _) in paths.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run(x)
-            times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return wall, cpu
 
 
 def main() -> None:
@@ -131,13 +139,15 @@ def main() -> None:
         paths = make_paths(weights, weights32, modes)
         reference = paths["bf16 F.linear"][0](x)
         row: dict = {"copy_GB_s": copy_bw / 1e9, "read_GB_s": read_bw / 1e9, "paths": {}}
-        times = time_paths(paths, x, args.repeat)
+        times, cpu_times = time_paths(paths, x, args.repeat)
         for name, (run, nbytes) in paths.items():
             t = statistics.median(times[name])
             achieved = nbytes / t
             entry = {"median_ms": t * 1e3, "min_ms": min(times[name]) * 1e3, "max_ms": max(times[name]) * 1e3,
+                     "cpu_median_ms": statistics.median(cpu_times[name]) * 1e3,
                      "GB_s": achieved / 1e9, "best_GB_s": nbytes / min(times[name]) / 1e9,
-                     "pct_of_copy_bw": 100 * achieved / copy_bw, "pct_of_read_bw": 100 * achieved / read_bw}
+                     "pct_of_copy_bw": 100 * achieved / copy_bw, "pct_of_read_bw": 100 * achieved / read_bw,
+                     "best_pct_of_copy_bw": 100 * nbytes / min(times[name]) / copy_bw}
             if name.startswith("bf16"):
                 out = run(x)
                 entry["max_abs_diff_vs_F.linear"] = max(float((a.float() - b.float()).abs().max())

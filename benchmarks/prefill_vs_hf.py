@@ -1,6 +1,6 @@
 """Prefill time on CPU, ours vs the HF reference code, on the same random checkpoint, bf16 and fp32.
 
-    python benchmarks/prefill_vs_hf.py --reference-code DIR [--repeat 15] [--threads 2]
+    python benchmarks/prefill_vs_hf.py --reference-code DIR [--repeat 10] [--threads 2]
 
 DIR holds the GLM-4V-9B remote code: `modeling_chatglm.py`, `visual.py` and `configuration_chatglm.py`
 from the THUDM/glm-4v-9b Hugging Face repository (they are not part of this repository: download those
@@ -17,12 +17,17 @@ and one image + 64 text tokens. One prefill = the whole prompt through the model
 the last row's logits: ours `model.prefill`, HF's `model(..., use_cache=True, return_last_logit=True)`
 (what HF's generate runs first). Ours and HF's alternate (A B A B ...) in one process; the JSON holds
 each side's median and min/max in ms, wall clock and this thread's CPU time, and the ratio ours/HF.
-A third row, "ours (aligned copy)", loads our weights as fresh 64-byte-aligned copies: it separates
-the cost of reading weights through the file mapping from the cost of the model's own ops.
+Two more rows of ours: "ours_aligned_copy" loads our weights as fresh 64-byte-aligned copies (it
+separates the cost of reading weights through the file mapping from that of the model's own ops), and
+"ours_packed" loads them with `pack_cpu=True` (oneDNN-packed bf16 linear weights; a no-op in fp32).
+"hf" is HF's decoder with its cache plus its output layer on the last row, the same work as ours;
+"hf_forward" is the call HF's generate makes, `model(..., return_last_logit=True)` (see hf_prefill).
+"max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -152,9 +157,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-code", type=Path, default=None, help="folder with the GLM-4V-9B remote code")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--repeat", type=int, default=15, help="timed prefills per side and prompt")
+    p.add_argument("--repeat", type=int, default=10, help="timed prefills per side and prompt")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--name", default="prefill_vs_hf_cpu", help="result file name under benchmarks/results/")
+    p.add_argument("--note", default="", help="free text stored in the result (e.g. where the reference code came from)")
     args = p.parse_args()
     why = missing_requirements(args.reference_code)
     if why:
@@ -162,7 +168,10 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"reference_code": str(args.reference_code), "config": None, "rows": {}}
+    results: dict = {"reference_code": str(args.reference_code), "note": args.note,
+                     "reference_sha256": {name: hashlib.sha256((args.reference_code / name).read_bytes()).hexdigest()
+                                          for name in REFERENCE_FILES},
+                     "config": None, "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         write_checkpoint(folder, args.reference_code)
@@ -173,9 +182,11 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             ours = load_model(folder, dtype=dtype)
             ours_aligned = aligned_copy(load_model(folder, dtype=dtype))
+            ours_packed = load_model(folder, dtype=dtype, pack_cpu=True)
             hf = load_hf(folder, dtype)
             runners = {"ours": lambda i, px: ours_prefill(ours, i, px),
                        "ours_aligned_copy": lambda i, px: ours_prefill(ours_aligned, i, px),
+                       "ours_packed": lambda i, px: ours_prefill(ours_packed, i, px),
                        "hf": lambda i, px: hf_prefill(hf, i, px),
                        "hf_forward": lambda i, px: hf_forward(hf, i, px)}
             rows = {"weights_64B_aligned": {"ours": aligned_fraction(ours), "ours_aligned_copy":
@@ -190,7 +201,7 @@ def main() -> None:
                     f"{n} {rows[kind][n]['wall']['median_ms']:.1f} ms" for n in runners)
                     + f"; ours/hf {rows[kind]['ours_over_hf_wall']:.3f}", flush=True)
             results["rows"][dtype_name] = rows
-            del ours, ours_aligned, hf
+            del ours, ours_aligned, ours_packed, hf
     write_result(args.name, results)
 
 
