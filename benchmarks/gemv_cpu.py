@@ -17,6 +17,9 @@ the pass's weight bytes / time is the achieved bandwidth. Paths, each timed in t
                        C++ GEMM template; slow to compile on 2 cores, so off by default)
   fp32 F.linear        the same pass with fp32 weights (twice the bytes)
 
+Last, the model itself: the mid-size random model's eager batch-1 bf16 decode step
+(model.decode_step) with plain weights and with `glm4v_core.ops.pack_cpu_weights` applied.
+
 Every bf16 path's result is checked equal to F.linear's (same inputs, max abs difference reported).
 Bandwidth references, measured in the same run: copy (bytes read + written by a 512 MiB tensor
 copy per second, what benchmarks/generate.py's roofline divides by) and read (bytes per second of
@@ -38,7 +41,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
-from generate import mid_size_config  # noqa: E402
+from generate import mid_size_config, prompt, random_model  # noqa: E402
+
+from glm4v_core.ops import pack_cpu_weights  # noqa: E402
 
 
 def decode_shapes(config: dict) -> list[tuple[int, int]]:
@@ -136,6 +141,36 @@ def time_paths(paths: dict, x: dict, repeat: int) -> tuple[dict, dict]:
     return wall, cpu
 
 
+def decode_steps(repeat: int, steps: int = 16) -> dict:
+    """The mid-size model's batch-1 bf16 decode step (model.decode_step, eager) with plain and packed
+    weights, interleaved: ms per step and the decoder weights' bytes per second."""
+    device = torch.device("cpu")
+    plain = random_model(mid_size_config(), device, torch.bfloat16)
+    packed = random_model(mid_size_config(), device, torch.bfloat16)
+    packed.load_state_dict(plain.state_dict())
+    pack_cpu_weights(packed)
+    ids = torch.tensor([prompt(plain.config, 64, False)])
+    weight_bytes = sum(p.nbytes for n, p in plain.text.named_parameters() if not n.startswith("embed."))
+    times: dict = {"plain": [], "packed": []}
+    logits = {}
+    with torch.no_grad():
+        for _ in range(repeat + 1):
+            for name, model in (("plain", plain), ("packed", packed)):
+                checked = model.check_prompt(ids, max_new_tokens=steps)
+                state = model.prefill(checked, checked.spliced_length + steps)
+                token, position, slot = state.logits.argmax(-1, keepdim=True), state.positions, state.slot
+                start = time.perf_counter()
+                for _ in range(steps):
+                    out = model.decode_step(token, position, slot, state.cache)
+                    token, position, slot = out.argmax(-1, keepdim=True), position + 1, slot + 1
+                times[name].append((time.perf_counter() - start) / steps)
+                logits[name] = out
+    times = {name: t[1:] for name, t in times.items()}  # the first round warms up
+    return {"weight_bytes": weight_bytes, "same_logits": bool(torch.equal(logits["plain"], logits["packed"])),
+            **{name: {"ms_per_step": statistics.median(t) * 1e3, "best_ms_per_step": min(t) * 1e3,
+                      "weight_GB_s": weight_bytes / statistics.median(t) / 1e9} for name, t in times.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -172,6 +207,12 @@ def main() -> None:
             row["paths"][name] = entry
             print(f"threads {threads} {name:28} {t * 1e3:8.2f} ms/pass {achieved / 1e9:6.1f} GB/s "
                   f"{entry['pct_of_copy_bw']:5.1f}% of copy {entry['pct_of_read_bw']:5.1f}% of read", flush=True)
+        row["model_decode_step"] = decode_steps(max(3, args.repeat // 3))
+        for name in ("plain", "packed"):
+            step = row["model_decode_step"][name]
+            step["pct_of_copy_bw"] = 100 * step["weight_GB_s"] * 1e9 / copy_bw
+            print(f"threads {threads} model decode step, {name:6} weights: {step['ms_per_step']:.2f} ms "
+                  f"({step['weight_GB_s']:.1f} GB/s of weights, {step['pct_of_copy_bw']:.1f}% of copy)", flush=True)
         results["by_threads"][str(threads)] = row
     write_result("gemv_cpu", results)
 
