@@ -22,7 +22,9 @@ separates the cost of reading weights through the file mapping from that of the 
 "ours_packed" loads them with `pack_cpu=True` (oneDNN-packed bf16 linear weights; a no-op in fp32).
 "hf" is HF's decoder with its cache plus its output layer on the last row, the same work as ours;
 "hf_forward" is the call HF's generate makes, `model(..., return_last_logit=True)` (see hf_prefill).
-"max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits).
+"max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits). "rotary_one_layer"
+times one layer's rotary with the cos table broadcast over each (x[2i], x[2i+1]) pair, as it was, and
+stored per pair element, as now: in bf16 the broadcast product runs a scalar loop on CPU.
 """
 from __future__ import annotations
 
@@ -44,7 +46,9 @@ from common import write_result  # noqa: E402
 from generate import mid_size_config, prompt  # noqa: E402
 from load import write_synthetic_hf  # noqa: E402
 
-from glm4v_core import load_model  # noqa: E402
+from glm4v_core import GLM4VConfig, load_model  # noqa: E402
+from glm4v_core.text import apply_rotary, rotary_tables  # noqa: E402
+from glm4v_core.make_reference import import_transformers, load_reference  # noqa: E402
 
 REFERENCE_FILES = ("modeling_chatglm.py", "visual.py", "configuration_chatglm.py")
 AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
@@ -93,9 +97,9 @@ def aligned_fraction(model: torch.nn.Module) -> float:
 
 
 def load_hf(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, torch_dtype=dtype)
-    return model.eval().requires_grad_(False)
+    """The checkpoint's remote code through `glm4v make-reference`'s loader (the one place that imports
+    transformers): AutoModelForCausalLM.from_pretrained(trust_remote_code=True), eval mode."""
+    return load_reference(import_transformers(), folder, dtype, "cpu")
 
 
 def inputs(config, image: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,6 +157,27 @@ def compare(runners: dict, ids, pixels, repeat: int) -> dict:
     return row
 
 
+def rotary_layouts(dtype: torch.dtype, repeat: int) -> dict:
+    """One decoder layer's rotary at the benchmark's prefill shape (q and k heads together, 260 tokens),
+    with the cos table broadcast over each pair (its layout before the fix) and stored per pair element
+    (now): microseconds per call, median and min, and whether the results are the same bits."""
+    config = GLM4VConfig.from_hf(bench_config())
+    heads, T = config.num_heads + config.num_kv_groups, 260
+    qk = torch.randn(1, T, heads * config.head_dim).to(dtype).view(1, T, heads, config.head_dim).transpose(1, 2)
+    cos, sin = rotary_tables(torch.arange(T)[None], config.rotary_dim, 10000.0 * config.rope_ratio, dtype)
+    tables = {"cos_broadcast_over_pair": cos[..., :1], "cos_per_pair_element": cos}
+    times = {name: [] for name in tables}
+    for _ in range(repeat):
+        for name, table in tables.items():
+            start = time.perf_counter()
+            for _ in range(20):
+                apply_rotary(qk, table, sin)
+            times[name].append((time.perf_counter() - start) / 20)
+    same = torch.equal(*(apply_rotary(qk, table, sin) for table in tables.values()))
+    return {"same_bits": same, **{name: {"median_us": statistics.median(t) * 1e6, "min_us": min(t) * 1e6}
+                                  for name, t in times.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-code", type=Path, default=None, help="folder with the GLM-4V-9B remote code")
@@ -200,6 +225,7 @@ def main() -> None:
                 print(f"{dtype_name} {kind}: " + ", ".join(
                     f"{n} {rows[kind][n]['wall']['median_ms']:.1f} ms" for n in runners)
                     + f"; ours/hf {rows[kind]['ours_over_hf_wall']:.3f}", flush=True)
+            rows["rotary_one_layer"] = rotary_layouts(dtype, 3 * args.repeat)
             results["rows"][dtype_name] = rows
             del ours, ours_aligned, ours_packed, hf
     write_result(args.name, results)

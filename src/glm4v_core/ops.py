@@ -5,6 +5,7 @@ GLM4V_BACKEND environment variable (auto|torch|triton, read once at import) or b
 `use_backend(...)` context manager (tests flip it). An explicit request that cannot run raises.
 Every op is differentiable on both backends (the Triton ones have Triton backward kernels), and the
 Triton ones are torch custom ops, so torch.compile(fullgraph=True) and CUDA graphs take them whole.
+`Linear` is the model's linear layer: on CPU it can run on oneDNN-packed bf16 weights (`pack_cpu_weights`).
 """
 from __future__ import annotations
 
