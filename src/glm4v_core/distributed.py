@@ -27,19 +27,21 @@ whole run with its error.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .model import GLM4V
@@ -60,6 +62,8 @@ def init(device_type: str | None = None, timeout: timedelta = COLLECTIVE_TIMEOUT
     if not dist.is_initialized():
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it; spawned ranks share the cores
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         torch.cuda.set_device(device)
@@ -92,12 +96,13 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: 
             return fn(*args)
         finally:
             dist.destroy_process_group()
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", __name__])  # the server imports once; each rank is a fork of it
     results, errors, received = ctx.SimpleQueue(), ctx.SimpleQueue(), ctx.Event()
     try:
         ranks = mp.start_processes(
             _spawned_rank, args=(world_size, free_port(), device_type, timeout, results, errors, received, fn, args),
-            nprocs=world_size, join=False, start_method="spawn")
+            nprocs=world_size, join=False, start_method="forkserver")
         result = None
         while not ranks.join(timeout=0.1):  # raises as soon as any rank fails (and stops the others)
             if not received.is_set() and not results.empty():
@@ -214,11 +219,34 @@ def fsdp(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     """FSDP2: every ViT and decoder block is one unit (its parameters gathered just before it
     runs, freed after), the rest (embeddings, projector, lm_head) the root unit. Gradients are
     averaged over ranks and left sharded (DTensor; `full_tensor()` gathers one)."""
-    from torch.distributed.fsdp import fully_shard
     for block in (*model.vision.layers, *model.text.layers):
         fully_shard(block, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every FSDP unit of `model` holds its whole parameters as plain tensors (gathered on
+    every rank; a collective), so one-process code (save_model, LoRA merging) reads the model as
+    it is. Outside of FSDP: the model unchanged."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` (e.g. read from a checkpoint, the same on every rank) laid out as `like`: this rank's
+    shard when `like` is a DTensor (no communication: each rank slices its own copy)."""
+    whole = whole.to(like.device)
+    if isinstance(like, DTensor):
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    return whole
 
 
 def ddp(model: GLM4V, device: torch.device) -> nn.parallel.DistributedDataParallel:
