@@ -27,20 +27,19 @@ whole run with its error.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import socket
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -223,21 +222,6 @@ def fsdp(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
         fully_shard(block, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
     return model
-
-
-@contextlib.contextmanager
-def unsharded(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside: every FSDP unit of `model` holds its whole parameters as plain tensors (gathered on
-    every rank; a collective), so one-process code (save_model, LoRA merging) reads the model as
-    it is. Outside of FSDP: the model unchanged."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.unshard()
-    try:
-        yield model
-    finally:
-        for unit in units:
-            unit.reshard()
 
 
 def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

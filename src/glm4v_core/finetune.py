@@ -39,7 +39,6 @@ sharded run restores rank 0's random state on every rank (the curve then differs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import dataclasses
 import math
@@ -188,7 +187,7 @@ class Trainer:
         self.epoch_batches: tuple[int, list] = (-1, [])
         self.log_path = args.out / "loss.jsonl"
 
-    def build_model(self) -> GLM4V:
+    def build_model(self, shard: bool = True) -> GLM4V:
         a = self.args
         torch.manual_seed(a.seed)  # dropout draws from the global generator; its state is checkpointed
         model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
@@ -201,7 +200,7 @@ class Trainer:
             for part in parts:
                 getattr(model, PARTS[part]).requires_grad_(True)
         model.gradient_checkpointing(a.gradient_checkpointing)
-        if self.world > 1:
+        if shard and self.world > 1:
             from . import distributed
             distributed.fsdp(model, distributed.mesh(self.device))
         return model.train()
@@ -337,20 +336,30 @@ class Trainer:
             if self.rank0:
                 lora.save_adapters(self.model, a.out / "adapter.safetensors", tensors=adapters)
         if a.lora_rank == 0 or a.save_merged:
-            with self.whole_model() as model:
-                if self.rank0 and a.lora_rank > 0:
-                    save_model(lora.remove_lora(model), a.out / "merged", overwrite=True)
-                elif self.rank0:
-                    save_model(model, a.out / "model", overwrite=True)
+            model = self.whole_model()
+            if self.rank0 and a.lora_rank > 0:
+                save_model(lora.remove_lora(model), a.out / "merged", overwrite=True)
+            elif self.rank0:
+                save_model(model, a.out / "model", overwrite=True)
         if self.rank0:
             plot_loss(self.log_path, a.out / "loss.png")
         self.barrier()
 
-    def whole_model(self):
+    def whole_model(self) -> GLM4V | None:
+        """The trained model as one process holds it: the model itself, or under FSDP an unsharded
+        copy built on rank 0 from the gathered state (None on the other ranks)."""
         if self.world == 1:
-            return contextlib.nullcontext(self.model)
-        from . import distributed
-        return distributed.unsharded(self.model)
+            return self.model
+        state = {}
+        for name, t in self.model.state_dict().items():
+            t = whole(t)  # a collective: every rank gathers, rank 0 keeps
+            if self.rank0:
+                state[name] = t.cpu()
+        if not self.rank0:
+            return None
+        model = self.build_model(shard=False)
+        model.load_state_dict(state)
+        return model
 
     def barrier(self) -> None:
         """Ranks wait here until rank 0 has written its files."""
