@@ -1,9 +1,11 @@
 """Tensor-parallel inference and FSDP2 / DDP training on 2 gloo ranks (CPU), tiny fixture.
 
-One spawned group does all the sharded work (spawning costs more than the tiny model); the
-tests then compare its results with one process and with the HF reference."""
+One group of ranks does all the sharded work of the module (starting ranks and warming DTensor's
+sharding rules cost more than the tiny model); the tests then compare its results with one
+process and with the HF reference. The fine-tuning command under --fsdp: test_distributed_finetune."""
 import dataclasses
 import json
+import re
 import time
 import warnings
 from datetime import timedelta
@@ -17,6 +19,7 @@ from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, parity
 from glm4v_core.generate import generate
 
 CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
+COMPILED_CASE = "c"
 NEW_TOKENS = 8
 
 
@@ -38,6 +41,9 @@ def sharded_runs(checkpoint: str) -> dict:
     local = tp_model.text.layers[0].attn
     result = {"tp": greedy_and_logits(tp_model, ref),
               "tp_local": (local.num_heads, local.num_kv, tuple(local.qkv.weight.to_local().shape))}
+    with torch.no_grad():  # the decode step compiled whole (fullgraph), its all-reduces inside
+        result["tp_compiled"] = generate(tp_model, **parity.case_inputs(ref, COMPILED_CASE), max_new_tokens=NEW_TOKENS,
+                                         stop_ids=[], compile=True)
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
     distributed.tensor_parallel(one_head_vit, distributed.mesh(cpu))
     with torch.no_grad():
@@ -101,6 +107,23 @@ def test_tensor_parallel_logits_and_greedy_tokens_match_one_process(two_ranks, o
         assert torch.equal(tp_tokens, ref[f"gen_tokens_{case}"][:, :NEW_TOKENS])
 
 
+def test_tensor_parallel_with_the_compiled_decode_step_gives_the_eager_tokens(two_ranks, one_process):
+    assert torch.equal(two_ranks["tp_compiled"], one_process[COMPILED_CASE][1])
+
+
+def test_tensor_parallel_refuses_a_quantized_folder_by_name(fixtures_dir, tmp_path, capsys):
+    from glm4v_conversion.quantize import quantize_checkpoint
+    from glm4v_core import cli
+    quantize_checkpoint(fixtures_dir / "tiny", tmp_path / "int8", "int8", None)
+    code = cli.main(["generate", "--checkpoint", str(tmp_path / "int8"), "--tp", "2", "--device", "cpu",
+                     "--max-new-tokens", "2", "Hi"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"glm4v: error: rank \d of 2: tensor parallelism does not shard weight-only quantized models "
+                     r"\(\d+ int8/int4 layers, e\.g\. [\w.]+\): .* use the float checkpoint", err), err
+    assert "Traceback" not in err  # an input error reads as one, not as a crash
+
+
 def test_tensor_parallel_shards_attention_by_kv_group(two_ranks, fixtures_dir):
     """tiny: 4 query heads in 2 KV groups, head dim 32: each rank 2 heads + 1 group, qkv rows (2+1+1)*32."""
     assert two_ranks["tp_local"] == (2, 1, ((2 + 1 + 1) * 32, 128))
@@ -160,7 +183,7 @@ def test_a_failing_rank_ends_the_run_with_its_error():
 def test_a_silent_rank_times_the_collective_out():
     start = time.monotonic()
     with pytest.raises(distributed.DistributedError, match=r"(?si)rank 0 of 2 failed.*time"):
-        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=5))
+        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=3))
     assert time.monotonic() - start < 90
 
 

@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .model import GLM4V
+from .quant import QuantLinear
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails the run (a peer died)
 
@@ -86,7 +87,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: 
 
     Under torchrun this process is already one rank: fn runs here. Otherwise world_size processes
     are spawned (on CPU: gloo) and this one waits; when any rank raises, the others are stopped
-    and a DistributedError carries that rank's traceback."""
+    and a DistributedError carries that rank's traceback (only its message for an input error: a
+    ValueError, which every rank meets alike)."""
     if launched_by_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise DistributedError(f"torchrun started {os.environ['WORLD_SIZE']} ranks but {world_size} were asked for")
@@ -109,7 +111,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: 
                 received.set()
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         if not errors.empty():  # the first error reported is the cause: a peer's failure makes the others fail
-            rank, trace = errors.get()
+            rank, trace, input_error = errors.get()
+            if input_error:
+                raise DistributedError(f"rank {rank} of {world_size}: {input_error}") from None
             raise DistributedError(f"rank {rank} of {world_size} failed:\n{trace}") from None
         raise DistributedError(f"rank {e.error_index} of {world_size} died: {e}") from None
     return result
@@ -125,8 +129,8 @@ def _spawned_rank(rank: int, world_size: int, port: int, device_type: str | None
         if rank == 0:
             results.put(result)
             received.wait(timeout.total_seconds())
-    except BaseException:
-        errors.put((rank, traceback.format_exc()))  # in the order the ranks fail
+    except BaseException as e:
+        errors.put((rank, traceback.format_exc(), str(e) if isinstance(e, ValueError) else None))  # in failing order
         raise
     finally:
         if dist.is_initialized():
@@ -162,9 +166,10 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
 
     No data moves between ranks: each takes its slice of its own copy. Afterwards model.config
     describes this rank's shard (num_heads, num_kv_groups: the local counts), which is what sizes
-    its KV cache."""
+    its KV cache. A weight-only quantized model is refused (see check_not_quantized)."""
     tp = device_mesh.size()
     check_tp_degree(model, tp)
+    check_not_quantized(model)
     c = model.config
     for block in model.text.layers:
         attn = block.attn
@@ -186,6 +191,18 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
                                     "lm_head": ColwiseParallel(output_layouts=Replicate())})
     model.config = dataclasses.replace(c, num_heads=c.num_heads // tp, num_kv_groups=c.num_kv_groups // tp)
     return model
+
+
+def check_not_quantized(model: GLM4V) -> None:
+    """The int8 / int4 layers (QuantLinear) keep their weights as packed integer buffers with
+    per-row or per-group scales; PyTorch's tensor-parallel styles shard only nn.Linear and
+    nn.Embedding parameters, so those layers would stay whole and unsynchronised on every rank."""
+    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if quantized:
+        raise DistributedError(f"tensor parallelism does not shard weight-only quantized models ({len(quantized)} "
+                               f"int8/int4 layers, e.g. {quantized[0]}): PyTorch's tensor-parallel styles split "
+                               "nn.Linear parameters, not packed integer weights with their scales; use the float "
+                               "checkpoint with --tp, or the quantized one on one device")
 
 
 def fused_blocks(linear: nn.Linear, parts: list[int], tp: int) -> None:
