@@ -20,6 +20,7 @@ from glm4v_core.generate import generate
 
 CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
 COMPILED_CASE = "c"
+QUANTIZED = {"int8": None, "int4-32": 32}  # scheme -> group size
 NEW_TOKENS = 8
 
 
@@ -32,8 +33,9 @@ def greedy_and_logits(model, ref: dict) -> dict:
     return out
 
 
-def sharded_runs(checkpoint: str) -> dict:
-    """On every rank: TP logits and greedy tokens; FSDP2 (with checkpointing) and DDP gradients."""
+def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
+    """On every rank: TP logits and greedy tokens (float, compiled step, quantized folders); FSDP2
+    (with checkpointing) and DDP gradients."""
     ref = load_file(f"{checkpoint}/reference.safetensors")
     grads, meta = load_file(f"{checkpoint}/grads.safetensors"), json.loads(open(f"{checkpoint}/grads.json").read())
     cpu = torch.device("cpu")
@@ -44,6 +46,8 @@ def sharded_runs(checkpoint: str) -> dict:
     with torch.no_grad():  # the decode step compiled whole (fullgraph), its all-reduces inside
         result["tp_compiled"] = generate(tp_model, **parity.case_inputs(ref, COMPILED_CASE), max_new_tokens=NEW_TOKENS,
                                          stop_ids=[], compile=True)
+    result["quantized"] = {scheme: greedy_and_logits(distributed.tensor_parallel(load_model(folder), distributed.mesh(cpu)),
+                                                    ref) for scheme, folder in quantized.items()}
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
     distributed.tensor_parallel(one_head_vit, distributed.mesh(cpu))
     with torch.no_grad():
@@ -82,8 +86,19 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(fixtures_dir):
-    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), device_type="cpu")
+def quantized(fixtures_dir, tmp_path_factory) -> dict[str, str]:
+    """The tiny checkpoint as glm4v-convert --quantize writes it: int8, and int4 in groups of 32."""
+    from glm4v_conversion.quantize import quantize_checkpoint
+    folders = {}
+    for scheme, group in QUANTIZED.items():
+        folders[scheme] = str(tmp_path_factory.mktemp("q") / scheme)
+        quantize_checkpoint(fixtures_dir / "tiny", folders[scheme], scheme.split("-")[0], group)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def two_ranks(fixtures_dir, quantized):
+    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), quantized, device_type="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +126,28 @@ def test_tensor_parallel_with_the_compiled_decode_step_gives_the_eager_tokens(tw
     assert torch.equal(two_ranks["tp_compiled"], one_process[COMPILED_CASE][1])
 
 
-def test_tensor_parallel_refuses_a_quantized_folder_by_name(fixtures_dir, tmp_path, capsys):
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_tensor_parallel_on_a_quantized_folder_matches_one_process(two_ranks, quantized, fixtures_dir, scheme):
+    """Packed int8 codes / int4 pairs split with their per-row scales or per-group scales and zeros."""
+    ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+    one = greedy_and_logits(load_model(quantized[scheme]), ref)
+    for case in CASES:
+        (tp_logits, tp_tokens), (logits, tokens) = two_ranks["quantized"][scheme][case], one[case]
+        assert (tp_logits - logits).abs().max().item() <= 1e-4, (scheme, case)
+        assert torch.equal(tp_tokens, tokens), (scheme, case)
+
+
+def test_an_int4_split_inside_a_group_is_refused_by_name(fixtures_dir, tmp_path, capsys):
+    """Group 128 over attn.out's 128 inputs: 64 per rank is half a group."""
     from glm4v_conversion.quantize import quantize_checkpoint
     from glm4v_core import cli
-    quantize_checkpoint(fixtures_dir / "tiny", tmp_path / "int8", "int8", None)
-    code = cli.main(["generate", "--checkpoint", str(tmp_path / "int8"), "--tp", "2", "--device", "cpu",
+    quantize_checkpoint(fixtures_dir / "tiny", tmp_path / "int4-128", "int4", 128)
+    code = cli.main(["generate", "--checkpoint", str(tmp_path / "int4-128"), "--tp", "2", "--device", "cpu",
                      "--max-new-tokens", "2", "Hi"])
     assert code == 1
     err = capsys.readouterr().err
-    assert re.search(r"glm4v: error: rank \d of 2: tensor parallelism does not shard weight-only quantized models "
-                     r"\(\d+ int8/int4 layers, e\.g\. [\w.]+\): .* use the float checkpoint", err), err
+    assert re.search(r"glm4v: error: rank \d of 2: tensor-parallel degree 2 splits the 128 inputs of int4 layer "
+                     r"[\w.]+ into 64 per rank, not whole groups of 128", err), err
     assert "Traceback" not in err  # an input error reads as one, not as a crash
 
 

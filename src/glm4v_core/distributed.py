@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -166,10 +167,10 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
 
     No data moves between ranks: each takes its slice of its own copy. Afterwards model.config
     describes this rank's shard (num_heads, num_kv_groups: the local counts), which is what sizes
-    its KV cache. A weight-only quantized model is refused (see check_not_quantized)."""
+    its KV cache. A weight-only quantized model (int8 / int4 QuantLinear layers) is sharded the
+    same way, its packed weights split by hand (see shard_quantized)."""
     tp = device_mesh.size()
     check_tp_degree(model, tp)
-    check_not_quantized(model)
     c = model.config
     for block in model.text.layers:
         attn = block.attn
@@ -193,30 +194,22 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     return model
 
 
-def check_not_quantized(model: GLM4V) -> None:
-    """The int8 / int4 layers (QuantLinear) keep their weights as packed integer buffers with
-    per-row or per-group scales; PyTorch's tensor-parallel styles shard only nn.Linear and
-    nn.Embedding parameters, so those layers would stay whole and unsynchronised on every rank."""
-    quantized = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if quantized:
-        raise DistributedError(f"tensor parallelism does not shard weight-only quantized models ({len(quantized)} "
-                               f"int8/int4 layers, e.g. {quantized[0]}): PyTorch's tensor-parallel styles split "
-                               "nn.Linear parameters, not packed integer weights with their scales; use the float "
-                               "checkpoint with --tp, or the quantized one on one device")
-
-
-def fused_blocks(linear: nn.Linear, parts: list[int], tp: int) -> None:
+def fused_blocks(linear: nn.Module, parts: list[int], tp: int) -> None:
     """Reorder the output rows of a fused projection [part_0 | part_1 | ...] to rank-major order
     [p0_r0 p1_r0 ... | p0_r1 p1_r1 ... | ...], so that an even column split hands rank r the r-th
-    slice of every part (its own q, k and v; its own gate and up)."""
-    for p in (linear.weight, linear.bias):
-        if p is None:
-            continue
+    slice of every part (its own q, k and v; its own gate and up). Every tensor of the layer has
+    one row per output: weight and bias, or packed codes, scales, zeros and bias."""
+    for p in (*linear.parameters(recurse=False), *linear.buffers(recurse=False)):
         pieces = [part.chunk(tp) for part in p.data.split(parts)]  # [part][rank]
         p.data = torch.cat([piece for rank in range(tp) for piece in (part[rank] for part in pieces)])
 
 
 def shard(module: nn.Module, device_mesh: DeviceMesh, plan: dict) -> None:
+    """Apply `plan` (submodule name -> ColwiseParallel / RowwiseParallel) to `module`'s children:
+    DTensor's styles for float layers, shard_quantized for int8 / int4 ones."""
+    plan = dict(plan)
+    for name in [n for n in plan if isinstance(module.get_submodule(n), QuantLinear)]:
+        module.set_submodule(name, shard_quantized(module.get_submodule(name), plan.pop(name), device_mesh, name))
     # src_data_rank=None: every rank holds the same weights, so each keeps its slice, no broadcast
     parallelize_module(module, device_mesh, plan, src_data_rank=None)
     for sub in module.modules():  # a slice can be a view that keeps the whole tensor alive
@@ -227,6 +220,62 @@ def shard(module: nn.Module, device_mesh: DeviceMesh, plan: dict) -> None:
                     sub.register_parameter(name, nn.Parameter(
                         DTensor.from_local(local.clone(), p.device_mesh, p.placements, run_check=False),
                         requires_grad=p.requires_grad))
+
+
+def shard_quantized(layer: QuantLinear, style: ColwiseParallel | RowwiseParallel, device_mesh: DeviceMesh,
+                    name: str) -> nn.Module:
+    """The plan's style for a weight-only quantized layer, whose weights are packed integer buffers
+    that DTensor's styles do not split: this rank keeps plain slices of them and the collectives
+    are the styles' own (functional all-reduce / all-gather), so activations flow as for float.
+
+    Column-parallel: its output rows (codes, scales, zeros, bias all have one row per output).
+    Row-parallel: its input columns; an int8 row's scale covers the whole row, so it stays, and
+    int4 scales and zeros cover groups of `group_size` inputs, so the split must fall between
+    groups: in_features / tp must be a multiple of the group size (else DistributedError)."""
+    tp, rank = device_mesh.size(), device_mesh.get_local_rank()
+    if isinstance(style, ColwiseParallel):
+        for t in (*layer.buffers(recurse=False), *layer.parameters(recurse=False)):
+            t.data = t.data.chunk(tp)[rank].clone()  # a copy: the whole tensor is freed
+        layer.out_features //= tp
+        layer.prepare()
+        return GatheredOutput(layer, device_mesh) if style.output_layouts[0].is_replicate() else layer
+    local_in = layer.in_features // tp
+    if layer.scheme == "int4" and local_in % layer.group_size:
+        raise DistributedError(f"tensor-parallel degree {tp} splits the {layer.in_features} inputs of int4 layer {name} "
+                               f"into {local_in} per rank, not whole groups of {layer.group_size}; quantize with a "
+                               f"group size dividing {local_in}, or int8")
+    for name, t in layer.named_buffers(recurse=False):
+        if name != "weight_scale" or layer.scheme == "int4":  # (N, K) codes, (N, K/2) int4 pairs, (N, K/G) groups
+            t.data = t.data.chunk(tp, dim=1)[rank].clone()
+    layer.in_features = local_in
+    bias, layer.bias = layer.bias, None  # added once, after the sum
+    layer.prepare()
+    return SummedOutput(layer, bias, device_mesh)
+
+
+class SummedOutput(nn.Module):
+    """A row-parallel quantized layer: the ranks' partial products summed by one all-reduce, then
+    the bias."""
+
+    def __init__(self, local: QuantLinear, bias: nn.Parameter | None, device_mesh: DeviceMesh):
+        super().__init__()
+        self.local, self.bias, self.device_mesh = local, bias, device_mesh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = funcol.wait_tensor(funcol.all_reduce(self.local(x), "sum", self.device_mesh))
+        return y if self.bias is None else y + self.bias
+
+
+class GatheredOutput(nn.Module):
+    """A column-parallel quantized layer whose whole output every rank needs (lm_head: the logits)."""
+
+    def __init__(self, local: QuantLinear, device_mesh: DeviceMesh):
+        super().__init__()
+        self.local, self.device_mesh = local, device_mesh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = funcol.wait_tensor(funcol.all_gather_single(self.local(x), 0, self.device_mesh))  # ranks along dim 0
+        return torch.cat(stacked.chunk(self.device_mesh.size()), dim=-1)  # rank r's columns r-th, as in the weight
 
 
 # --- data parallelism (training) -------------------------------------------------------------
