@@ -232,3 +232,20 @@ def test_generate_command_with_tp_writes_the_one_process_answer_once(fixtures_di
     two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert one.stdout.strip() and two.stdout == one.stdout  # rank 0 alone writes, the same text
+
+
+def quantized_greedy_eager_and_compiled(folder: str, checkpoint: str) -> tuple:
+    ref = load_file(f"{checkpoint}/reference.safetensors")
+    model = distributed.tensor_parallel(load_model(folder), distributed.mesh(torch.device("cpu")))
+    inputs = parity.case_inputs(ref, COMPILED_CASE)
+    with torch.no_grad():
+        return tuple(generate(model, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c) for c in (False, True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_quantized_tensor_parallel_compiles_to_the_eager_tokens(quantized, fixtures_dir, scheme):
+    """The hand-split layers' functional all-reduce / all-gather inside the compiled step (~30 s a scheme)."""
+    eager, compiled = distributed.run_ranks(quantized_greedy_eager_and_compiled, 2, quantized[scheme],
+                                            str(fixtures_dir / "tiny"), device_type="cpu")
+    assert torch.equal(compiled, eager)
