@@ -25,7 +25,7 @@ WEIGHT_ATOL = 0.05 * LR * STEPS
 # micro-batches, gradients not clipped (clipping would hide a wrong gradient scale); the full
 # fine-tune clips (the norm of sharded gradients)
 LORA = ["--batch-size", "2", "--grad-accum", "2", "--max-steps", str(STEPS), "--lr", str(LR), "--train", "decoder,projector",
-        "--max-grad-norm", "0", "--save-every", "1", "--eval-data", str(DATA / "eval.jsonl")]
+        "--max-grad-norm", "0", "--save-every", "1", "--eval-data", str(DATA / "eval.jsonl"), "--save-merged"]
 FULL = ["--batch-size", "2", "--max-steps", str(STEPS), "--lr", str(LR), "--lora-rank", "0", "--train", "projector"]
 
 
@@ -73,6 +73,9 @@ def test_fsdp_lora_adapters_and_checkpoints_are_the_one_process_files(runs):
     model = load_model(FIXTURES / "tiny")
     lora.load_adapters(model, runs["lora_2"] / "adapter.safetensors")  # the one-process format and metadata
     assert lora.read_adapter_config(runs["lora_2"] / "adapter.safetensors") == model.lora_config
+    merged_1, merged_2 = load_model(runs["lora_1"] / "merged"), load_model(runs["lora_2"] / "merged")
+    assert_close_tensors(dict(merged_1.named_parameters()), dict(merged_2.named_parameters()), "merged/",
+                         atol=WEIGHT_ATOL)
 
 
 def test_a_one_process_run_resumes_an_fsdp_checkpoint(runs, tmp_path):

@@ -39,8 +39,8 @@ sharded run restores rank 0's random state on every rank (the curve then differs
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import math
 import os
 import sys
