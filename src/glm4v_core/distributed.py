@@ -17,13 +17,16 @@ Tensor parallelism (inference), degree tp:
 - ViT: the same plan by heads (qkv [q | k | v], fc1 column / fc2 row) when its head count divides
   by tp; otherwise it is replicated, as are the projector, the norms and the patch embedding.
 - The KV cache is per rank and holds only that rank's KV groups.
+- Weight-only quantized layers (int8 / int4) follow the same plan, their packed weights split by
+  hand (shard_quantized): DTensor's styles only split nn.Linear / nn.Embedding parameters.
 
 Training: `fully_shard` (FSDP2) on every ViT and decoder block and then on the whole model, or
 DDP; the loss and gradient checkpointing are the one-process code.
 
 Launch: under `torchrun --nproc-per-node N` (the environment names the ranks), or `run_ranks`
-spawns the N processes itself. Every collective has a timeout, and a rank that raises ends the
-whole run with its error.
+starts the N processes itself (forked from a forkserver that imported torch once: the second run
+of a process starts in a fraction of a second). Every collective has a timeout, and a rank that
+raises ends the whole run with its error.
 """
 from __future__ import annotations
 
@@ -87,7 +90,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, device_type: 
     "cpu": gloo; default cuda when there is CUDA); returns rank 0's result.
 
     Under torchrun this process is already one rank: fn runs here. Otherwise world_size processes
-    are spawned (on CPU: gloo) and this one waits; when any rank raises, the others are stopped
+    are started (on CPU: gloo) and this one waits; when any rank raises, the others are stopped
     and a DistributedError carries that rank's traceback (only its message for an input error: a
     ValueError, which every rank meets alike)."""
     if launched_by_torchrun():
