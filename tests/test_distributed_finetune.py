@@ -78,11 +78,17 @@ def test_fsdp_lora_adapters_and_checkpoints_are_the_one_process_files(runs):
                          atol=WEIGHT_ATOL)
 
 
-def test_a_one_process_run_resumes_an_fsdp_checkpoint(runs, tmp_path):
-    """Checkpoints hold whole tensors: a sharded run's step 1 continues in one process to the same step 2."""
-    resumed = finetune_run(tmp_path / "resumed", *LORA, "--resume", str(runs["lora_2"] / "checkpoints" / "step-000001"))
+@pytest.mark.parametrize("source, flags", [("lora_2", []), ("lora_1", ["--fsdp", "2"])],
+                         ids=["fsdp-checkpoint-in-one-process", "one-process-checkpoint-under-fsdp"])
+def test_checkpoints_resume_across_rank_counts(runs, tmp_path, source, flags):
+    """Checkpoints hold whole tensors: step 1 of either run continues, in one process or sharded
+    (each rank keeps its shard of the stored weights and Adam moments), to the same step 2."""
+    resumed = finetune_run(tmp_path / "resumed", *LORA, *flags, "--resume", str(runs[source] / "checkpoints" / "step-000001"))
     one, two = read_log(runs["lora_1"] / "loss.jsonl")[0], read_log(resumed / "loss.jsonl")[0]
+    assert [r["step"] for r in two] == [1, 2]
     assert abs(one[1]["loss"] - two[1]["loss"]) <= 1e-5 * one[1]["loss"], (one, two)
+    assert_close_tensors(adam_moments(runs["lora_1"] / "checkpoints/step-000002/optimizer.safetensors"),
+                         adam_moments(resumed / "checkpoints/step-000002/optimizer.safetensors"), "resumed moments")
 
 
 def test_fsdp_full_fine_tune_writes_the_one_process_model(runs):
