@@ -124,3 +124,16 @@ def test_fsdp_on_cuda_asks_for_one_gpu_per_rank(monkeypatch):
     args = argparse.Namespace(fsdp=2, device="cuda", batch_size=2)
     with pytest.raises(finetune.FinetuneError, match=r"--fsdp 2 needs 2 GPUs \(one per rank\), this machine has 1"):
         finetune.check_fsdp(args)
+
+
+@pytest.mark.slow
+def test_qlora_under_fsdp_matches_one_process(tmp_path):
+    """A quantized base (packed int4 buffers, replicated on every rank) with LoRA adapters (sharded)."""
+    from glm4v_conversion.quantize import quantize_checkpoint
+    quantize_checkpoint(FIXTURES / "tiny", tmp_path / "int4", "int4", 32)
+    args = ["--checkpoint", str(tmp_path / "int4"), "--batch-size", "2", "--max-steps", "2", "--max-grad-norm", "0"]
+    one, two = finetune_run(tmp_path / "one", *args), finetune_run(tmp_path / "two", *args, "--fsdp", "2")
+    assert [r["loss"] for r in read_log(two / "loss.jsonl")[0]] == pytest.approx(
+        [r["loss"] for r in read_log(one / "loss.jsonl")[0]], rel=1e-5)
+    name = "checkpoints/step-000002/optimizer.safetensors"
+    assert_close_tensors(adam_moments(one / name), adam_moments(two / name), name)
