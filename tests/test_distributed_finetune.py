@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from glm4v_core import finetune, load_model, lora
+from glm4v_core import cli, finetune, load_model, lora
 from glm4v_core.finetune_state import read_log
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -110,8 +110,8 @@ def test_fsdp_full_fine_tune_writes_the_one_process_model(runs):
      r"--fsdp \d+ on the CPU runs \d+ processes of at least one core each; this machine gives \d+ core"),
 ])
 def test_bad_fsdp_values_are_refused_before_any_rank_starts(tmp_path, capsys, flags, message):
-    code = finetune.main(["--data", str(DATA / "train.jsonl"), "--out", str(tmp_path / "out"), "--device", "cpu",
-                          *flags])
+    code = cli.main(["finetune", "--data", str(DATA / "train.jsonl"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                     *flags])  # the `glm4v finetune` command
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith("glm4v finetune: error: ") and re.search(message, err), err
