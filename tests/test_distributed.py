@@ -249,3 +249,34 @@ def test_quantized_tensor_parallel_compiles_to_the_eager_tokens(quantized, fixtu
     eager, compiled = distributed.run_ranks(quantized_greedy_eager_and_compiled, 2, quantized[scheme],
                                             str(fixtures_dir / "tiny"), device_type="cpu")
     assert torch.equal(compiled, eager)
+
+
+def nccl_rank_report() -> tuple:
+    t = torch.ones(1, device=torch.cuda.current_device())
+    dist.all_reduce(t)
+    return dist.get_backend(), t.item(), torch.cuda.current_device()
+
+
+@pytest.mark.gpu
+def test_forked_cuda_ranks_run_nccl_collectives():
+    """Ranks are forked from a server that imported torch and glm4v_core: nothing there may touch
+    CUDA, or the ranks could not. One rank per GPU (up to 2); NCCL is picked for CUDA."""
+    world = min(2, torch.cuda.device_count())
+    assert distributed.run_ranks(nccl_rank_report, world, device_type="cuda") == ("nccl", float(world), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per rank); the one-GPU check is above")
+def test_tensor_parallel_and_fsdp_on_gpus_match_one_process(fixtures_dir, tmp_path):
+    """With 2+ GPUs: TP parity (logits and tokens vs the HF reference) and finetune --fsdp 2 losses
+    on NCCL, fp32, as on gloo."""
+    from glm4v_core import finetune
+    from glm4v_core.finetune_state import read_log
+    assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--tp", "2", "--device", "cuda",
+                        "--dtype", "float32"]) == 0
+    data = fixtures_dir / "finetune" / "train.jsonl"
+    args = ["--data", str(data), "--batch-size", "2", "--max-steps", "2", "--dtype", "float32", "--no-progress"]
+    assert finetune.main([*args, "--out", str(tmp_path / "one"), "--device", "cuda"]) == 0
+    assert finetune.main([*args, "--out", str(tmp_path / "two"), "--device", "cuda", "--fsdp", "2"]) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / run / "loss.jsonl")[0]] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
