@@ -247,8 +247,8 @@ def shard_quantized(layer: QuantLinear, style: ColwiseParallel | RowwiseParallel
         raise DistributedError(f"tensor-parallel degree {tp} splits the {layer.in_features} inputs of int4 layer {name} "
                                f"into {local_in} per rank, not whole groups of {layer.group_size}; quantize with a "
                                f"group size dividing {local_in}, or int8")
-    for name, t in layer.named_buffers(recurse=False):
-        if name != "weight_scale" or layer.scheme == "int4":  # (N, K) codes, (N, K/2) int4 pairs, (N, K/G) groups
+    for buffer, t in layer.named_buffers(recurse=False):
+        if buffer != "weight_scale" or layer.scheme == "int4":  # (N, K) codes, (N, K/2) int4 pairs, (N, K/G) groups
             t.data = t.data.chunk(tp, dim=1)[rank].clone()
     layer.in_features = local_in
     bias, layer.bias = layer.bias, None  # added once, after the sum
