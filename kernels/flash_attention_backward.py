@@ -43,6 +43,21 @@ def _probabilities(q_rows, k_rows, qk_scale, lse, offs_m, offs_n, key_start, kv_
 
 
 @triton.jit
+def _query_tiles(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, Hq, Lq, stride_qb, stride_qh, stride_qm,
+                 stride_dob, stride_doh, stride_dom, HEAD_DIM: tl.constexpr):
+    """The rows offs_m of query head h: q, do (0 past Lq) and their lse (+inf past Lq), delta."""
+    row_ok = offs_m < Lq
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=io_mask, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=io_mask, other=0.0)
+    lse = tl.load(lse_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, key_start_ptr, key_end_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -79,14 +94,9 @@ def _attn_bwd_dkdv_kernel(
         h = first_h + g
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < Lq
-            io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                        mask=io_mask, other=0.0)
-            do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                         mask=io_mask, other=0.0)
-            lse = tl.load(lse_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=0.0)
+            q, do, lse, delta = _query_tiles(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, Hq, Lq,
+                                             stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+                                             HEAD_DIM=HEAD_DIM)
             # transposed tiles, (BLOCK_N, BLOCK_M): keys along rows, so dk, dv accumulate as rows
             p_t = _probabilities(k, q, qk_scale, lse[None, :], offs_m[None, :], offs_n[:, None], key_start,
                                  kv_len, Lq, CAUSAL=CAUSAL, INTERPRETED=INTERPRETED)
@@ -120,14 +130,9 @@ def _attn_bwd_dq_kernel(
                                     HAS_KEY_END=HAS_KEY_END)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
-    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=io_mask, other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=io_mask, other=0.0)
-    lse = tl.load(lse_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + (b * Hq + h) * Lq + offs_m, mask=row_ok, other=0.0)
+    q, do, lse, delta = _query_tiles(q_ptr, do_ptr, lse_ptr, delta_ptr, b, h, offs_m, offs_d, Hq, Lq,
+                                     stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
+                                     HEAD_DIM=HEAD_DIM)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = kv_len
     if CAUSAL:  # the tile's last row sees keys up to pid_m * BLOCK_M + BLOCK_M - 1 + kv_len - Lq
@@ -145,7 +150,8 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = dot(round_to(ds, DTYPE=k.dtype, INTERPRETED=INTERPRETED), k, dq, INTERPRETED=INTERPRETED)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             round_to(dq * sm_scale, DTYPE=dq_ptr.dtype.element_ty, INTERPRETED=INTERPRETED), mask=io_mask)
+             round_to(dq * sm_scale, DTYPE=dq_ptr.dtype.element_ty, INTERPRETED=INTERPRETED),
+             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -1,9 +1,11 @@
 """Tensor-parallel inference and FSDP2 / DDP training on 2 gloo ranks (CPU), tiny fixture.
 
-One spawned group does all the sharded work (spawning costs more than the tiny model); the
-tests then compare its results with one process and with the HF reference."""
+One group of ranks does all the sharded work of the module (starting ranks and warming DTensor's
+sharding rules cost more than the tiny model); the tests then compare its results with one
+process and with the HF reference. The fine-tuning command under --fsdp: test_distributed_finetune."""
 import dataclasses
 import json
+import re
 import time
 import warnings
 from datetime import timedelta
@@ -17,6 +19,8 @@ from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, parity
 from glm4v_core.generate import generate
 
 CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
+COMPILED_CASE = "c"
+QUANTIZED = {"int8": None, "int4-32": 32}  # scheme -> group size
 NEW_TOKENS = 8
 
 
@@ -29,8 +33,9 @@ def greedy_and_logits(model, ref: dict) -> dict:
     return out
 
 
-def sharded_runs(checkpoint: str) -> dict:
-    """On every rank: TP logits and greedy tokens; FSDP2 (with checkpointing) and DDP gradients."""
+def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
+    """On every rank: TP logits and greedy tokens (float, compiled step, quantized folders); FSDP2
+    (with checkpointing) and DDP gradients."""
     ref = load_file(f"{checkpoint}/reference.safetensors")
     grads, meta = load_file(f"{checkpoint}/grads.safetensors"), json.loads(open(f"{checkpoint}/grads.json").read())
     cpu = torch.device("cpu")
@@ -38,6 +43,11 @@ def sharded_runs(checkpoint: str) -> dict:
     local = tp_model.text.layers[0].attn
     result = {"tp": greedy_and_logits(tp_model, ref),
               "tp_local": (local.num_heads, local.num_kv, tuple(local.qkv.weight.to_local().shape))}
+    with torch.no_grad():  # the decode step compiled whole (fullgraph), its all-reduces inside
+        result["tp_compiled"] = generate(tp_model, **parity.case_inputs(ref, COMPILED_CASE), max_new_tokens=NEW_TOKENS,
+                                         stop_ids=[], compile=True)
+    result["quantized"] = {scheme: greedy_and_logits(distributed.tensor_parallel(load_model(folder), distributed.mesh(cpu)),
+                                                    ref) for scheme, folder in quantized.items()}
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
     distributed.tensor_parallel(one_head_vit, distributed.mesh(cpu))
     with torch.no_grad():
@@ -76,8 +86,19 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(fixtures_dir):
-    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), device_type="cpu")
+def quantized(fixtures_dir, tmp_path_factory) -> dict[str, str]:
+    """The tiny checkpoint as glm4v-convert --quantize writes it: int8, and int4 in groups of 32."""
+    from glm4v_conversion.quantize import quantize_checkpoint
+    folders = {}
+    for scheme, group in QUANTIZED.items():
+        folders[scheme] = str(tmp_path_factory.mktemp("q") / scheme)
+        quantize_checkpoint(fixtures_dir / "tiny", folders[scheme], scheme.split("-")[0], group)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def two_ranks(fixtures_dir, quantized):
+    return distributed.run_ranks(sharded_runs, 2, str(fixtures_dir / "tiny"), quantized, device_type="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +120,35 @@ def test_tensor_parallel_logits_and_greedy_tokens_match_one_process(two_ranks, o
     assert (diff[rows.bool()] if rows is not None else diff).max().item() <= 1e-4
     if f"gen_tokens_{case}" in ref:
         assert torch.equal(tp_tokens, ref[f"gen_tokens_{case}"][:, :NEW_TOKENS])
+
+
+def test_tensor_parallel_with_the_compiled_decode_step_gives_the_eager_tokens(two_ranks, one_process):
+    assert torch.equal(two_ranks["tp_compiled"], one_process[COMPILED_CASE][1])
+
+
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_tensor_parallel_on_a_quantized_folder_matches_one_process(two_ranks, quantized, fixtures_dir, scheme):
+    """Packed int8 codes / int4 pairs split with their per-row scales or per-group scales and zeros."""
+    ref = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+    one = greedy_and_logits(load_model(quantized[scheme]), ref)
+    for case in CASES:
+        (tp_logits, tp_tokens), (logits, tokens) = two_ranks["quantized"][scheme][case], one[case]
+        assert (tp_logits - logits).abs().max().item() <= 1e-4, (scheme, case)
+        assert torch.equal(tp_tokens, tokens), (scheme, case)
+
+
+def test_an_int4_split_inside_a_group_is_refused_by_name(fixtures_dir, tmp_path, capsys):
+    """Group 128 over attn.out's 128 inputs: 64 per rank is half a group."""
+    from glm4v_conversion.quantize import quantize_checkpoint
+    from glm4v_core import cli
+    quantize_checkpoint(fixtures_dir / "tiny", tmp_path / "int4-128", "int4", 128)
+    code = cli.main(["generate", "--checkpoint", str(tmp_path / "int4-128"), "--tp", "2", "--device", "cpu",
+                     "--max-new-tokens", "2", "Hi"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert re.search(r"glm4v: error: rank \d of 2: tensor-parallel degree 2 splits the 128 inputs of int4 layer "
+                     r"[\w.]+ into 64 per rank, not whole groups of 128", err), err
+    assert "Traceback" not in err  # an input error reads as one, not as a crash
 
 
 def test_tensor_parallel_shards_attention_by_kv_group(two_ranks, fixtures_dir):
@@ -160,7 +210,7 @@ def test_a_failing_rank_ends_the_run_with_its_error():
 def test_a_silent_rank_times_the_collective_out():
     start = time.monotonic()
     with pytest.raises(distributed.DistributedError, match=r"(?si)rank 0 of 2 failed.*time"):
-        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=5))
+        distributed.run_ranks(stall_on_rank1, 2, device_type="cpu", timeout=timedelta(seconds=3))
     assert time.monotonic() - start < 90
 
 
@@ -182,3 +232,51 @@ def test_generate_command_with_tp_writes_the_one_process_answer_once(fixtures_di
     two = subprocess.run([*command, "--tp", "2"], capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert one.stdout.strip() and two.stdout == one.stdout  # rank 0 alone writes, the same text
+
+
+def quantized_greedy_eager_and_compiled(folder: str, checkpoint: str) -> tuple:
+    ref = load_file(f"{checkpoint}/reference.safetensors")
+    model = distributed.tensor_parallel(load_model(folder), distributed.mesh(torch.device("cpu")))
+    inputs = parity.case_inputs(ref, COMPILED_CASE)
+    with torch.no_grad():
+        return tuple(generate(model, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c) for c in (False, True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", QUANTIZED)
+def test_quantized_tensor_parallel_compiles_to_the_eager_tokens(quantized, fixtures_dir, scheme):
+    """The hand-split layers' functional all-reduce / all-gather inside the compiled step (~30 s a scheme)."""
+    eager, compiled = distributed.run_ranks(quantized_greedy_eager_and_compiled, 2, quantized[scheme],
+                                            str(fixtures_dir / "tiny"), device_type="cpu")
+    assert torch.equal(compiled, eager)
+
+
+def nccl_rank_report() -> tuple:
+    t = torch.ones(1, device=torch.cuda.current_device())
+    dist.all_reduce(t)
+    return dist.get_backend(), t.item(), torch.cuda.current_device()
+
+
+@pytest.mark.gpu
+def test_forked_cuda_ranks_run_nccl_collectives():
+    """Ranks are forked from a server that imported torch and glm4v_core: nothing there may touch
+    CUDA, or the ranks could not. One rank per GPU (up to 2); NCCL is picked for CUDA."""
+    world = min(2, torch.cuda.device_count())
+    assert distributed.run_ranks(nccl_rank_report, world, device_type="cuda") == ("nccl", float(world), 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per rank); the one-GPU check is above")
+def test_tensor_parallel_and_fsdp_on_gpus_match_one_process(fixtures_dir, tmp_path):
+    """With 2+ GPUs: TP parity (logits and tokens vs the HF reference) and finetune --fsdp 2 losses
+    on NCCL, fp32, as on gloo."""
+    from glm4v_core import finetune
+    from glm4v_core.finetune_state import read_log
+    assert parity.main(["--checkpoint", str(fixtures_dir / "tiny"), "--tp", "2", "--device", "cuda",
+                        "--dtype", "float32"]) == 0
+    data = fixtures_dir / "finetune" / "train.jsonl"
+    args = ["--data", str(data), "--batch-size", "2", "--max-steps", "2", "--dtype", "float32", "--no-progress"]
+    assert finetune.main([*args, "--out", str(tmp_path / "one"), "--device", "cuda"]) == 0
+    assert finetune.main([*args, "--out", str(tmp_path / "two"), "--device", "cuda", "--fsdp", "2"]) == 0
+    losses = [[r["loss"] for r in read_log(tmp_path / run / "loss.jsonl")[0]] for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

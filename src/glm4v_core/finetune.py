@@ -1,7 +1,7 @@
 """`glm4v finetune`: LoRA or full fine-tuning on a JSONL of image conversations, resumable.
 
     glm4v finetune --data train.jsonl --out runs/cat [--checkpoint DIR] [--lora-rank 8]
-                   [--train decoder,projector] [--max-steps 100] [--resume runs/cat]
+                   [--train decoder,projector] [--max-steps 100] [--resume runs/cat] [--fsdp N]
 
 Each optimizer step runs --grad-accum micro-batches of --batch-size samples; each micro-batch's
 loss is weighted by its share of the step's counted tokens, so the step's loss is the mean over
@@ -22,25 +22,42 @@ The output folder OUT:
 is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
 uninterrupted run gives, bit for bit on CPU (same thread count; on CUDA up to the nondeterminism
 of its attention backward kernels). No pickle anywhere.
+
+--fsdp N trains on N ranks (N GPUs with NCCL; N CPU processes with gloo without CUDA), spawned
+here or started by `torchrun --nproc-per-node N` (with --fsdp N): the model is sharded with FSDP2
+(glm4v_core.distributed.fsdp; LoRA adapters and frozen base weights share the units). --batch-size
+stays the *global* micro-batch: rank r takes samples r, r+N, ... of each one and the step's loss
+is still the mean over every counted token of the step, so the curve, the checkpoints and the
+adapters are the one-process run's (within float rounding), N may change on --resume, and the
+files are the one-process format. Rank 0 alone logs and writes (the tensors gathered whole first).
+A rank whose share of a micro-batch is empty, or has no image when others have one, runs one
+sample of the batch with no counted token: every rank must run the same blocks (FSDP gathers a
+block's weights with a collective when it runs). Ctrl-C under --fsdp stops without saving: the
+ranks are not at one step; resume from the last --save-every checkpoint. With dropout, a resumed
+sharded run restores rank 0's random state on every rank (the curve then differs slightly).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from . import lora
 from .config import GLM4VConfig
-from .finetune_data import ON_BAD_RECORD, TRAIN_ON, collate, micro_batches, read_samples
-from .finetune_state import (check_resume_args, deferred_interrupt, find_resume, keep_log_until,
-                             latest_checkpoint, plot_loss, read_checkpoint, write_checkpoint)
+from .finetune_data import ON_BAD_RECORD, TRAIN_ON, Sample, collate, micro_batches, read_samples
+from .finetune_state import (check_resume_args, deferred_interrupt, find_resume, keep_log_until, latest_checkpoint,
+                             on_device, optimizer_tensors, plot_loss, read_checkpoint, whole, write_checkpoint)
+from .loss import IGNORE_INDEX
 from .model import GLM4V
 from .save import save_model
 from .tokenizer import Tokenizer
@@ -84,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="base model dtype (adapters stay float32); auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None)
+    p.add_argument("--fsdp", type=int, default=1, metavar="N", help="train on N ranks sharded with FSDP2: N GPUs "
+                   "(NCCL), or N CPU processes (gloo) without CUDA; spawned here or the ranks of torchrun. "
+                   "N must divide --batch-size (the global micro-batch)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order")
@@ -101,11 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trainer = Trainer(args)
-        return trainer.run()
+        check_args(args)
+        if args.fsdp > 1:
+            from . import distributed  # only here: torch.distributed.tensor takes seconds to import
+            device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
+            return distributed.run_ranks(train_on_rank, args.fsdp, args, device_type=device_type)
+        return Trainer(args).run()
     except ValueError as e:  # every input error of glm4v_core is a ValueError subclass with a clear text
         print(f"glm4v finetune: error: {e}", file=sys.stderr)
         return 1
+
+
+def train_on_rank(args: argparse.Namespace) -> int:
+    """One rank of `glm4v finetune --fsdp N`."""
+    return Trainer(args).run()
 
 
 def learning_rate(step: int, args: argparse.Namespace, total: int) -> float:
@@ -127,6 +156,8 @@ class Trainer:
         from .cli import resolve_checkpoint, resolve_tokenizer  # cli imports this module lazily
         check_args(args)
         self.args = args
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
         self.resume_dir = find_resume(args.resume) if args.resume else None
         if self.resume_dir:
             check_resume_args(self.resume_dir, args)
@@ -136,13 +167,16 @@ class Trainer:
         self.checkpoint = resolve_checkpoint(args.checkpoint)
         self.config = GLM4VConfig.from_json(self.checkpoint / "config.json")
         self.tokenizer: Tokenizer = resolve_tokenizer(args.tokenizer, self.checkpoint, self.config)
-        report = lambda line: print(line, file=sys.stderr)  # noqa: E731
-        read = dict(max_length=args.max_length, train_on=args.train_on, on_bad=args.on_bad_record, report=report)
+        read = dict(max_length=args.max_length, train_on=args.train_on, on_bad=args.on_bad_record, report=self.report)
         self.samples = read_samples(args.data, self.tokenizer, self.config, **read)
         self.eval_samples = read_samples(args.eval_data, self.tokenizer, self.config, **read) if args.eval_data else []
         self.micro_per_epoch = math.ceil(len(self.samples) / args.batch_size)
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum)
-        self.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world > 1:
+            from . import distributed
+            self.device = distributed.init()  # this rank's GPU, or the CPU
+        else:
+            self.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = self.build_model()
@@ -153,7 +187,7 @@ class Trainer:
         self.epoch_batches: tuple[int, list] = (-1, [])
         self.log_path = args.out / "loss.jsonl"
 
-    def build_model(self) -> GLM4V:
+    def build_model(self, shard: bool = True) -> GLM4V:
         a = self.args
         torch.manual_seed(a.seed)  # dropout draws from the global generator; its state is checkpointed
         model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
@@ -166,6 +200,9 @@ class Trainer:
             for part in parts:
                 getattr(model, PARTS[part]).requires_grad_(True)
         model.gradient_checkpointing(a.gradient_checkpointing)
+        if shard and self.world > 1:
+            from . import distributed
+            distributed.fsdp(model, distributed.mesh(self.device))
         return model.train()
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -175,11 +212,12 @@ class Trainer:
         a.out.mkdir(parents=True, exist_ok=True)
         if self.resume_dir:
             self.load_checkpoint(self.resume_dir)
-            print(f"resumed from {self.resume_dir} at step {self.step}", file=sys.stderr)
+            self.report(f"resumed from {self.resume_dir} at step {self.step}")
         source_log = self.resume_dir.parent.parent / "loss.jsonl" if self.resume_dir else self.log_path
-        keep_log_until(source_log, self.log_path, self.step)
+        if self.rank0:
+            keep_log_until(source_log, self.log_path, self.step)
         interrupted = False
-        bar = make_progress(self.total_steps, self.step, a.progress)
+        bar = make_progress(self.total_steps, self.step, a.progress and self.rank0)
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
@@ -191,13 +229,14 @@ class Trainer:
                 if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
         except KeyboardInterrupt:
+            if self.world > 1:  # the ranks stopped at different points: no common step to save
+                raise
             interrupted = True
         finally:
             bar.close()
         path = self.save_checkpoint()
         if interrupted:
-            print(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume {a.out}",
-                  file=sys.stderr)
+            self.report(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume {a.out}")
             return 130
         self.evaluate()
         self.finish()
@@ -208,20 +247,24 @@ class Trainer:
         a = self.args
         start = time.perf_counter()
         self.step_rng = self.rng_state()  # a Ctrl-C inside this step saves the state it started from
-        batches = [self.micro_batch(self.step * a.grad_accum + k) for k in range(a.grad_accum)]
-        counted = sum(b.counted for b in batches)
+        micro = [self.micro_samples(self.step * a.grad_accum + k) for k in range(a.grad_accum)]
+        counted = sum(s.counted for samples in micro for s in samples)
         lr = learning_rate(self.step, a, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float32)
-        for batch in batches:
+        for samples in micro:
+            batch = collate(self.share(samples), self.tokenizer, self.config.vision.image_size)
             inputs = batch.inputs.to(self.device)
             out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
                              labels=batch.labels.to(self.device))
             weighted = out.loss * (batch.counted / counted)  # token-weighted: the step's mean over all tokens
             if weighted.requires_grad:  # a text-only batch does not reach trained vision/projector weights
-                weighted.backward()
+                (weighted * self.world).backward()  # FSDP averages gradients over ranks; the step needs their sum
             total += weighted.detach().cpu()
+        if self.world > 1:  # the step's loss: the sum of every rank's share
+            total = total.to(self.device)
+            dist.all_reduce(total)
         if a.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(self.params.values(), a.max_grad_norm)
         with deferred_interrupt():  # never a half-updated model
@@ -230,18 +273,31 @@ class Trainer:
             self.step += 1
             self.step_rng = None
         seconds = time.perf_counter() - start
-        tokens = sum(b.tokens for b in batches)
+        tokens = sum(s.length for samples in micro for s in samples)
         epoch = (self.step * a.grad_accum - 1) // self.micro_per_epoch
         return {"step": self.step, "epoch": epoch, "loss": float(total), "lr": lr, "counted_tokens": counted,
                 "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
 
-    def micro_batch(self, index: int):
-        """Micro-batch number `index` of the whole run (epochs laid end to end)."""
+    def micro_samples(self, index: int) -> list[Sample]:
+        """Micro-batch number `index` of the whole run (epochs laid end to end), all ranks' samples."""
         epoch, k = divmod(index, self.micro_per_epoch)
         if self.epoch_batches[0] != epoch:  # one shuffle per epoch
             a = self.args
             self.epoch_batches = (epoch, micro_batches(self.samples, a.batch_size, a.seed, epoch, a.shuffle))
-        return collate(self.epoch_batches[1][k], self.tokenizer, self.config.vision.image_size)
+        return self.epoch_batches[1][k]
+
+    def share(self, samples: list[Sample]) -> list[Sample]:
+        """This rank's samples r, r+N, ... of a micro-batch. Every rank must run the same blocks, so a
+        share that is empty, or has no image while the batch has one, gets a sample of the batch
+        whose labels count nothing (it adds nothing to the loss or the gradients)."""
+        if self.world == 1:
+            return samples
+        mine = samples[dist.get_rank()::self.world]
+        needs_image = any(s.images for s in samples) and not any(s.images for s in mine)
+        if mine and not needs_image:
+            return mine
+        filler = next(s for s in samples if s.images) if needs_image else samples[0]
+        return [*mine, dataclasses.replace(filler, labels=(IGNORE_INDEX,) * len(filler.labels))]
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -260,40 +316,81 @@ class Trainer:
             counted += batch.counted
         self.model.train()
         loss = total / max(counted, 1)
-        self.log({"step": self.step, "eval_loss": loss, "eval_tokens": counted})
-        print(f"step {self.step}: held-out loss {loss:.4f} over {counted} tokens", file=sys.stderr)
+        self.log({"step": self.step, "eval_loss": loss, "eval_tokens": counted})  # every rank ran the whole set
+        self.report(f"step {self.step}: held-out loss {loss:.4f} over {counted} tokens")
         return loss
 
     def log(self, record: dict) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank0:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def report(self, line: str) -> None:
+        if self.rank0:
+            print(line, file=sys.stderr)
 
     def finish(self) -> None:
         a = self.args
         if a.lora_rank > 0:
-            lora.save_adapters(self.model, a.out / "adapter.safetensors")
-            if a.save_merged:
-                save_model(lora.remove_lora(self.model), a.out / "merged", overwrite=True)
-        else:
-            save_model(self.model, a.out / "model", overwrite=True)
-        plot_loss(self.log_path, a.out / "loss.png")
+            adapters = self.trained_state()
+            if self.rank0:
+                lora.save_adapters(self.model, a.out / "adapter.safetensors", tensors=adapters)
+        if a.lora_rank == 0 or a.save_merged:
+            model = self.whole_model()
+            if self.rank0 and a.lora_rank > 0:
+                save_model(lora.remove_lora(model), a.out / "merged", overwrite=True)
+            elif self.rank0:
+                save_model(model, a.out / "model", overwrite=True)
+        if self.rank0:
+            plot_loss(self.log_path, a.out / "loss.png")
+        self.barrier()
+
+    def whole_model(self) -> GLM4V | None:
+        """The trained model as one process holds it: the model itself, or under FSDP an unsharded
+        copy built on rank 0 from the gathered state (None on the other ranks)."""
+        if self.world == 1:
+            return self.model
+        state = {}
+        for name, t in self.model.state_dict().items():
+            t = whole(t)  # a collective: every rank gathers, rank 0 keeps
+            if self.rank0:
+                state[name] = t.cpu()
+        if not self.rank0:
+            return None
+        model = self.build_model(shard=False)
+        model.load_state_dict(state)
+        return model
+
+    def barrier(self) -> None:
+        """Ranks wait here until rank 0 has written its files."""
+        if self.world > 1:
+            dist.barrier()
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (adapters, or the trained parameters) whole, on the CPU: on every
+        rank, since gathering FSDP shards is a collective."""
+        source = lora.adapter_state(self.model) if self.args.lora_rank > 0 else self.params
+        return {n: whole(t.detach()).cpu().contiguous() for n, t in source.items()}
 
     # -- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N (see glm4v_core.finetune_state), published atomically."""
         dst = self.args.out / "checkpoints" / f"step-{self.step:06d}"
+        trained, optimizer = self.trained_state(), optimizer_tensors(self.optimizer, list(self.params))
         if self.args.lora_rank > 0:
             def write_trained(path: Path) -> None:
-                lora.save_adapters(self.model, path)
+                lora.save_adapters(self.model, path, tensors=trained)
         else:
             def write_trained(path: Path) -> None:
-                lora.atomic_save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, path,
-                                      {"format": "glm4v-finetune"})
+                lora.atomic_save_file(trained, path, {"format": "glm4v-finetune"})
         state = {"step": self.step, "total_steps": self.total_steps,
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}}
         rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from
-        return write_checkpoint(dst, write_trained, self.optimizer, list(self.params), rng, state)
+        if self.rank0:
+            write_checkpoint(dst, write_trained, optimizer, rng, state)
+        self.barrier()
+        return dst
 
     def rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"cpu": torch.get_rng_state()}
@@ -303,7 +400,11 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         trained = lora.adapter_state(self.model) if self.args.lora_rank > 0 else dict(self.params)
-        state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), self.device)
+        place = on_device
+        if self.world > 1:
+            from . import distributed
+            place = distributed.shard_like  # the files hold whole tensors; each rank keeps its shard
+        state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), place)
         torch.set_rng_state(rng["cpu"])
         if self.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -333,6 +434,29 @@ def check_args(a: argparse.Namespace) -> None:
         raise FinetuneError(f"--data {a.data} is not a file")
     if a.eval_data is not None and not a.eval_data.is_file():
         raise FinetuneError(f"--eval-data {a.eval_data} is not a file")
+    check_fsdp(a)
+
+
+def check_fsdp(a: argparse.Namespace) -> None:
+    """--fsdp N: at least 1, at most one rank per GPU (CUDA) or per CPU core, and a divisor of the
+    global micro-batch --batch-size (each rank takes batch-size / N samples of it)."""
+    if a.fsdp < 1:
+        raise FinetuneError(f"--fsdp must be >= 1 (the number of ranks), got {a.fsdp}")
+    if a.fsdp == 1:
+        return
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and a.fsdp > torch.cuda.device_count():
+        raise FinetuneError(f"--fsdp {a.fsdp} needs {a.fsdp} GPUs (one per rank), this machine has "
+                            f"{torch.cuda.device_count()}")
+    cores = len(os.sched_getaffinity(0))
+    if device.type == "cpu" and a.fsdp > cores:
+        raise FinetuneError(f"--fsdp {a.fsdp} on the CPU runs {a.fsdp} processes of at least one core each; "
+                            f"this machine gives {cores} core(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise FinetuneError(f"--fsdp runs on CUDA (NCCL) or the CPU (gloo), not on --device {a.device}")
+    if a.batch_size % a.fsdp:
+        raise FinetuneError(f"--fsdp {a.fsdp} must divide --batch-size {a.batch_size} (the global micro-batch: "
+                            f"each rank takes batch-size / N of its samples)")
 
 
 def make_progress(total: int, done: int, enabled: bool):

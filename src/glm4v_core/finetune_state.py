@@ -37,22 +37,30 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be resumed by this run; the message says which file or argument."""
 
 
-def write_checkpoint(dst: Path, write_trained: Callable[[Path], None], optimizer: torch.optim.Optimizer,
-                     names: list[str], rng: dict[str, torch.Tensor], state: dict) -> Path:
-    """Write one checkpoint folder atomically; `names` are the optimizer's parameters, in order."""
+def write_checkpoint(dst: Path, write_trained: Callable[[Path], None], optimizer: tuple[dict, list[dict]],
+                     rng: dict[str, torch.Tensor], state: dict) -> Path:
+    """Write one checkpoint folder atomically; `optimizer` is what optimizer_tensors returns."""
     with deferred_interrupt(), staging(dst) as tmp:
         write_trained(tmp / "trainable.safetensors")
-        tensors, groups = optimizer_tensors(optimizer, names)
+        tensors, groups = optimizer
         atomic_save_file(tensors, tmp / "optimizer.safetensors", {"format": "glm4v-finetune"})
         atomic_save_file(rng, tmp / "rng.safetensors", {"format": "glm4v-finetune"})
         (tmp / "trainer.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1) + "\n")
     return dst
 
 
+Place = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (whole stored tensor, the tensor it fills) -> its value
+
+
+def on_device(stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return stored.to(like.device)
+
+
 def read_checkpoint(folder: Path, trained: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    names: list[str], device: torch.device) -> tuple[dict, dict[str, torch.Tensor]]:
+                    names: list[str], place: Place = on_device) -> tuple[dict, dict[str, torch.Tensor]]:
     """Fill `trained` (name -> tensor, in place) and the optimizer from a checkpoint folder;
-    returns (trainer.json's contents, the RNG states)."""
+    returns (trainer.json's contents, the RNG states). `place` turns a stored (whole) tensor into
+    the layout of the tensor it fills: moved to its device, or this rank's shard of it (FSDP)."""
     state = json.loads((folder / "trainer.json").read_text())
     with safe_open(str(folder / "trainable.safetensors"), framework="pt") as f:
         stored = set(f.keys())
@@ -60,33 +68,39 @@ def read_checkpoint(folder: Path, trained: dict[str, torch.Tensor], optimizer: t
             raise ResumeError(f"{folder}: trained tensors do not fit this run (e.g. {sorted(stored ^ set(trained))[:3]})")
         with torch.no_grad():
             for name, t in trained.items():
-                t.copy_(f.get_tensor(name))
+                t.copy_(place(f.get_tensor(name), t))
     with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
         tensors = {n: f.get_tensor(n) for n in f.keys()}
-    load_optimizer(optimizer, names, tensors, state["param_groups"], device)
+    load_optimizer(optimizer, names, tensors, state["param_groups"], place)
     with safe_open(str(folder / "rng.safetensors"), framework="pt") as f:
         rng = {n: f.get_tensor(n) for n in f.keys()}
     return state, rng
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (FSDP: an all-gather, so every rank must call it), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list[dict]]:
-    """AdamW state as {<param name>.<key>: tensor} plus the JSON-able param groups (no pickle)."""
+    """AdamW state as {<param name>.<key>: whole tensor} plus the JSON-able param groups (no pickle)."""
     sd = optimizer.state_dict()
     tensors = {}
     for index, state in sd["state"].items():
         for key, value in state.items():
-            tensors[f"{names[index]}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"{names[index]}.{key}"] = whole(torch.as_tensor(value)).detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     return tensors, groups
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, groups: list[dict],
-                   device: torch.device) -> None:
+                   place: Place = on_device) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # in `names` order
     state = {}
     for index, name in enumerate(names):
         keys = {k[len(name) + 1:] for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
         if keys:
-            state[index] = {k: tensors[f"{name}.{k}"] if k == "step" else tensors[f"{name}.{k}"].to(device)
+            state[index] = {k: tensors[f"{name}.{k}"] if k == "step" else place(tensors[f"{name}.{k}"], params[index])
                             for k in keys}
     param_groups = [{**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()},
                      "params": list(range(len(names)))} for g in groups]

@@ -258,15 +258,19 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapters(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapters and the LoRA config to one safetensors file, atomically (temp + rename)."""
+def save_adapters(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapters and the LoRA config to one safetensors file, atomically (temp + rename).
+
+    tensors: the adapter tensors to write, default adapter_state(model) (a sharded model passes
+    them gathered whole)."""
     config = getattr(model, "lora_config", None)
     if config is None or not adapters_of(model):
         raise LoRAError("the model has no LoRA adapters to save (call add_lora first)")
     if any(a.merged for a in adapters_of(model).values()):
         raise LoRAError("the adapters are merged into the base weights; unmerge(model) before saving them")
     path = Path(path)
-    tensors = {k: v.float().cpu().contiguous() for k, v in adapter_state(model).items()}
+    tensors = {k: v.float().cpu().contiguous() for k, v in (tensors or adapter_state(model)).items()}
     metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
                 "lora_config": config.to_json(), **(extra_metadata or {})}
     atomic_save_file(tensors, path, metadata)

@@ -28,8 +28,8 @@ class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = ops.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.out = ops.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, H = x.shape
@@ -41,8 +41,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = ops.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = ops.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
@@ -87,11 +87,11 @@ class GLU(nn.Module):
     def __init__(self, cfg: GLM4VConfig):
         super().__init__()
         H, ffn = cfg.hidden_size, cfg.ffn_hidden_size
-        self.proj = nn.Linear(H, H, bias=False)
+        self.proj = ops.Linear(H, H, bias=False)
         self.norm = nn.LayerNorm(H)  # default eps 1e-5, not the ViT's 1e-6
-        self.gate = nn.Linear(H, ffn, bias=False)
-        self.up = nn.Linear(H, ffn, bias=False)
-        self.down = nn.Linear(ffn, H, bias=False)
+        self.gate = ops.Linear(H, ffn, bias=False)
+        self.up = ops.Linear(H, ffn, bias=False)
+        self.down = ops.Linear(ffn, H, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm(self.proj(x)))

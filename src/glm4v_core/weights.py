@@ -19,6 +19,7 @@ from glm4v_conversion.safetensors_io import CheckpointError, MappedFiles
 
 from .config import GLM4VConfig
 from .model import GLM4V
+from .ops import pack_cpu_weights
 from .quant import load_quantized
 
 __all__ = ["CheckpointError", "DeviceError", "build_meta_model", "check_against_model", "check_device", "load_model"]
@@ -81,8 +82,14 @@ def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
                           f"{dtype!r}{hint}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu") -> GLM4V:
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+               pack_cpu: bool = False) -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
+
+    pack_cpu=True (bf16 on CPU, inference): every linear layer also gets its weight re-laid out for
+    oneDNN (glm4v_core.ops.pack_cpu_weights): about 2x faster batch-1 decode and ~10% faster prefill
+    products on CPUs with native bf16, at the price of the zero-copy loading (the weights are read once
+    and copied into process memory).
 
     Inference-ready: eval mode, no gradients. To train, `model.requires_grad_(True).train()` is
     all it takes. `model.raw_config` keeps config.json as read (auto_map, torch_dtype...) for
@@ -107,4 +114,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     state = {name: files.tensor(info).to(device=device, dtype=dtype) for name, info in ckpt.tensors.items()}
     model.load_state_dict(state, assign=True, strict=True)
     model.raw_config = read_config(folder)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if pack_cpu:
+        pack_cpu_weights(model)
+    return model

@@ -1,0 +1,95 @@
+"""CPU bf16 linear layers on oneDNN-packed weights (ops.pack_cpu_weights, load_model(pack_cpu=True)):
+bit-identical to the plain product, and never used once the weight changed or gradients are wanted."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glm4v_core import load_model, ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="this torch build or CPU has no oneDNN bf16 support")
+
+
+def packed_linear(in_features=64, out_features=48, bias=True) -> ops.Linear:
+    layer = ops.Linear(in_features, out_features, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    assert ops.pack_cpu_weights(layer) == 1
+    return layer
+
+
+def count_packed_calls(monkeypatch) -> list[bool]:
+    """Records, for every ops.Linear call, whether it ran on the packed weight."""
+    seen = []
+    original = ops._may_use_packed
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(ops, "_may_use_packed", spy)
+    return seen
+
+
+@needs_onednn_bf16
+def test_packed_model_prefill_and_decode_are_bit_identical(fixtures_dir, monkeypatch):
+    plain = load_model(fixtures_dir / "tiny", dtype=torch.bfloat16)
+    packed = load_model(fixtures_dir / "tiny", dtype=torch.bfloat16, pack_cpu=True)
+    linears = [m for m in packed.modules() if isinstance(m, ops.Linear)]
+    assert linears and all(m.packed is not None for m in linears)  # ViT, projector and decoder
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    seen = count_packed_calls(monkeypatch)
+    states = []
+    with torch.no_grad():
+        for model in (plain, packed):
+            prompt = model.check_prompt(ids, max_new_tokens=4)
+            state = model.prefill(prompt, prompt.spliced_length + 4)
+            logits = [state.logits]
+            token, position, slot = state.logits.argmax(-1, keepdim=True), state.positions, state.slot
+            for _ in range(3):
+                logits.append(model.decode_step(token, position, slot, state.cache))
+                token, position, slot = logits[-1].argmax(-1, keepdim=True), position + 1, slot + 1
+            states.append(torch.stack(logits))
+    assert any(seen) and all(seen[len(seen) // 2:])  # the packed model ran every product packed
+    assert torch.equal(states[0], states[1])
+
+
+@needs_onednn_bf16
+def test_packed_weight_is_not_used_once_the_weight_changes(monkeypatch):
+    layer = packed_linear()
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    seen = count_packed_calls(monkeypatch)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    assert seen == [True]
+    layer.weight.mul_(2)  # in place: the version counter moves
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer.weight = torch.nn.Parameter(torch.randn(48, 64).to(torch.bfloat16), requires_grad=False)  # replaced
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert seen == [True, False, False]
+
+
+@needs_onednn_bf16
+def test_packed_weight_is_not_used_when_gradients_flow():
+    layer = packed_linear(bias=False)
+    x = torch.randn(2, 5, 64).to(torch.bfloat16).requires_grad_(True)
+    out = layer(x)
+    assert out.grad_fn is not None  # the plain product, which autograd knows
+    out.float().sum().backward()
+    torch.testing.assert_close(x.grad.float(), layer.weight.float().sum(0).expand(2, 5, 64), rtol=0.02, atol=0.05)
+
+
+def test_only_bf16_cpu_weights_are_packed():
+    layer = ops.Linear(8, 8)
+    assert ops.pack_cpu_weights(layer) == 0 and layer.packed is None  # fp32: ATen's own products are used
+
+
+def test_prefill_vs_hf_benchmark_says_why_it_skips(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill_vs_hf.py"), "--reference-code",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "skipped" in out.stdout and ("modeling_chatglm.py" in out.stdout or "transformers" in out.stdout)
