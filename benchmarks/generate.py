@@ -39,6 +39,7 @@ from common import datasheet_peaks, write_result  # noqa: E402
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
 from glm4v_core.generate import (COMPILE_CACHE_MULTIPLE, GenerationStats, Sampling, TokenRule,  # noqa: E402
                                  decode_step_runner, stream_tokens)
+from glm4v_core.ops import pack_cpu_weights  # noqa: E402
 from glm4v_core.weights import build_meta_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -254,6 +255,9 @@ def main() -> None:
     for dtype_name in filter(None, args.mid.split(",")):
         model = random_model(mid_size_config(), device, getattr(torch, dtype_name))
         rows = [measure(model, 64, 1, False, args.new_tokens, max(3, args.repeat // 3))]
+        if pack_cpu_weights(model):  # bf16 on CPU: eager on oneDNN-packed weights (compiled steps ignore them)
+            rows.append({**measure(model, 64, 1, False, args.new_tokens, max(3, args.repeat // 3)),
+                         "packed_weights": True})
         results["mid"][dtype_name] = {"decoder_params": sum(p.numel() for p in model.text.parameters()), "rows": rows}
         print_table(f"mid-size random model, {dtype_name}, {device}", rows)
         del model

@@ -93,3 +93,27 @@ def test_prefill_vs_hf_benchmark_says_why_it_skips(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "skipped" in out.stdout and ("modeling_chatglm.py" in out.stdout or "transformers" in out.stdout)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_cli_generation_packs_unless_compiling(capsys, monkeypatch, compile):
+    """`glm4v generate --dtype bfloat16` on CPU decodes on packed weights (a compiled step traces F.linear
+    and would only carry the copy), and its answer is the unpacked library's."""
+    from glm4v_core import cli
+    from glm4v_core.generate import stream_text
+
+    loaded = []
+    original = cli.load_model
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    argv = ["generate", "--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "6", "Hello"]
+    assert cli.main(argv + ["--compile"] * compile) == 0
+    out = capsys.readouterr().out
+    layers = [m for m in loaded[0].modules() if isinstance(m, ops.Linear)]
+    assert layers and all((m.packed is not None) != compile for m in layers)
+    if not compile:
+        plain = load_model(cli.BUNDLED_CHECKPOINT, dtype=torch.bfloat16)
+        tokenizer = cli.resolve_tokenizer(None, cli.BUNDLED_CHECKPOINT, plain.config)
+        ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
+                                                          add_generation_prompt=True)])
+        assert out == "".join(stream_text(plain, tokenizer, ids, max_new_tokens=6)) + "\n"
