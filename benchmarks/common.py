@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,6 +49,31 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu: {cpu_name()} ({os.cpu_count()} cores)"
+
+
+def copy_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
+    """CPU: bytes read + written per second by a 512 MiB tensor copy, best of `repeat` (on a shared
+    machine the best run is the least disturbed): the roofline of the CPU benchmarks."""
+    import torch
+    src, dst = torch.ones(n_bytes // 4), torch.empty(n_bytes // 4)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / min(times)
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
+    """CPU: bytes read per second by a sum over a 512 MiB tensor, best of `repeat`."""
+    import torch
+    src = torch.ones(n_bytes // 4)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        src.sum()
+        times.append(time.perf_counter() - start)
+    return n_bytes / min(times)
 
 
 def write_result(name: str, numbers: dict, out_dir: Path | None = None) -> dict:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_result  # noqa: E402
+from common import copy_bandwidth, read_bandwidth, write_result  # noqa: E402
 from generate import mid_size_config, prompt, random_model  # noqa: E402
 
 from glm4v_core.ops import pack_cpu_weights  # noqa: E402
@@ -54,29 +54,6 @@ def decode_shapes(config: dict) -> list[tuple[int, int]]:
     qkv = (heads + 2 * groups) * head_dim
     per_layer = [(qkv, H), (heads * head_dim, H), (2 * ffn, H), (H, ffn)]
     return per_layer * layers + [(config["padded_vocab_size"], H)]
-
-
-def copy_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
-    """Bytes read + written per second by a large tensor copy (best of `repeat`: on a shared machine
-    the best run is the one least disturbed)."""
-    src, dst = torch.ones(n_bytes // 4), torch.empty(n_bytes // 4)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * n_bytes / min(times)
-
-
-def read_bandwidth(n_bytes: int = 1 << 29, repeat: int = 7) -> float:
-    """Bytes read per second by a sum over a large tensor (best of `repeat`)."""
-    src = torch.ones(n_bytes // 4)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        src.sum()
-        times.append(time.perf_counter() - start)
-    return n_bytes / min(times)
 
 
 class Pass(torch.nn.Module):
