@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -8,3 +9,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture
+def consecutive_image_positions(monkeypatch) -> None:
+    """The usual multi-image bug for negative controls: image patch rows numbered like text
+    (the splice's position ids replaced by 0, 1, 2, ...), so position and logit checks must fail."""
+    from glm4v_core import model
+
+    real_splice = model.splice_images
+
+    def consecutive(*args, **kwargs):
+        spliced = real_splice(*args, **kwargs)
+        spliced.position_ids = torch.arange(spliced.position_ids.shape[1]).expand_as(spliced.position_ids)
+        return spliced
+
+    monkeypatch.setattr(model, "splice_images", consecutive)

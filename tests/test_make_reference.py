@@ -42,14 +42,17 @@ def hf_modules(tmp_path_factory):
     mp.undo()
 
 
-def standin_checkpoint(folder: Path, fixtures_dir: Path, edit=None) -> Path:
+def standin_checkpoint(folder: Path, fixtures_dir: Path, edit: tuple[str, str, str] | None = None) -> Path:
     """The tiny fixture (config.json with auto_map, bf16 weights) plus the stand-in remote code.
-    `edit(name, text) -> text` perturbs the code; each folder needs its own name (transformers caches
-    remote code by folder name)."""
+    `edit` = (file, old, new) perturbs the code: every `old` of that file (which must hold it) becomes
+    `new`. Each folder needs its own name (transformers caches remote code by folder name)."""
     shutil.copytree(fixtures_dir / "tiny", folder)
     for src in STANDIN.glob("*.py"):
         text = src.read_text()
-        (folder / src.name).write_text(edit(src.name, text) if edit else text)
+        if edit and src.name == edit[0]:
+            assert edit[1] in text, f"{edit[1]!r} is not in the stand-in's {src.name}"
+            text = text.replace(edit[1], edit[2])
+        (folder / src.name).write_text(text)
     return folder
 
 
@@ -134,10 +137,8 @@ def test_hooks_capture_what_the_real_reference_recorded(hf_modules, tmp_path, fi
 
 def test_negative_control_perturbed_reference_fails_parity(hf_modules, tmp_path, fixtures_dir, capsys):
     """The stand-in gives its image rows consecutive positions: parity fails there, and on the logits."""
-    def consecutive_positions(name, text):
-        old = "position_ids[i, boi + 1].repeat(num_patches)"
-        assert name != "modeling_chatglm.py" or old in text
-        return text.replace(old, "position_ids[i, boi + 1] + torch.arange(num_patches)")
+    consecutive_positions = ("modeling_chatglm.py", "position_ids[i, boi + 1].repeat(num_patches)",
+                             "position_ids[i, boi + 1] + torch.arange(num_patches)")
     checkpoint = standin_checkpoint(tmp_path / "standin_bad_positions", fixtures_dir, consecutive_positions)
     assert record(checkpoint, tmp_path / "ref") == 0
     code, report = parity_json(checkpoint, tmp_path / "ref", capsys)
@@ -190,8 +191,7 @@ def test_missing_transformers_names_the_install_command(monkeypatch, tmp_path, f
 
 
 def test_remote_code_without_the_expected_modules_is_named_and_leaves_nothing(hf_modules, tmp_path, fixtures_dir, capsys):
-    def rename_conv(name, text):
-        return text.replace("self.conv", "self.downsample") if name == "visual.py" else text
+    rename_conv = ("visual.py", "self.conv", "self.downsample")
     checkpoint = standin_checkpoint(tmp_path / "standin_renamed", fixtures_dir, rename_conv)
     (checkpoint / "model.safetensors.index.json").write_text(
         (checkpoint / "model.safetensors.index.json").read_text().replace("vision.conv.", "vision.downsample."))
@@ -208,10 +208,8 @@ def test_remote_code_without_the_expected_modules_is_named_and_leaves_nothing(hf
 
 def test_remote_code_that_skips_a_hooked_module_is_named(hf_modules, tmp_path, fixtures_dir, capsys):
     """A forward that never runs a hooked module (here the final norm) would leave a stage unrecorded: refused."""
-    def skip_final_norm(name, text):
-        old = "return self.final_layernorm(hidden_states), presents, all_hidden, None"
-        assert name != "modeling_chatglm.py" or old in text
-        return text.replace(old, "return hidden_states, presents, all_hidden, None")
+    skip_final_norm = ("modeling_chatglm.py", "return self.final_layernorm(hidden_states), presents, all_hidden, None",
+                       "return hidden_states, presents, all_hidden, None")
     checkpoint = standin_checkpoint(tmp_path / "standin_no_final_norm", fixtures_dir, skip_final_norm)
     assert record(checkpoint, tmp_path / "ref") == 1
     assert "did not run module(s) ['transformer.encoder.final_layernorm']" in capsys.readouterr().err

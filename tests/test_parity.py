@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from glm4v_core import parity, text
-from glm4v_core import model as model_mod
 from glm4v_core.parity import run_parity
 
 FIXTURES = ("tiny", "narrow")
@@ -84,15 +83,7 @@ def test_negative_control_wrong_rotary_pairing_fails(fixtures_dir, monkeypatch):
     assert reports[0].logits_max_abs > 1e-2
 
 
-def test_negative_control_consecutive_image_positions_fails(fixtures_dir, monkeypatch):
-    real_splice = model_mod.splice_images
-
-    def consecutive_positions(*args, **kwargs):
-        spliced = real_splice(*args, **kwargs)
-        spliced.position_ids = torch.arange(spliced.position_ids.shape[1]).expand_as(spliced.position_ids)
-        return spliced
-
-    monkeypatch.setattr(model_mod, "splice_images", consecutive_positions)
+def test_negative_control_consecutive_image_positions_fails(fixtures_dir, consecutive_image_positions):
     reports = {r.name: r for r in run_parity(fixtures_dir / "tiny")}
     assert not reports["a"].ok and reports["b"].ok  # text-only case unaffected
     assert next(s for s in reports["a"].stages if not s.ok).name == "position_ids"
