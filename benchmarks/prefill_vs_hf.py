@@ -22,7 +22,10 @@ separates the cost of reading weights through the file mapping from that of the 
 "ours_packed" loads them with `pack_cpu=True` (oneDNN-packed bf16 linear weights; a no-op in fp32).
 "hf" is HF's decoder with its cache plus its output layer on the last row, the same work as ours;
 "hf_forward" is the call HF's generate makes, `model(..., return_last_logit=True)` (see hf_prefill).
-"max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits). "rotary_one_layer"
+"max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits). "fixture_check" first
+runs DIR's code and ours on the test fixtures' recorded prompts (whole-sequence logits, fp32 and bf16):
+ours against DIR's here, and DIR's here against the recorded reference, which tells whether DIR holds
+the code the fixtures came from. "rotary_one_layer"
 times one layer's rotary with the cos table broadcast over each (x[2i], x[2i+1]) pair, as it was, and
 stored per pair element, as now: in bf16 the broadcast product runs a scalar loop on CPU.
 """
@@ -50,6 +53,7 @@ from glm4v_core import GLM4VConfig, load_model  # noqa: E402
 from glm4v_core.text import apply_rotary, rotary_tables  # noqa: E402
 from glm4v_core.make_reference import import_transformers, load_reference  # noqa: E402
 
+FIXTURES = Path(__file__).parent.parent / "tests" / "fixtures"
 REFERENCE_FILES = ("modeling_chatglm.py", "visual.py", "configuration_chatglm.py")
 AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
             "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
@@ -178,6 +182,41 @@ def rotary_layouts(dtype: torch.dtype, repeat: int) -> dict:
                                   for name, t in times.items()}}
 
 
+def fixture_check(reference_code: Path) -> dict:
+    """Whether DIR's code is the code the test fixtures were recorded with: each fixture's cases a
+    (image + text) and b (text) through DIR's model and ours, fp32 and bf16 (bf16: case a, the only
+    one recorded), whole-sequence logits. Per row: max |ours - HF| here, and max |HF here - the
+    recorded reference| (not 0: the recording ran on another CPU, whose kernels round differently)."""
+    from safetensors.torch import load_file
+    rows = {}
+    for name in ("tiny", "narrow"):
+        fixture = FIXTURES / name
+        recorded = load_file(fixture / "reference.safetensors")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            for f in fixture.glob("model*"):
+                shutil.copy(f, folder / f.name)
+            config = json.loads((fixture / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "auto_map": AUTO_MAP}))
+            for code in REFERENCE_FILES:
+                shutil.copy(reference_code / code, folder / code)
+            for dtype in (torch.float32, torch.bfloat16):
+                hf, ours = load_hf(folder, dtype), load_model(fixture, dtype=dtype)
+                suffix = "_bf16" if dtype == torch.bfloat16 else ""
+                for case in ("a", "b"):
+                    if f"logits_{case}{suffix}" not in recorded:
+                        continue
+                    ids, pixels = recorded[f"input_ids_{case}"], recorded.get(f"pixel_values_{case}")
+                    images = {} if pixels is None else {"images": pixels.to(dtype)}
+                    with torch.no_grad():
+                        theirs = hf(input_ids=ids, return_dict=True, **images).logits.float()
+                        mine = ours(ids, None if pixels is None else pixels.to(dtype)).logits.float()
+                    rows[f"{name}_{case}{suffix}"] = {
+                        "max_abs_ours_vs_hf": float((mine - theirs).abs().max()),
+                        "max_abs_hf_vs_recorded": float((theirs - recorded[f"logits_{case}{suffix}"].float()).abs().max())}
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-code", type=Path, default=None, help="folder with the GLM-4V-9B remote code")
@@ -196,7 +235,8 @@ def main() -> None:
     results: dict = {"reference_code": str(args.reference_code), "note": args.note,
                      "reference_sha256": {name: hashlib.sha256((args.reference_code / name).read_bytes()).hexdigest()
                                           for name in REFERENCE_FILES},
-                     "config": None, "rows": {}}
+                     "config": None, "fixture_check": fixture_check(args.reference_code), "rows": {}}
+    print("fixture check:", json.dumps(results["fixture_check"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"
         write_checkpoint(folder, args.reference_code)
