@@ -5,7 +5,8 @@
 DIR holds the GLM-4V-9B remote code: `modeling_chatglm.py`, `visual.py` and `configuration_chatglm.py`
 from the THUDM/glm-4v-9b Hugging Face repository (they are not part of this repository: download those
 three files from the model page, e.g. `huggingface-cli download THUDM/glm-4v-9b modeling_chatglm.py
-visual.py configuration_chatglm.py --local-dir DIR`). transformers must be installed (pip install
+visual.py configuration_chatglm.py --local-dir DIR`, or take them from a copy; the fixture check below
+says whether they are the code the fixtures were recorded with). transformers must be installed (pip install
 '.[test]' pulls 4.44.2). Without either, the script says so and exits 0 without writing a result.
 
 What it does: writes a mid-size random bf16 checkpoint in HF layout (~0.36 GB: the mid-size decoder of
