@@ -1,5 +1,6 @@
 """CPU bf16 linear layers on oneDNN-packed weights (ops.pack_cpu_weights, load_model(pack_cpu=True)):
-bit-identical to the plain product, and never used once the weight changed or gradients are wanted."""
+bit-identical to the plain product, kept by the compiled decode step, and never used once the weight
+changed or gradients are wanted."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from glm4v_core import load_model, ops
 
@@ -26,13 +28,13 @@ def packed_linear(in_features=64, out_features=48, bias=True) -> ops.Linear:
 def count_packed_calls(monkeypatch) -> list[bool]:
     """Records, for every ops.Linear call, whether it ran on the packed weight."""
     seen = []
-    original = ops._may_use_packed
+    original = ops.PackedWeight.fits
 
-    def spy(*args):
-        seen.append(original(*args))
+    def spy(self, x, weight):
+        seen.append(original(self, x, weight))
         return seen[-1]
 
-    monkeypatch.setattr(ops, "_may_use_packed", spy)
+    monkeypatch.setattr(ops.PackedWeight, "fits", spy)
     return seen
 
 
@@ -74,10 +76,12 @@ def test_packed_weight_is_not_used_once_the_weight_changes(monkeypatch):
 
 
 @needs_onednn_bf16
-def test_packed_weight_is_not_used_when_gradients_flow():
+def test_packed_weight_is_not_used_when_gradients_flow(monkeypatch):
     layer = packed_linear(bias=False)
     x = torch.randn(2, 5, 64).to(torch.bfloat16).requires_grad_(True)
+    seen = count_packed_calls(monkeypatch)
     out = layer(x)
+    assert seen == []
     assert out.grad_fn is not None  # the plain product, which autograd knows
     out.float().sum().backward()
     torch.testing.assert_close(x.grad.float(), layer.weight.float().sum(0).expand(2, 5, 64), rtol=0.02, atol=0.05)
@@ -96,10 +100,30 @@ def test_prefill_vs_hf_benchmark_says_why_it_skips(tmp_path):
 
 
 @needs_onednn_bf16
+@pytest.mark.parametrize("image", [False, True])
+def test_compiled_decode_keeps_the_packed_products(fixtures_dir, monkeypatch, image):
+    """generate(compile=True) on a packed model: every product of every compiled step runs packed (the
+    custom op glm4v::packed_linear; inductor would otherwise trace F.linear), with eager's tokens."""
+    from glm4v_core.generate import generate
+
+    model = load_model(fixtures_dir / "tiny", dtype=torch.bfloat16, pack_cpu=True)
+    n_linears = sum(isinstance(m, ops.Linear) for m in model.text.modules())
+    reference = load_file(fixtures_dir / "tiny" / "reference.safetensors")
+    ids = reference["input_ids_a" if image else "input_ids_b"]
+    pixels = reference["pixel_values_a"].to(torch.bfloat16) if image else None
+    eager = generate(model, ids, pixels, max_new_tokens=6, stop_ids=[])
+    seen = count_packed_calls(monkeypatch)
+    compiled = generate(model, ids, pixels, max_new_tokens=6, stop_ids=[], compile=True)
+    assert torch.equal(compiled, eager)
+    decode_calls = seen[-5 * n_linears:]  # the last 5 steps (after the prefill): compiled
+    assert len(seen) >= 6 * n_linears and all(decode_calls), seen
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("compile", [False, True])
-def test_bf16_cli_generation_packs_unless_compiling(capsys, monkeypatch, compile):
-    """`glm4v generate --dtype bfloat16` on CPU decodes on packed weights (a compiled step traces F.linear
-    and would only carry the copy), and its answer is the unpacked library's."""
+def test_bf16_cli_generation_runs_on_packed_weights(capsys, monkeypatch, compile):
+    """`glm4v generate --dtype bfloat16` on CPU loads packed weights, eager or compiled, and its answer
+    is the unpacked library's."""
     from glm4v_core import cli
     from glm4v_core.generate import stream_text
 
@@ -110,10 +134,9 @@ def test_bf16_cli_generation_packs_unless_compiling(capsys, monkeypatch, compile
     assert cli.main(argv + ["--compile"] * compile) == 0
     out = capsys.readouterr().out
     layers = [m for m in loaded[0].modules() if isinstance(m, ops.Linear)]
-    assert layers and all((m.packed is not None) != compile for m in layers)
-    if not compile:
-        plain = load_model(cli.BUNDLED_CHECKPOINT, dtype=torch.bfloat16)
-        tokenizer = cli.resolve_tokenizer(None, cli.BUNDLED_CHECKPOINT, plain.config)
-        ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
-                                                          add_generation_prompt=True)])
-        assert out == "".join(stream_text(plain, tokenizer, ids, max_new_tokens=6)) + "\n"
+    assert layers and all(m.packed is not None for m in layers)
+    plain = load_model(cli.BUNDLED_CHECKPOINT, dtype=torch.bfloat16)
+    tokenizer = cli.resolve_tokenizer(None, cli.BUNDLED_CHECKPOINT, plain.config)
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
+                                                      add_generation_prompt=True)])
+    assert out == "".join(stream_text(plain, tokenizer, ids, max_new_tokens=6)) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Iterator
 
 import torch
@@ -95,15 +96,18 @@ class Linear(nn.Linear):
     Why: on CPU, F.linear in bf16 hands oneDNN the plain (out, in) weight, which oneDNN re-blocks on
     every call; a one-row product (batch-1 decode) then reaches about 40% of the memory bandwidth,
     the pre-packed weight about twice that, and prefill-sized products gain ~10%. Same kernel family,
-    bit-identical results. The packed copy is used only for inference (no gradient wanted), outside
-    torch.compile (which traces F.linear), and only while the weight is the one that was packed."""
+    bit-identical results. The packed copy is used only for inference (no gradient wanted) and only
+    while the weight is the one that was packed. Under torch.compile the product is the custom op
+    `glm4v::packed_linear` (inductor cannot trace the packed copy, an opaque oneDNN tensor)."""
 
-    packed: tuple[torch.Tensor, tuple[int, int]] | None = None  # (packed weight, weight_key at packing)
+    packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and _may_use_packed(x, self.weight, self.packed[1]):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed[0], self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.weight, self.bias)
+        return self.packed.linear(x, self.weight, self.bias)
 
 
 def weight_key(weight: torch.Tensor) -> tuple[int, int]:
@@ -111,25 +115,53 @@ def weight_key(weight: torch.Tensor) -> tuple[int, int]:
     return weight.data_ptr(), weight._version
 
 
-def _may_use_packed(x: torch.Tensor, weight: torch.Tensor, key: tuple[int, int]) -> bool:
-    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and weight_key(weight) == key)
+class PackedWeight:
+    """A bf16 CPU weight re-laid out once for oneDNN, and the weight_key it was made from."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        self.key = weight_key(weight)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias, on the packed copy where it fits, else F.linear."""
+        if self.fits(x, weight):
+            return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """`weight` is still the one packed, and x is a CPU tensor of its dtype."""
+        return x.dtype == weight.dtype and x.device.type == "cpu" and weight_key(weight) == self.key
+
+
+_PACKED: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # data_ptr -> packed
+
+
+@torch.library.custom_op("glm4v::packed_linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def packed_linear(x, weight, bias):
+    """The compiled step's product: the packed copy is found by the weight's address at run time (the
+    Linear owns it; the table holds it weakly), with the same checks as eager."""
+    packed = _PACKED.get(weight.data_ptr())
+    return F.linear(x, weight, bias) if packed is None else packed.linear(x, weight, bias)
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def pack_cpu_weights(model: nn.Module) -> int:
     """Give every `Linear` of `model` with a bf16 CPU weight a oneDNN-packed copy; returns how many.
 
-    For inference on CPU. The copy lives in process memory: a loaded checkpoint's weights stop being
-    read through the file mapping (they are read once, here), so memory is that of a copied model,
-    not of a zero-copy one. A no-op where this torch build has no oneDNN bf16 support."""
+    For inference on CPU, eager or compiled. The copy lives in process memory: a loaded checkpoint's
+    weights stop being read through the file mapping (they are read once, here), so memory is that of
+    a copied model, not of a zero-copy one. A no-op where this torch build has no oneDNN bf16 support."""
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
-            weight = module.weight.detach()
-            module.packed = (torch.ops.mkldnn._reorder_linear_weight(weight), weight_key(module.weight))
+            module.packed = PackedWeight(module.weight)
+            _PACKED[module.weight.data_ptr()] = module.packed
             count += 1
     return count
 
