@@ -19,8 +19,11 @@ Decode roofline (batch B, step at cache length T): a step reads every decoder we
     bytes = decoder_params * elem + layers * 2 * B * kv_groups * T * head_dim * elem
 and cannot be faster than bytes / peak bandwidth; % of roofline = (bytes / step time) / peak. On
 CUDA the peak is the datasheet's; on CPU it is this machine's copy bandwidth, measured in the same
-run (bytes read + written by a large tensor copy, per second), again after every pair of runs: a
-shared machine's bandwidth drifts, and each row's roofline is the best bandwidth seen up to its end.
+run (bytes read + written by a large tensor copy, per second), again after every run: a shared
+machine's bandwidth drifts (on the VM this was written on it jumps between two levels, ~45 and
+~75 GB/s), and each row's roofline is the best bandwidth seen up to its end. On CPU each mode also
+gets `pct_of_copy_bandwidth_around_each_run`: every run's achieved bandwidth over the larger of the
+two copy measurements that bracket it (median, min, max), what the run could have had at the time.
 """
 from __future__ import annotations
 
@@ -133,11 +136,17 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     compile_s = run_once(model, ids, pixels, 3, compile=True)[2]  # this shape's compile (0 when already made)
     run_once(model, ids, pixels, 3, compile=False)
     runs = {mode: [] for mode in modes}
+    # CPU: the copy bandwidth is measured before the first run and after every run; a run's own
+    # reference is the larger of the two that bracket it (the roofline of each row stays the best seen)
+    around = {mode: [] for mode in modes}
+    last_bandwidth = cpu_copy_bandwidth(remeasure=True) if device.type == "cpu" else None
     for _ in range(repeat):
         for mode, compile in modes.items():
             runs[mode].append(run_once(model, ids, pixels, new_tokens, compile))
-        if device.type == "cpu":
-            cpu_copy_bandwidth(remeasure=True)  # between the pairs: the roofline is the best bandwidth seen
+            if device.type == "cpu":
+                cpu_copy_bandwidth(remeasure=True)
+                around[mode].append(max(last_bandwidth, CPU_COPY_MEASURED[-1]))
+                last_bandwidth = CPU_COPY_MEASURED[-1]
     for mode, compile in modes.items():
         steps = [r[1] for r in runs[mode]]
         step_s = statistics.median(steps)
@@ -145,6 +154,10 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
                      "decode_ms_spread": [min(steps) * 1e3, max(steps) * 1e3],
                      "decode_tok_s_per_row": 1 / step_s, "decode_tok_s_total": batch / step_s,
                      **roofline(model, batch, slots + new_tokens // 2, step_s)}
+        if around[mode]:
+            pct = [100 * row[mode]["bytes_per_step"] / r[1] / bw for r, bw in zip(runs[mode], around[mode])]
+            row[mode]["pct_of_copy_bandwidth_around_each_run"] = {"median": statistics.median(pct),
+                                                                  "min": min(pct), "max": max(pct)}
         if batch == 1:
             row[mode]["step_ms"] = step_only(model, ids, pixels, compile) * 1e3
     row["compiled"]["first_compile_s"] = compile_s
