@@ -241,7 +241,11 @@ def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.T
     mask = attention_mask.long()
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise InputError(f"attention_mask must hold only 0 and 1, found {sorted(set(mask.unique().tolist()) - {0, 1})[:5]}")
-    first_valid_key(mask)  # refuses anything but left padding
+    start = (mask == 0).sum(1)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) >= start[:, None]):
+        raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")
+    if bool((start == mask.shape[1]).any()):
+        raise InputError("attention_mask has a row with no real token")
     return mask
 
 
@@ -271,18 +275,11 @@ def default_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 def first_valid_key(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B,) index of each row's first real token, or None when nothing is padded.
-
-    Only left padding is representable (pads, then real tokens); anything else is refused."""
+    """(B,) index of each row's first real token of a checked (left-padding) mask, or None when
+    nothing is padded."""
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
     if mask.all():
         return None
-    start = (~mask).sum(1, dtype=torch.int32)  # int32: what the attention kernel reads, no per-layer cast
-    cols = torch.arange(mask.shape[1], device=mask.device)
-    if not torch.equal(mask, cols >= start[:, None]):
-        raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")
-    if (start == mask.shape[1]).any():
-        raise InputError("attention_mask has a row with no real token")
-    return start
+    return (~mask).sum(1, dtype=torch.int32)  # int32: what the attention kernel reads, no per-layer cast
