@@ -54,6 +54,7 @@ def test_pixel_values_that_are_not_normalized_finite_floats(no_compute, entry, k
     (lambda m: m[0], "attention_mask shape"),
     (lambda m: m[:, None], "attention_mask shape"),
     (lambda m: m.flip(1), "left padding"),
+    (lambda m: torch.cat([torch.zeros_like(m[:1]), m[1:]]), "a row with no real token"),
 ])
 def test_attention_masks_that_are_not_left_padding_of_0_and_1(no_compute, mask_of, match):
     model, ref = no_compute
