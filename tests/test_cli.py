@@ -83,7 +83,7 @@ def test_chat_keeps_history_and_the_image_in_the_first_turn(capsys, monkeypatch,
     assert torch.equal(pixels1, pixels2) and pixels1.shape == (1, 3, 56, 56)  # the image stays in turn 1
 
 
-@pytest.mark.parametrize("stdin", ["exit\nmore\n", "", "quit"])
+@pytest.mark.parametrize("stdin", ["exit\nmore\n", "", "quit", "/exit\nmore\n", "/quit"])
 def test_chat_ends_on_exit_or_eof(capsys, monkeypatch, stdin):
     monkeypatch.setattr(cli, "stream_text", lambda *a, **k: iter(["never"]))
     rc, out, _ = run(capsys, ["chat"], stdin=stdin, monkeypatch=monkeypatch)

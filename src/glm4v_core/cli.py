@@ -43,7 +43,7 @@ from .weights import BUNDLED_CHECKPOINT, check_device, load_model
 
 BUNDLED_VOCABULARY = BUNDLED_CHECKPOINT.parent / "tokenizer" / "tokenizer.model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXIT_WORDS = ("exit", "quit")
+EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 
 class CLIError(ValueError):
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
                           "spawned here or the ranks of torchrun")
-    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit' or EOF ends)")
+    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit', 'quit' or EOF ends; '/image PATH' attaches an image)")
     for p in (gen, chat):
         add_model_arguments(p)
         add_sampling_arguments(p)
