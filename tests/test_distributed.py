@@ -46,6 +46,13 @@ def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
     with torch.no_grad():  # the decode step compiled whole (fullgraph), its all-reduces inside
         result["tp_compiled"] = generate(tp_model, **parity.case_inputs(ref, COMPILED_CASE), max_new_tokens=NEW_TOKENS,
                                          stop_ids=[], compile=True)
+        # bf16 on CPU as `glm4v generate --tp` loads it: packed weights, then sharded
+        packed = distributed.tensor_parallel(load_model(checkpoint, dtype=torch.bfloat16, pack_cpu=True),
+                                             distributed.mesh(cpu))
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                  for k, v in parity.case_inputs(ref, COMPILED_CASE).items() if v is not None}
+        result["tp_packed_bf16"] = [generate(packed, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c)
+                                    for c in (False, True)]
     result["quantized"] = {scheme: greedy_and_logits(distributed.tensor_parallel(load_model(folder), distributed.mesh(cpu)),
                                                     ref) for scheme, folder in quantized.items()}
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
@@ -124,6 +131,13 @@ def test_tensor_parallel_logits_and_greedy_tokens_match_one_process(two_ranks, o
 
 def test_tensor_parallel_with_the_compiled_decode_step_gives_the_eager_tokens(two_ranks, one_process):
     assert torch.equal(two_ranks["tp_compiled"], one_process[COMPILED_CASE][1])
+
+
+def test_tensor_parallel_on_a_packed_bf16_model_compiles_to_the_eager_tokens(two_ranks):
+    """pack_cpu=True then tensor_parallel (what `glm4v generate --tp N --dtype bfloat16 --compile` does
+    on CPU): the shards run plain products, eager and compiled alike."""
+    eager, compiled = two_ranks["tp_packed_bf16"]
+    assert torch.equal(compiled, eager)
 
 
 @pytest.mark.parametrize("scheme", QUANTIZED)

@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .model import GLM4V
+from .ops import drop_packed_weights
 from .quant import QuantLinear
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # a collective that waits longer fails the run (a peer died)
@@ -174,6 +175,7 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     same way, its packed weights split by hand (see shard_quantized)."""
     tp = device_mesh.size()
     check_tp_degree(model, tp)
+    drop_packed_weights(model)  # copies of whole weights, and the packed product takes no DTensor
     c = model.config
     for block in model.text.layers:
         attn = block.attn
