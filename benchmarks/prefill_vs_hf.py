@@ -1,6 +1,6 @@
-"""Prefill time on CPU, ours vs the HF reference code, on the same random checkpoint, bf16 and fp32.
+"""Prefill and decode time on CPU, ours vs the HF reference code, on the same random checkpoint, bf16 and fp32.
 
-    python benchmarks/prefill_vs_hf.py --reference-code DIR [--repeat 10] [--threads 2]
+    python benchmarks/prefill_vs_hf.py --reference-code DIR [--repeat 10] [--new-tokens 32] [--threads 2]
 
 DIR holds the GLM-4V-9B remote code: `modeling_chatglm.py`, `visual.py` and `configuration_chatglm.py`
 from the THUDM/glm-4v-9b Hugging Face repository (they are not part of this repository: download those
@@ -26,7 +26,11 @@ separates the cost of reading weights through the file mapping from that of the 
 "max_abs_logit_diff" compares ours with HF's last-row logits (0.0: the same bits). "fixture_check" first
 runs DIR's code and ours on the test fixtures' recorded prompts (whole-sequence logits, fp32 and bf16):
 ours against DIR's here, and DIR's here against the recorded reference, which tells whether DIR holds
-the code the fixtures came from. "rotary_one_layer"
+the code the fixtures came from. "decode_text" / "decode_image": greedy decoding of --new-tokens after
+the same prompts, ms per token (the prefill and the first step not counted), ours through the
+library's loop (eager; eager on packed weights; compiled on packed weights, what `glm4v generate
+--compile` runs in bf16) and HF's forward with its own cache, one token a step; with whether each
+gives HF's tokens. "rotary_one_layer"
 times one layer's rotary with the cos table broadcast over each (x[2i], x[2i+1]) pair, as it was, and
 stored per pair element, as now: in bf16 the broadcast product runs a scalar loop on CPU.
 """
@@ -51,6 +55,7 @@ from generate import mid_size_config, prompt  # noqa: E402
 from load import write_synthetic_hf  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
+from glm4v_core.generate import stream_tokens  # noqa: E402
 from glm4v_core.text import apply_rotary, rotary_tables  # noqa: E402
 from glm4v_core.make_reference import import_transformers, load_reference  # noqa: E402
 
@@ -162,6 +167,49 @@ def compare(runners: dict, ids, pixels, repeat: int) -> dict:
     return row
 
 
+def ours_decode(model, ids, pixels, new_tokens: int, compile: bool) -> tuple[float, list[int]]:
+    """Seconds per greedy token through the library's loop (stream_tokens), and the tokens. Timed from
+    the token after the prefill's to the last, so neither the prefill nor the first step (which
+    builds, or compiles, the step) counts."""
+    times, tokens = [], []
+    for step in stream_tokens(model, ids, pixels, max_new_tokens=new_tokens, stop_ids=[], compile=compile):
+        tokens.append(int(step.tokens[0]))
+        times.append(time.perf_counter())
+    return (times[-1] - times[1]) / (new_tokens - 2), tokens
+
+
+def hf_decode(model, ids, pixels, new_tokens: int) -> tuple[float, list[int]]:
+    """The same for HF's model: its forward with its own cache, one token a step, argmax (what its
+    generate(do_sample=False) runs, minus the logits processors); positions count unspliced tokens,
+    as its generation code does."""
+    kwargs = {} if pixels is None else {"images": pixels.to(model.dtype)}
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, return_dict=True, **kwargs)
+        tokens, times = [int(out.logits[0, -1].argmax())], [time.perf_counter()]
+        for k in range(1, new_tokens):
+            out = model(input_ids=torch.tensor([tokens[-1:]]), position_ids=torch.tensor([[ids.shape[1] + k - 1]]),
+                        past_key_values=out.past_key_values, use_cache=True, return_dict=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            times.append(time.perf_counter())
+    return (times[-1] - times[1]) / (new_tokens - 2), tokens
+
+
+def compare_decode(runners: dict, ids, pixels, new_tokens: int, repeat: int) -> dict:
+    """Interleaved greedy decoding by every runner: ms per token (median, min, max), whether each
+    runner's tokens are HF's, and ours over HF."""
+    per_token = {name: [] for name in runners}
+    tokens = {name: run(ids, pixels, new_tokens)[1] for name, run in runners.items()}  # warm-up (and compile)
+    for _ in range(repeat):
+        for name, run in runners.items():
+            per_token[name].append(run(ids, pixels, new_tokens)[0])
+    row = {name: summary(per_token[name]) for name in runners}
+    for name in runners:
+        if name != "hf":
+            row[f"{name}_same_tokens_as_hf"] = tokens[name] == tokens["hf"]
+            row[f"{name}_over_hf"] = statistics.median(per_token[name]) / statistics.median(per_token["hf"])
+    return row
+
+
 def rotary_layouts(dtype: torch.dtype, repeat: int) -> dict:
     """One decoder layer's rotary at the benchmark's prefill shape (q and k heads together, 260 tokens),
     with the cos table broadcast over each pair (its layout before the fix) and stored per pair element
@@ -222,7 +270,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-code", type=Path, default=None, help="folder with the GLM-4V-9B remote code")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--repeat", type=int, default=10, help="timed prefills per side and prompt")
+    p.add_argument("--repeat", type=int, default=10, help="timed prefills per side and prompt (decode runs: half as many, at least 3)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--name", default="prefill_vs_hf_cpu", help="result file name under benchmarks/results/")
     p.add_argument("--note", default="", help="free text stored in the result (e.g. where the reference code came from)")
@@ -266,6 +315,16 @@ def main() -> None:
                 print(f"{dtype_name} {kind}: " + ", ".join(
                     f"{n} {rows[kind][n]['wall']['median_ms']:.1f} ms" for n in runners)
                     + f"; ours/hf {rows[kind]['ours_over_hf_wall']:.3f}", flush=True)
+            decoders = {"ours": lambda i, px, n: ours_decode(ours, i, px, n, False),
+                        "ours_packed": lambda i, px, n: ours_decode(ours_packed, i, px, n, False),
+                        "ours_packed_compiled": lambda i, px, n: ours_decode(ours_packed, i, px, n, True),
+                        "hf": lambda i, px, n: hf_decode(hf, i, px, n)}
+            for kind in ("text", "image"):
+                ids, pixels = inputs(ours.config, kind == "image")
+                rows[f"decode_{kind}"] = {"new_tokens": args.new_tokens,
+                                          **compare_decode(decoders, ids, pixels, args.new_tokens, max(3, args.repeat // 2))}
+                print(f"{dtype_name} decode {kind}: " + ", ".join(
+                    f"{n} {rows[f'decode_{kind}'][n]['median_ms']:.2f} ms/token" for n in decoders), flush=True)
             rows["rotary_one_layer"] = rotary_layouts(dtype, 3 * args.repeat)
             results["rows"][dtype_name] = rows
             del ours, ours_aligned, ours_packed, hf
