@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
                           "spawned here or the ranks of torchrun")
-    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit', 'quit' or EOF ends; '/image PATH' attaches an image)")
+    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit', 'quit' or EOF ends; "
+                                            "'/image PATH' attaches an image)")
     for p in (gen, chat):
         add_model_arguments(p)
         add_sampling_arguments(p)

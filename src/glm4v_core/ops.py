@@ -136,7 +136,8 @@ class PackedWeight:
 _PACKED: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # data_ptr -> packed
 
 
-@torch.library.custom_op("glm4v::packed_linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+@torch.library.custom_op("glm4v::packed_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 def packed_linear(x, weight, bias):
     """The compiled step's product: the packed copy is found by the weight's address at run time (the
     Linear owns it; the table holds it weakly), with the same checks as eager."""

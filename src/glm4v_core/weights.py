@@ -88,8 +88,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
 
     pack_cpu=True (bf16 on CPU, inference): every linear layer also gets its weight re-laid out for
     oneDNN (glm4v_core.ops.pack_cpu_weights): about 2x faster batch-1 decode (eager or compiled) and
-    ~10% faster prefill products on CPUs with native bf16, at the price of the zero-copy loading (the weights are read once
-    and copied into process memory).
+    ~10% faster prefill products on CPUs with native bf16, at the price of the zero-copy loading (the
+    weights are read once and copied into process memory).
 
     Inference-ready: eval mode, no gradients. To train, `model.requires_grad_(True).train()` is
     all it takes. `model.raw_config` keeps config.json as read (auto_map, torch_dtype...) for
