@@ -87,6 +87,17 @@ def test_packed_weight_is_not_used_when_gradients_flow(monkeypatch):
     torch.testing.assert_close(x.grad.float(), layer.weight.float().sum(0).expand(2, 5, 64), rtol=0.02, atol=0.05)
 
 
+@needs_onednn_bf16
+def test_a_deep_copy_of_a_packed_model_runs_plain_products(fixtures_dir):
+    import copy
+    packed = load_model(fixtures_dir / "tiny", dtype=torch.bfloat16, pack_cpu=True)
+    twin = copy.deepcopy(packed)
+    assert all(m.packed is None for m in twin.modules() if isinstance(m, ops.Linear))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, packed(ids).logits)
+
+
 def test_only_bf16_cpu_weights_are_packed():
     layer = ops.Linear(8, 8)
     assert ops.pack_cpu_weights(layer) == 0 and layer.packed is None  # fp32: ATen's own products are used

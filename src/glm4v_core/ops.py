@@ -132,6 +132,9 @@ class PackedWeight:
         """`weight` is still the one packed, and x is a CPU tensor of its dtype."""
         return x.dtype == weight.dtype and x.device.type == "cpu" and weight_key(weight) == self.key
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copied model has new weights (and oneDNN's tensor cannot be copied): plain products
+
 
 _PACKED: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()  # data_ptr -> packed
 
