@@ -75,6 +75,40 @@ def test_packed_weight_is_not_used_once_the_weight_changes(monkeypatch):
     assert seen == [True, False, False]
 
 
+def weight_over(memory: bytearray, values: torch.Tensor) -> torch.nn.Parameter:
+    """A new weight (its own storage, version 0) at the address of `memory`, holding `values`: what
+    the allocator gives a later tensor once a packed weight was freed."""
+    torch.frombuffer(memory, dtype=torch.int16).copy_(values.view(torch.int16).flatten())
+    return torch.nn.Parameter(torch.frombuffer(memory, dtype=torch.bfloat16).view(values.shape), requires_grad=False)
+
+
+@needs_onednn_bf16
+def test_a_new_weight_at_a_freed_weights_address_is_not_taken_for_it():
+    memory, x = bytearray(48 * 64 * 2), torch.randn(3, 64).to(torch.bfloat16)
+    old, new = (torch.randn(48, 64).to(torch.bfloat16) for _ in range(2))
+    layer = ops.Linear(64, 48, bias=False)
+    layer.weight = weight_over(memory, old)
+    ops.pack_cpu_weights(layer)
+    layer.weight = weight_over(memory, new)  # same address, same version, other storage and values
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, new))
+
+
+@needs_onednn_bf16
+def test_the_compiled_product_never_takes_another_layers_packed_copy():
+    """The custom op finds packed copies by address: a layer whose new weight lands where another
+    layer's packed weight was (that layer replaced it since) must not run on that layer's copy."""
+    memory, x = bytearray(48 * 64 * 2), torch.randn(3, 64).to(torch.bfloat16)
+    old, new = (torch.randn(48, 64).to(torch.bfloat16) for _ in range(2))
+    first, second = ops.Linear(64, 48, bias=False), packed_linear(bias=False)
+    first.weight = weight_over(memory, old)
+    ops.pack_cpu_weights(first)
+    first.weight = torch.nn.Parameter(old.clone(), requires_grad=False)  # its packed copy stays, keyed by `memory`
+    second.weight = weight_over(memory, new)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(second)(x), F.linear(x, new))
+
+
 @needs_onednn_bf16
 def test_packed_weight_is_not_used_when_gradients_flow(monkeypatch):
     layer = packed_linear(bias=False)

@@ -111,16 +111,20 @@ class Linear(nn.Linear):
 
 
 def weight_key(weight: torch.Tensor) -> tuple[int, int]:
-    """Changes whenever the weight is replaced (new storage) or written in place (version counter)."""
+    """Changes whenever the weight is replaced (address) or written in place through the parameter
+    (version counter; an edit through `.data` does not move it)."""
     return weight.data_ptr(), weight._version
 
 
 class PackedWeight:
-    """A bf16 CPU weight re-laid out once for oneDNN, and the weight_key it was made from."""
+    """A bf16 CPU weight re-laid out once for oneDNN, the weight_key it was made from and a weak
+    reference to the weight's storage: an address alone can belong to a later tensor once the weight
+    is freed (its version counter starts again at 0), so `fits` also asks for the same storage."""
 
     def __init__(self, weight: torch.Tensor):
         self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
         self.key = weight_key(weight)
+        self.storage = weakref.ref(weight.untyped_storage())
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight.T + bias, on the packed copy where it fits, else F.linear."""
@@ -130,7 +134,8 @@ class PackedWeight:
 
     def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """`weight` is still the one packed, and x is a CPU tensor of its dtype."""
-        return x.dtype == weight.dtype and x.device.type == "cpu" and weight_key(weight) == self.key
+        return (x.dtype == weight.dtype and x.device.type == "cpu" and weight_key(weight) == self.key
+                and self.storage() is weight.untyped_storage())
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied model has new weights (and oneDNN's tensor cannot be copied): plain products
