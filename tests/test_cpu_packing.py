@@ -132,6 +132,25 @@ def test_a_deep_copy_of_a_packed_model_runs_plain_products(fixtures_dir):
         assert torch.equal(twin(ids).logits, packed(ids).logits)
 
 
+@needs_onednn_bf16
+def test_a_model_loaded_in_inference_mode_runs_plain_products(fixtures_dir):
+    """Its weights are inference tensors, which have no version counter to tell an in-place edit:
+    they are not packed, and loading and running work."""
+    with torch.inference_mode():
+        model = load_model(fixtures_dir / "tiny", dtype=torch.bfloat16, pack_cpu=True)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        assert all(m.packed is None for m in model.modules() if isinstance(m, ops.Linear))
+        assert torch.equal(model(ids).logits, load_model(fixtures_dir / "tiny", dtype=torch.bfloat16)(ids).logits)
+
+
+@needs_onednn_bf16
+def test_a_packed_layer_whose_weight_is_replaced_in_inference_mode_runs_the_plain_product():
+    layer, x = packed_linear(), torch.randn(3, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        layer.weight = torch.nn.Parameter(torch.randn(48, 64).to(torch.bfloat16), requires_grad=False)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_only_bf16_cpu_weights_are_packed():
     layer = ops.Linear(8, 8)
     assert ops.pack_cpu_weights(layer) == 0 and layer.packed is None  # fp32: ATen's own products are used

@@ -134,8 +134,8 @@ class PackedWeight:
 
     def fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """`weight` is still the one packed, and x is a CPU tensor of its dtype."""
-        return (x.dtype == weight.dtype and x.device.type == "cpu" and weight_key(weight) == self.key
-                and self.storage() is weight.untyped_storage())
+        return (x.dtype == weight.dtype and x.device.type == "cpu" and self.storage() is weight.untyped_storage()
+                and weight_key(weight) == self.key)  # (a new weight may be an inference tensor: no version)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied model has new weights (and oneDNN's tensor cannot be copied): plain products
@@ -163,12 +163,15 @@ def pack_cpu_weights(model: nn.Module) -> int:
 
     For inference on CPU, eager or compiled. The copy lives in process memory: a loaded checkpoint's
     weights stop being read through the file mapping (they are read once, here), so memory is that of
-    a copied model, not of a zero-copy one. A no-op where this torch build has no oneDNN bf16 support."""
+    a copied model, not of a zero-copy one. A no-op where this torch build has no oneDNN bf16 support,
+    and for weights made inside torch.inference_mode() (they have no version counter to tell an
+    in-place edit): load the model outside it."""
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
+        if (isinstance(module, Linear) and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu"
+                and not module.weight.is_inference()):
             module.packed = PackedWeight(module.weight)
             _PACKED[module.weight.data_ptr()] = module.packed
             count += 1
