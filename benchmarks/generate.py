@@ -139,7 +139,9 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     # CPU: the copy bandwidth is measured before the first run and after every run; a run's own
     # reference is the larger of the two that bracket it (the roofline of each row stays the best seen)
     around = {mode: [] for mode in modes}
-    last_bandwidth = cpu_copy_bandwidth(remeasure=True) if device.type == "cpu" else None
+    if device.type == "cpu":
+        cpu_copy_bandwidth(remeasure=True)
+        last_bandwidth = CPU_COPY_MEASURED[-1]  # this measurement, not the best so far
     for _ in range(repeat):
         for mode, compile in modes.items():
             runs[mode].append(run_once(model, ids, pixels, new_tokens, compile))
