@@ -276,6 +276,8 @@ def main() -> None:
     p.add_argument("--name", default="prefill_vs_hf_cpu", help="result file name under benchmarks/results/")
     p.add_argument("--note", default="", help="free text stored in the result (e.g. where the reference code came from)")
     args = p.parse_args()
+    if args.new_tokens < 3:
+        p.error(f"--new-tokens must be >= 3 (the first two tokens are not timed), got {args.new_tokens}")
     why = missing_requirements(args.reference_code)
     if why:
         print(f"prefill_vs_hf: skipped: {why}")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, parity
+from glm4v_core import GLM4V, GLM4VConfig, distributed, load_model, ops, parity
 from glm4v_core.generate import generate
 
 CASES = ["a", "b", "c", "d"]  # image, text, padded image batch, padded text batch
@@ -53,6 +53,8 @@ def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
                   for k, v in parity.case_inputs(ref, COMPILED_CASE).items() if v is not None}
         result["tp_packed_bf16"] = [generate(packed, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c)
                                     for c in (False, True)]
+    sharded = distributed.fsdp(load_model(checkpoint, dtype=torch.bfloat16, pack_cpu=True), distributed.mesh(cpu))
+    result["fsdp_packed_copies"] = sum(m.packed is not None for m in sharded.modules() if isinstance(m, ops.Linear))
     result["quantized"] = {scheme: greedy_and_logits(distributed.tensor_parallel(load_model(folder), distributed.mesh(cpu)),
                                                     ref) for scheme, folder in quantized.items()}
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
@@ -138,6 +140,7 @@ def test_tensor_parallel_on_a_packed_bf16_model_compiles_to_the_eager_tokens(two
     on CPU): the shards run plain products, eager and compiled alike."""
     eager, compiled = two_ranks["tp_packed_bf16"]
     assert torch.equal(compiled, eager)
+    assert two_ranks["fsdp_packed_copies"] == 0  # FSDP's shards drop the packed copies too
 
 
 @pytest.mark.parametrize("scheme", QUANTIZED)

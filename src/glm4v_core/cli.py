@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
                           "spawned here or the ranks of torchrun")
-    chat = commands.add_parser("chat", help="multi-turn chat on stdin (empty line, 'exit', 'quit' or EOF ends; "
-                                            "'/image PATH' attaches an image)")
+    chat = commands.add_parser("chat", help="multi-turn chat on stdin (an empty line, exit, quit, /exit, /quit "
+                                            "or EOF ends it; /image PATH attaches an image)")
     for p in (gen, chat):
         add_model_arguments(p)
         add_sampling_arguments(p)
@@ -191,8 +191,9 @@ class Session:
         TextDeltas(tokenizer, args.stop)  # checks the stop strings
         device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        # bf16 on CPU: the products run on oneDNN-packed weights (about 2x faster decoding, eager or compiled)
-        model = load_model(checkpoint, dtype=dtype, device=device, pack_cpu=True)
+        # bf16 on CPU: the products run on oneDNN-packed weights (about 2x faster decoding, eager or compiled);
+        # not under --tp, whose shards replace the weights
+        model = load_model(checkpoint, dtype=dtype, device=device, pack_cpu=getattr(args, "tp", 1) == 1)
         return cls(model, tokenizer, images, args)
 
     def generate(self, prompt: str, out: TextIO, err: TextIO) -> int:

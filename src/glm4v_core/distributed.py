@@ -289,6 +289,7 @@ def fsdp(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     """FSDP2: every ViT and decoder block is one unit (its parameters gathered just before it
     runs, freed after), the rest (embeddings, projector, lm_head) the root unit. Gradients are
     averaged over ranks and left sharded (DTensor; `full_tensor()` gathers one)."""
+    drop_packed_weights(model)  # inference-only copies of whole weights
     for block in (*model.vision.layers, *model.text.layers):
         fully_shard(block, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)

@@ -179,8 +179,8 @@ def pack_cpu_weights(model: nn.Module) -> int:
 
 
 def drop_packed_weights(model: nn.Module) -> None:
-    """Forget every packed copy in `model`: for transforms that replace its weights by other kinds of
-    tensors (tensor parallelism's DTensor shards), which run the plain product."""
+    """Forget every packed copy in `model`: for transforms that replace its weights by DTensor shards
+    (tensor_parallel, fsdp), which run the plain product."""
     for module in model.modules():
         if isinstance(module, Linear):
             module.packed = None
