@@ -17,8 +17,10 @@ the pass's weight bytes / time is the achieved bandwidth. Paths, each timed in t
                        C++ GEMM template; slow to compile on 2 cores, so off by default)
   fp32 F.linear        the same pass with fp32 weights (twice the bytes)
 
-Last, the model itself: the mid-size random model's eager batch-1 bf16 decode step
-(model.decode_step) with plain weights and with `glm4v_core.ops.pack_cpu_weights` applied.
+Last, the model itself: the mid-size random model's batch-1 bf16 decode step (model.decode_step)
+with plain weights, with `glm4v_core.ops.pack_cpu_weights` applied, and packed and compiled, timed in
+the same rounds as the bare packed products: each step's time over theirs is what the rest of the
+step (norms, rotary, attention, the cache write) adds.
 
 Every bf16 path's result is checked equal to F.linear's (same inputs, max abs difference reported).
 Bandwidth references, measured in the same run: copy (bytes read + written by a 512 MiB tensor
@@ -43,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, read_bandwidth, write_result  # noqa: E402
 from generate import mid_size_config, prompt, random_model  # noqa: E402
 
+from glm4v_core.generate import cpu_compile_options  # noqa: E402
 from glm4v_core.ops import pack_cpu_weights  # noqa: E402
 
 
@@ -118,34 +121,48 @@ def time_paths(paths: dict, x: dict, repeat: int) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def decode_steps(repeat: int, steps: int = 16) -> dict:
-    """The mid-size model's batch-1 bf16 decode step (model.decode_step, eager) with plain and packed
-    weights, interleaved: ms per step and the decoder weights' bytes per second."""
+def decode_steps(repeat: int, bare_products, x: dict, steps: int = 16) -> dict:
+    """The mid-size model's batch-1 bf16 decode step (model.decode_step) with plain weights, packed
+    weights, and packed weights compiled (what `glm4v generate --compile` runs on CPU), interleaved
+    with `bare_products` (the packed products of one step alone, on x): ms per step, the decoder
+    weights' bytes per second, and each step's time over the bare products' in the same rounds."""
     device = torch.device("cpu")
     plain = random_model(mid_size_config(), device, torch.bfloat16)
     packed = random_model(mid_size_config(), device, torch.bfloat16)
     packed.load_state_dict(plain.state_dict())
     pack_cpu_weights(packed)
+    compiled_step = torch.compile(packed.decode_step, fullgraph=True, dynamic=False, options=cpu_compile_options())
+    steps_of = {"plain": plain.decode_step, "packed": packed.decode_step, "packed_compiled": compiled_step}
+    models = {"plain": plain, "packed": packed, "packed_compiled": packed}
     ids = torch.tensor([prompt(plain.config, 64, False)])
     weight_bytes = sum(p.nbytes for n, p in plain.text.named_parameters() if not n.startswith("embed."))
-    times: dict = {"plain": [], "packed": []}
+    times: dict = {name: [] for name in (*steps_of, "bare_products")}
     logits = {}
     with torch.no_grad():
         for _ in range(repeat + 1):
-            for name, model in (("plain", plain), ("packed", packed)):
-                checked = model.check_prompt(ids, max_new_tokens=steps)
-                state = model.prefill(checked, checked.spliced_length + steps)
+            for name, step in steps_of.items():
+                model = models[name]
+                checked = model.check_prompt(ids, max_new_tokens=steps + 1)
+                state = model.prefill(checked, checked.spliced_length + steps + 1)
                 token, position, slot = state.logits.argmax(-1, keepdim=True), state.positions, state.slot
+                out = step(token, position, slot, state.cache)  # (compiles once)
+                token, position, slot = out.argmax(-1, keepdim=True), position + 1, slot + 1
                 start = time.perf_counter()
                 for _ in range(steps):
-                    out = model.decode_step(token, position, slot, state.cache)
+                    out = step(token, position, slot, state.cache)
                     token, position, slot = out.argmax(-1, keepdim=True), position + 1, slot + 1
                 times[name].append((time.perf_counter() - start) / steps)
                 logits[name] = out
+            start = time.perf_counter()
+            for _ in range(steps):
+                bare_products(x)
+            times["bare_products"].append((time.perf_counter() - start) / steps)
     times = {name: t[1:] for name, t in times.items()}  # the first round warms up
+    bare = statistics.median(times["bare_products"])
     return {"weight_bytes": weight_bytes, "same_logits": bool(torch.equal(logits["plain"], logits["packed"])),
             **{name: {"ms_per_step": statistics.median(t) * 1e3, "best_ms_per_step": min(t) * 1e3,
-                      "weight_GB_s": weight_bytes / statistics.median(t) / 1e9} for name, t in times.items()}}
+                      "weight_GB_s": weight_bytes / statistics.median(t) / 1e9,
+                      "over_bare_products": statistics.median(t) / bare} for name, t in times.items()}}
 
 
 def main() -> None:
@@ -184,12 +201,13 @@ def main() -> None:
             row["paths"][name] = entry
             print(f"threads {threads} {name:28} {t * 1e3:8.2f} ms/pass {achieved / 1e9:6.1f} GB/s "
                   f"{entry['pct_of_copy_bw']:5.1f}% of copy {entry['pct_of_read_bw']:5.1f}% of read", flush=True)
-        row["model_decode_step"] = decode_steps(max(3, args.repeat // 3))
-        for name in ("plain", "packed"):
+        row["model_decode_step"] = decode_steps(max(3, args.repeat // 3), paths["bf16 mkldnn packed"][0], x)
+        for name in ("plain", "packed", "packed_compiled", "bare_products"):
             step = row["model_decode_step"][name]
             step["pct_of_copy_bw"] = 100 * step["weight_GB_s"] * 1e9 / copy_bw
-            print(f"threads {threads} model decode step, {name:6} weights: {step['ms_per_step']:.2f} ms "
-                  f"({step['weight_GB_s']:.1f} GB/s of weights, {step['pct_of_copy_bw']:.1f}% of copy)", flush=True)
+            print(f"threads {threads} model decode step, {name:15}: {step['ms_per_step']:.2f} ms "
+                  f"({step['weight_GB_s']:.1f} GB/s of weights, {step['pct_of_copy_bw']:.1f}% of copy, "
+                  f"{step['over_bare_products']:.2f}x the bare products)", flush=True)
         results["by_threads"][str(threads)] = row
     write_result("gemv_cpu", results)
 
