@@ -132,16 +132,15 @@ def decode_steps(repeat: int, bare_products, x: dict, steps: int = 16) -> dict:
     packed.load_state_dict(plain.state_dict())
     pack_cpu_weights(packed)
     compiled_step = torch.compile(packed.decode_step, fullgraph=True, dynamic=False, options=cpu_compile_options())
-    steps_of = {"plain": plain.decode_step, "packed": packed.decode_step, "packed_compiled": compiled_step}
-    models = {"plain": plain, "packed": packed, "packed_compiled": packed}
+    steps_of = {"plain": (plain, plain.decode_step), "packed": (packed, packed.decode_step),
+                "packed_compiled": (packed, compiled_step)}
     ids = torch.tensor([prompt(plain.config, 64, False)])
     weight_bytes = sum(p.nbytes for n, p in plain.text.named_parameters() if not n.startswith("embed."))
     times: dict = {name: [] for name in (*steps_of, "bare_products")}
     logits = {}
     with torch.no_grad():
         for _ in range(repeat + 1):
-            for name, step in steps_of.items():
-                model = models[name]
+            for name, (model, step) in steps_of.items():
                 checked = model.check_prompt(ids, max_new_tokens=steps + 1)
                 state = model.prefill(checked, checked.spliced_length + steps + 1)
                 token, position, slot = state.logits.argmax(-1, keepdim=True), state.positions, state.slot

@@ -56,8 +56,14 @@ def cpu_copy_bandwidth(remeasure: bool = False) -> float:
     """The best copy bandwidth measured so far in this run; remeasure=True takes one more measurement.
     A shared VM's memory bandwidth drifts by tens of % within minutes: the roofline is the best seen."""
     if remeasure or not CPU_COPY_MEASURED:
-        CPU_COPY_MEASURED.append(copy_bandwidth())
+        copy_bandwidth_now()
     return max(CPU_COPY_MEASURED)
+
+
+def copy_bandwidth_now() -> float:
+    """One more copy measurement (kept among the run's), returned: not the best so far."""
+    CPU_COPY_MEASURED.append(copy_bandwidth())
+    return CPU_COPY_MEASURED[-1]
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
@@ -139,16 +145,14 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     # CPU: the copy bandwidth is measured before the first run and after every run; a run's own
     # reference is the larger of the two that bracket it (the roofline of each row stays the best seen)
     around = {mode: [] for mode in modes}
-    if device.type == "cpu":
-        cpu_copy_bandwidth(remeasure=True)
-        last_bandwidth = CPU_COPY_MEASURED[-1]  # this measurement, not the best so far
+    before = copy_bandwidth_now() if device.type == "cpu" else None
     for _ in range(repeat):
         for mode, compile in modes.items():
             runs[mode].append(run_once(model, ids, pixels, new_tokens, compile))
             if device.type == "cpu":
-                cpu_copy_bandwidth(remeasure=True)
-                around[mode].append(max(last_bandwidth, CPU_COPY_MEASURED[-1]))
-                last_bandwidth = CPU_COPY_MEASURED[-1]
+                after = copy_bandwidth_now()
+                around[mode].append(max(before, after))
+                before = after
     for mode, compile in modes.items():
         steps = [r[1] for r in runs[mode]]
         step_s = statistics.median(steps)
