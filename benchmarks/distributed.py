@@ -33,19 +33,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 from generate import mid_size_config, prompt, random_model, real_config  # noqa: E402
 
-from glm4v_core import GLM4VConfig, distributed  # noqa: E402
-from glm4v_core.generate import stream_tokens  # noqa: E402
+from glm4v_core import GLM4VConfig  # noqa: E402
+from glm4v_core.generation.loop import stream_tokens  # noqa: E402
+from glm4v_core.training import cli as training_cli
+from glm4v_core.training import trainer as training_trainer
+from glm4v_core.transforms import distributed as transforms_distributed
 
 
 def time_generation(hf: dict, dtype_name: str, n_text: int, image: bool, new_tokens: int, repeat: int) -> dict:
     """On every rank: the same random model (same seed), sharded when there are several ranks,
     one greedy prompt timed `repeat` times after a warm-up; rank 0's numbers are returned."""
-    device = distributed.init()  # on CPU each rank gets its share of the cores
+    device = transforms_distributed.init()  # on CPU each rank gets its share of the cores
     ranks = torch.distributed.get_world_size()
     torch.manual_seed(0)
     model = random_model(hf, device, getattr(torch, dtype_name))
     if ranks > 1:
-        distributed.tensor_parallel(model, distributed.mesh(device))
+        transforms_distributed.tensor_parallel(model, transforms_distributed.mesh(device))
     c = GLM4VConfig.from_hf(hf)
     ids = torch.tensor([prompt(c, n_text, image)], device=device)
     size = c.vision.image_size
@@ -71,13 +74,13 @@ FIXTURES = Path(__file__).parent.parent / "tests" / "fixtures"
 def time_finetune_steps(steps: int) -> dict:
     """On every rank: `steps` optimizer steps of `glm4v finetune --fsdp N`'s trainer after one
     warm-up step; rank 0's times and every step's loss."""
-    from glm4v_core import finetune
+    pass
     ranks = torch.distributed.get_world_size()
     with tempfile.TemporaryDirectory() as out:
-        args = finetune.build_parser().parse_args([
+        args = training_cli.build_parser().parse_args([
             "--checkpoint", str(FIXTURES / "narrow"), "--data", str(FIXTURES / "finetune" / "train.jsonl"),
             "--out", out, "--batch-size", "2", "--max-steps", str(steps + 1), "--fsdp", str(ranks), "--no-progress"])
-        trainer = finetune.Trainer(args)
+        trainer = training_trainer.Trainer(args)
         records = [trainer.train_step() for _ in range(steps + 1)]
     times = [r["seconds"] for r in records[1:]]
     return {"ranks": ranks, "step_ms_median": statistics.median(times) * 1e3,
@@ -87,7 +90,7 @@ def time_finetune_steps(steps: int) -> dict:
 def finetune_rows(steps: int) -> list[dict]:
     rows = []
     for n in (1, 2):
-        row = distributed.run_ranks(time_finetune_steps, n, steps, device_type="cpu")
+        row = transforms_distributed.run_ranks(time_finetune_steps, n, steps, device_type="cpu")
         if rows:
             row["losses_equal_1_rank"] = all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(rows[0]["losses"], row["losses"]))
         rows.append(row)
@@ -114,9 +117,9 @@ def main() -> None:
             print(f"TP {n}: skipped, {gpus} GPU(s) here")
             continue
         try:
-            row = distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image, args.new_tokens, args.repeat,
+            row = transforms_distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image, args.new_tokens, args.repeat,
                                         device_type="cuda" if args.real else "cpu")
-        except distributed.DistributedError as e:
+        except transforms_distributed.DistributedError as e:
             row = {"ranks": n, "error": str(e).strip().splitlines()[-1]}
         if "tokens" in row and rows and "tokens" in rows[0]:
             row["tokens_equal_1_rank"] = row["tokens"] == rows[0]["tokens"]

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 from train import MANIFEST, cpu_model_and_batch, first_step_peak_then_times, make_batch  # noqa: E402
 
-from glm4v_core import GLM4V, GLM4VConfig, lora  # noqa: E402
+from glm4v_core import GLM4V, GLM4VConfig  # noqa: E402
+from glm4v_core.transforms import lora as transforms_lora
 
 VARIANTS = [("ours", "lora"), ("reference", "lora"), ("ours", "full"), ("reference", "full")]
 GB = 1e9
@@ -48,7 +49,7 @@ GB = 1e9
 def prepare(model: GLM4V, method: str, kind: str, rank: int) -> torch.optim.Optimizer:
     """Trainable tensors + optimizer for one variant; method picks the loss path and checkpointing."""
     if kind == "lora":
-        lora.add_lora(model, lora.LoRAConfig.from_presets(["decoder"], rank=rank))
+        transforms_lora.add_lora(model, transforms_lora.LoRAConfig.from_presets(["decoder"], rank=rank))
     else:
         model.requires_grad_(True)
     model.loss_chunk_size = GLM4V.loss_chunk_size if method == "ours" else None
@@ -92,7 +93,7 @@ def run_real(text_tokens: int, steps: int, rank: int, methods: list[str], config
     pixels = torch.randn(1, 3, c.vision.image_size, c.vision.image_size)
     batch = {k: v.to(device) for k, v in make_batch(c, prompt, pixels, 1, text_tokens).items()}
     model.requires_grad_(False)
-    lora.add_lora(model, lora.LoRAConfig.from_presets(["decoder"], rank=rank))
+    transforms_lora.add_lora(model, transforms_lora.LoRAConfig.from_presets(["decoder"], rank=rank))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     weights = torch.cuda.memory_allocated() if cuda else None

@@ -18,7 +18,7 @@ the pass's weight bytes / time is the achieved bandwidth. Paths, each timed in t
   fp32 F.linear        the same pass with fp32 weights (twice the bytes)
 
 Last, the model itself: the mid-size random model's batch-1 bf16 decode step (model.decode_step)
-with plain weights, with `glm4v_core.ops.pack_cpu_weights` applied, and packed and compiled, timed in
+with plain weights, with `glm4v_core.model.ops.pack_cpu_weights` applied, and packed and compiled, timed in
 the same rounds as the bare packed products: each step's time over theirs is what the rest of the
 step (norms, rotary, attention, the cache write) adds.
 
@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, read_bandwidth, write_result  # noqa: E402
 from generate import mid_size_config, prompt, random_model  # noqa: E402
 
-from glm4v_core.generate import cpu_compile_options  # noqa: E402
-from glm4v_core.ops import pack_cpu_weights  # noqa: E402
+from glm4v_core.generation.step import cpu_compile_options  # noqa: E402
+from glm4v_core.model.ops import pack_cpu_weights  # noqa: E402
 
 
 def decode_shapes(config: dict) -> list[tuple[int, int]]:

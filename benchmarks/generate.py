@@ -10,7 +10,7 @@ Every row is timed eager and with `compile=True` (torch.compile of the whole-tok
 replayed from a CUDA graph on CUDA) in one process, interleaved (eager, compiled, eager, ...), so
 that a busy machine slows both alike; medians, min/max, and the median of the per-pair ratios. The
 one-time compile is reported apart (GenerationStats.compile_s). Everything goes through
-glm4v_core.generate.stream_tokens, the loop the library uses; each step ends with a host sync (the
+glm4v_core.generation.loop.stream_tokens, the loop the library uses; each step ends with a host sync (the
 loop reads how many rows are done), so wall time per step is honest. `step_ms` times the step
 function alone (same inputs, no loop) at batch 1: the rest of decode_ms_per_step is the loop.
 
@@ -28,7 +28,6 @@ two copy measurements that bracket it (median, min, max), what the run could hav
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -41,10 +40,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import copy_bandwidth, datasheet_peaks, write_result  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
-from glm4v_core.generate import (COMPILE_CACHE_MULTIPLE, GenerationStats, Sampling, TokenRule,  # noqa: E402
-                                 decode_step_runner, stream_tokens)
-from glm4v_core.ops import pack_cpu_weights  # noqa: E402
-from glm4v_core.weights import build_meta_model  # noqa: E402
+from glm4v_core.checkpoint import build_meta_model  # noqa: E402
+from glm4v_core.generation.loop import GenerationStats, stream_tokens
+from glm4v_core.generation.sampling import Sampling, TokenRule
+from glm4v_core.generation.step import COMPILE_CACHE_MULTIPLE, decode_step_runner
+from glm4v_core.model.ops import pack_cpu_weights  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 

@@ -35,7 +35,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from glm4v_kernels import flash_attention as A, flash_attention_backward as AB, fused_rms_norm as R  # noqa: E402
+from glm4v_kernels import flash_attention as A  # noqa: E402
+from glm4v_kernels import flash_attention_backward as AB
+from glm4v_kernels import fused_rms_norm as R
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402

@@ -132,11 +132,12 @@ def evict(folder: Path) -> None:
 
 
 def worker(mode: str, path: Path, extra: Path | None) -> dict:
-    from glm4v_conversion.convert import convert
-    from glm4v_core.config import GLM4VConfig
-    from glm4v_core.model import GLM4V
-    from glm4v_core.weights import load_model
     from safetensors.torch import load_file
+
+    from glm4v_conversion.convert import convert
+    from glm4v_core.checkpoint import load_model
+    from glm4v_core.config import GLM4VConfig
+    from glm4v_core.model.glm4v import GLM4V
     reset = _reset_peak_rss()
     base = _peak_rss()
     start = time.perf_counter()

@@ -7,7 +7,7 @@
 Prompt: [gMASK] <sop> <|user|> N image blocks, 32 text tokens <|assistant|>, batch 1. TTFT (median
 and best of --repeat runs after a warm-up) runs from the call to the first token on the host: ViT
 over N images in bounded batches, splice, prefill of N * (2 + num_image_tokens) + text cache
-slots, first sampling, through glm4v_core.generate.stream_tokens, the loop the library uses.
+slots, first sampling, through glm4v_core.generation.loop.stream_tokens, the loop the library uses.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over the runs of one N, minus what was allocated
 before them (weights). CPU: torch has no allocator statistics, so each N runs in a fresh child
@@ -32,8 +32,8 @@ from common import write_result  # noqa: E402
 from generate import random_model, real_config  # noqa: E402  (benchmarks/generate.py)
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
-from glm4v_core.generate import stream_tokens  # noqa: E402
-from glm4v_core.splice import ImageBlock, spliced_length  # noqa: E402
+from glm4v_core.generation.loop import stream_tokens  # noqa: E402
+from glm4v_core.model.splice import ImageBlock, spliced_length  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 N_TEXT = 32

@@ -55,9 +55,9 @@ from generate import mid_size_config, prompt  # noqa: E402
 from load import write_synthetic_hf  # noqa: E402
 
 from glm4v_core import GLM4VConfig, load_model  # noqa: E402
-from glm4v_core.generate import stream_tokens  # noqa: E402
-from glm4v_core.text import apply_rotary, rotary_tables  # noqa: E402
-from glm4v_core.make_reference import import_transformers, load_reference  # noqa: E402
+from glm4v_core.generation.loop import stream_tokens  # noqa: E402
+from glm4v_core.model.decoder import apply_rotary, rotary_tables  # noqa: E402
+from glm4v_core.parity.make_reference import import_transformers, load_reference  # noqa: E402
 
 FIXTURES = Path(__file__).parent.parent / "tests" / "fixtures"
 REFERENCE_FILES = ("modeling_chatglm.py", "visual.py", "configuration_chatglm.py")

@@ -6,7 +6,7 @@
     python benchmarks/quant.py --accuracy      # logits error vs the HF fp32 reference, both fixtures, every scheme
 
 Every run also prints the real 9B checkpoint's size under each scheme (tests/fixtures/real_manifest.json).
-int8/int4 rows quantize the same random weights with glm4v_core.quant.quantize_model; activations
+int8/int4 rows quantize the same random weights with glm4v_core.transforms.quant.quantize_model; activations
 run in the row's compute dtype. Decode: median seconds per step of a greedy eager loop (the
 library's stream_tokens, one host sync per step), text-only prompt. Prefill: time to first token.
 Decode roofline: a step reads every decoder weight byte once (embedding excluded), so
@@ -31,8 +31,8 @@ from generate import mid_size_config, peak_bandwidth, prompt, random_model, real
 from glm4v_conversion.names import hf_to_native  # noqa: E402
 from glm4v_conversion.quantize import is_linear_weight, layer_scheme, stored_layout  # noqa: E402
 from glm4v_conversion.safetensors_io import tensor_nbytes  # noqa: E402
-from glm4v_core.generate import stream_tokens  # noqa: E402
-from glm4v_core.quant import quantize_model  # noqa: E402
+from glm4v_core.generation.loop import stream_tokens  # noqa: E402
+from glm4v_core.transforms.quant import quantize_model  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 # (label, weights, compute dtype, group size)
@@ -109,6 +109,7 @@ def kernel_rows(device: torch.device) -> list[dict]:
     weight bytes = codes + scales (+ zeros); GB/s = weight bytes / time; % = that over the peak.
     On CPU (TRITON_INTERPRET=1) a smoke pass: small shapes, wall-clock timing, no peak."""
     import triton.testing
+
     import glm4v_kernels as K
     from glm4v_conversion.quantize import quantize_int4, quantize_int8
     cfg = real_config(None)
@@ -160,9 +161,11 @@ def accuracy_rows() -> dict:
     """Per fixture and scheme: logits max-abs and RMS vs the fp32 reference over the real rows of
     every case, argmax agreement, and the Linear weights' relative reconstruction error."""
     from safetensors.torch import load_file
+
     from glm4v_conversion.quantize import quantize_int4, quantize_int8, unpack_int4
-    from glm4v_core.parity import _case_logits, reference_cases
-    from glm4v_core.weights import load_model
+    from glm4v_core.checkpoint import load_model
+    from glm4v_core.parity.quantized import _case_logits
+    from glm4v_core.parity.reference import reference_cases
     out = {}
     for fixture in ("tiny", "narrow"):
         folder = FIXTURES / fixture

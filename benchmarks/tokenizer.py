@@ -27,7 +27,7 @@ import tiktoken.load
 sys.path.insert(0, str(Path(__file__).parent))
 from common import cpu_name, write_result  # noqa: E402
 
-from glm4v_core.tokenizer import PAT_STR, Tokenizer  # noqa: E402
+from glm4v_core.processing.tokenizer import PAT_STR, Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = ROOT / "tests" / "fixtures" / "tokenizer" / "tokenizer.model"

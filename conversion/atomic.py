@@ -23,17 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import ConversionError
 from .files import os_reason
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock, the rest works
     fcntl = None
-
-
-class ConversionError(ValueError):
-    """A conversion that cannot start: the destination is in the way, busy, not writable, or the disk
-    is too small."""
 
 
 class LeftoversWarning(UserWarning):

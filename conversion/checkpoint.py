@@ -3,7 +3,7 @@
 `open_checkpoint` reads and validates every safetensors header, tells the layout from the
 names (HF names all start with `transformer.`, native names never do) and renames HF tensors
 to native ones. `check_tensors` compares names, shapes and dtypes with what the config
-implies, and names the file and tensor at fault. The loader (glm4v_core.weights) and the
+implies, and names the file and tensor at fault. The loader (glm4v_core.checkpoint) and the
 converter both go through these two functions.
 """
 from __future__ import annotations

@@ -12,12 +12,12 @@ from contextlib import contextmanager
 import torch
 
 from . import __version__
-from .files import human_size, os_reason
-from .streams import WriteCounter, quiet_broken_pipe
 from .config_check import ConfigError
 from .convert import ConversionError, convert
+from .files import human_size, os_reason
 from .quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizationError, quantize_checkpoint, quantized_scheme_of
 from .safetensors_io import CheckpointError
+from .streams import WriteCounter, quiet_broken_pipe
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .errors import ConversionError
 
-class ConfigError(ValueError):
+
+class ConfigError(ConversionError):
     """A config.json that this implementation cannot represent faithfully."""
 
 

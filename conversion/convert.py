@@ -30,13 +30,36 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import ConversionError, destination_lock, staging
-from .checkpoint import (CONFIG_FILE, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE, Checkpoint,
-                         check_tensors, dtype_name, open_checkpoint, read_config)
+from .checkpoint import (
+    CONFIG_FILE,
+    NATIVE_FORMAT,
+    NATIVE_FORMAT_VERSION,
+    PROVENANCE_FILE,
+    Checkpoint,
+    check_tensors,
+    dtype_name,
+    open_checkpoint,
+    read_config,
+)
 from .files import human_size, os_reason
 from .names import HF_IGNORED_BUFFERS, native_to_hf
-from .safetensors_io import (DTYPE_NAMES, DTYPES, INDEX_FILE, CheckpointError, MappedFiles, TensorInfo, file_size,
-                             index_json, read_header, read_index, sha256_file, shard_names, storage_order,
-                             tensor_nbytes, write_file)
+from .safetensors_io import (
+    DTYPE_NAMES,
+    DTYPES,
+    INDEX_FILE,
+    CheckpointError,
+    MappedFiles,
+    TensorInfo,
+    file_size,
+    index_json,
+    read_header,
+    read_index,
+    sha256_file,
+    shard_names,
+    storage_order,
+    tensor_nbytes,
+    write_file,
+)
 from .shapes import expected_shapes
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' default when nothing records the original sharding

@@ -1,6 +1,6 @@
 """The one HF <-> native tensor-name table. `{}` stands for a layer index.
 
-Native names follow our module tree (glm4v_core.model.GLM4V): `vision.*` (ViT),
+Native names follow our module tree (glm4v_core.GLM4V): `vision.*` (ViT),
 `projector.*` (conv + GLU + boi/eoi) and `text.*` (GLM-4 decoder). The inverse map is
 derived from the same table, never written by hand.
 """

@@ -40,10 +40,29 @@ from tqdm import tqdm
 
 from . import __version__
 from .atomic import staging
-from .checkpoint import (CONFIG_FILE, FLOAT_DTYPES, NATIVE_FORMAT, NATIVE_FORMAT_VERSION, PROVENANCE_FILE,
-                         Checkpoint, check_tensors, dtype_name, open_checkpoint, read_config)
-from .safetensors_io import (INDEX_FILE, CheckpointError, MappedFiles, index_json, sha256_file,
-                             shard_names, tensor_nbytes, write_file)
+from .checkpoint import (
+    CONFIG_FILE,
+    FLOAT_DTYPES,
+    NATIVE_FORMAT,
+    NATIVE_FORMAT_VERSION,
+    PROVENANCE_FILE,
+    Checkpoint,
+    check_tensors,
+    dtype_name,
+    open_checkpoint,
+    read_config,
+)
+from .errors import ConversionError
+from .safetensors_io import (
+    INDEX_FILE,
+    CheckpointError,
+    MappedFiles,
+    index_json,
+    sha256_file,
+    shard_names,
+    tensor_nbytes,
+    write_file,
+)
 from .shapes import expected_shapes
 
 SCHEMES = ("int8", "int4")
@@ -67,7 +86,7 @@ LINEAR_WEIGHTS = (
 _LINEAR = re.compile("|".join(re.escape(p).replace(r"\{\}", r"\d+") for p in LINEAR_WEIGHTS))
 
 
-class QuantizationError(ValueError):
+class QuantizationError(ConversionError):
     """A quantization request that cannot be honoured (scheme, group size, method); says which and why."""
 
 

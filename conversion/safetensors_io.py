@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ConversionError
 from .files import check_folder, check_regular_file, open_regular, parse_json, read_text
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,7 +46,7 @@ def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConversionError):
     """A checkpoint folder or file that cannot be read as described; the message names it."""
 
 

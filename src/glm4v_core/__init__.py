@@ -1,18 +1,49 @@
 """glm4v-core: a readable, exact, fast PyTorch reimplementation of GLM-4V-9B.
 
+The package is in rooms, one job each (docs/architecture.md has the map and the import rules):
+
+    model/        the GLM4V module and its parts: vision tower, projector, decoder, splice, cache, loss
+    processing/   tokenizer, image preprocessing, conversation -> model inputs
+    generation/   sampling, the compiled decode step, the loop, text streaming
+    transforms/   what is applied to a built model: quantization, LoRA, tensor parallel / FSDP2
+    training/     `glm4v finetune`: its config, trainer, data and resumable state
+    parity/       `glm4v parity` and `glm4v make-reference`: comparison against the HF reference
+
 The public names below are imported on first use (a module-level __getattr__), so that
-`import glm4v_core.config` or `glm4v_core.tokenizer` does not pull in torch and triton.
+`import glm4v_core.config` or `glm4v_core.processing.tokenizer` does not pull in torch and triton.
 """
-import sys
-import types
 from importlib import import_module
 
-_WHERE = {"GLM4V": "model", "InputError": "model", "ModelOutput": "model", "GLM4VConfig": "config",
-          "VisionConfig": "config", "load_model": "weights", "generate": "generate", "stream_text": "generate",
-          "LabelError": "loss", "save_model": "save"}
+_WHERE = {
+    # the model
+    "GLM4V": "model.glm4v", "ModelOutput": "model.glm4v", "Prompt": "model.glm4v", "KVCache": "model.cache",
+    "GLM4VConfig": "config", "VisionConfig": "config",
+    # checkpoints
+    "load_model": "checkpoint", "save_model": "checkpoint",
+    # inputs
+    "Tokenizer": "processing.tokenizer", "load_image": "processing.image", "build_inputs": "processing.chat",
+    "build_batch": "processing.chat", "ModelInputs": "processing.chat",
+    # generation
+    "generate": "generation.loop", "stream_tokens": "generation.loop", "Step": "generation.loop",
+    "Sampling": "generation.sampling", "stream_text": "generation.streaming",
+    "GenerationStats": "generation.streaming", "TextDeltas": "generation.streaming",
+    # transforms
+    "quantize_model": "transforms.quant", "LoRAConfig": "transforms.lora", "add_lora": "transforms.lora",
+    "load_adapters": "transforms.lora", "save_adapters": "transforms.lora", "remove_lora": "transforms.lora",
+    # parity
+    "run_parity": "parity.run",
+    # errors: GLM4VError is the base of every error below; ConversionError is glm4v_conversion's base
+    "GLM4VError": "errors", "ConversionError": "errors", "CLIError": "errors", "ConfigError": "config",
+    "InputError": "model.splice", "LabelError": "model.loss", "CacheFullError": "model.cache",
+    "BackendError": "model.ops", "InitError": "model.init", "TokenizerError": "processing.tokenizer",
+    "ImageError": "processing.image", "NonFiniteLogitsError": "generation.sampling", "DeviceError": "checkpoint",
+    "SaveError": "checkpoint", "LoRAError": "transforms.lora", "DistributedError": "transforms.distributed",
+    "FinetuneError": "training.config", "DataError": "training.data", "ResumeError": "training.state",
+    "ReferenceFileError": "parity.reference", "ReportError": "parity.report",
+    "CaptureError": "parity.capture",
+}
 
-__all__ = ["GLM4V", "GLM4VConfig", "VisionConfig", "InputError", "LabelError", "ModelOutput", "load_model",
-           "save_model", "generate", "stream_text"]
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
@@ -25,20 +56,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-class _Package(types.ModuleType):
-    """`generate` names both a submodule and its function; the function is what this package exports.
-    Importing the submodule makes Python set the package attribute to the module, which this
-    property ignores, so `from glm4v_core import generate` is the function in any import order."""
-
-    @property
-    def generate(self):
-        return import_module(".generate", __name__).generate
-
-    @generate.setter
-    def generate(self, module) -> None:
-        pass  # the submodule stays reachable as sys.modules["glm4v_core.generate"]
-
-
-sys.modules[__name__].__class__ = _Package

@@ -5,7 +5,7 @@
     glm4v chat [--checkpoint DIR] [--image PATH ...]   (then `/image PATH` attaches one to the next turn)
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
     glm4v make-reference --checkpoint DIR --out REF [...]   (record the checkpoint's own HF code)
-    glm4v finetune --data F --out DIR [...] (the arguments of python -m glm4v_core.finetune)
+    glm4v finetune --data F --out DIR [...] (the arguments of glm4v finetune)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
 every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
@@ -29,25 +29,20 @@ from typing import TextIO
 import torch
 
 from glm4v_conversion import __version__
-from glm4v_conversion.files import check_folder
 from glm4v_conversion.streams import WriteCounter, quiet_broken_pipe
+from glm4v_core.checkpoint import DTYPES, check_device, load_model, resolve_checkpoint
+from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
+from glm4v_core.errors import REFUSED, CLIError
+from glm4v_core.generation.sampling import Sampling
+from glm4v_core.generation.streaming import GenerationStats, TextDeltas, stream_text
+from glm4v_core.model.splice import ImageBlock, InputError, spliced_length
+from glm4v_core.processing.chat import build_inputs
+from glm4v_core.processing.image import load_image
+from glm4v_core.processing.tokenizer import Tokenizer, resolve_tokenizer
 
-from .config import GLM4VConfig
-from .chat import build_inputs
-from .generate import GenerationStats, Sampling, TextDeltas, stream_text
-from .image import load_image
-from .model import InputError
-from .splice import ImageBlock, spliced_length
-from .tokenizer import Tokenizer, TokenizerError, load_ranks
-from .weights import BUNDLED_CHECKPOINT, check_device, load_model
-
-BUNDLED_VOCABULARY = BUNDLED_CHECKPOINT.parent / "tokenizer" / "tokenizer.model"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
 
-class CLIError(ValueError):
-    """A problem with the command line or the files it names."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,26 +111,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str], stdout: WriteCounter) -> int:
     if argv[:1] == ["parity"]:  # every further argument belongs to the parity tool
-        from . import parity
+        from glm4v_core.parity import cli as parity
         return parity.main(argv[1:], prog="glm4v parity")
     if argv[:1] == ["make-reference"]:  # likewise; transformers is imported only inside this command
-        from . import make_reference
+        from glm4v_core.parity import make_reference
         return make_reference.main(argv[1:])
     if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
-        from . import finetune
+        from glm4v_core.training import cli as finetune
         return finetune.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
-            from . import distributed  # only here: torch.distributed.tensor takes seconds to import
+            from glm4v_core.transforms import distributed  # only here: torch.distributed.tensor takes seconds to import
             device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
             return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
         if args.command == "generate":
             return session.generate(args.prompt, stdout, sys.stderr)
         return session.chat(sys.stdin, stdout, sys.stderr)
-    except ValueError as e:  # every input error of glm4v_core is a ValueError subclass with a clear text
+    except REFUSED as e:  # every refused input is a GLM4VError / ConversionError with a one-line text
         print(f"glm4v: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -231,7 +226,7 @@ class Session:
             return
         try:
             load_image(path, self.model.config.vision.image_size)
-        except ValueError as e:
+        except REFUSED as e:
             print(f"glm4v: error: {e}", file=err, flush=True)
             return
         self.pending_images.append(path)
@@ -280,7 +275,7 @@ class Session:
 def generate_on_rank(args: argparse.Namespace) -> int:
     """One rank of `glm4v generate --tp N`: its shard of the model, the same tokens as every other
     rank (the logits are gathered, the seed shared); rank 0 writes the answer."""
-    from . import distributed
+    from glm4v_core.transforms import distributed
     args.device = str(distributed.init())
     session = Session.open(args)
     distributed.tensor_parallel(session.model, distributed.mesh(torch.device(args.device)))
@@ -290,54 +285,12 @@ def generate_on_rank(args: argparse.Namespace) -> int:
     return session.generate(args.prompt, *out)
 
 
-def resolve_checkpoint(path: Path | None) -> Path:
-    if path is None:
-        if not (BUNDLED_CHECKPOINT / "config.json").is_file():
-            raise CLIError(f"no --checkpoint given and the bundled demo checkpoint {BUNDLED_CHECKPOINT} is missing "
-                           "(it ships with a source checkout of glm4v-core); pass --checkpoint DIR")
-        return BUNDLED_CHECKPOINT
-    check_folder(path, "--checkpoint", CLIError)  # names a file, FIFO or link loop as what it is
-    config = path / "config.json"
-    if not (config.exists() or config.is_symlink()):
-        raise CLIError(f"{path} is not a checkpoint folder (no config.json in it)")
-    return path  # a config.json that is not a regular file is named by GLM4VConfig.from_json
 
 
-def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig) -> Tokenizer:
-    """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit."""
-    if path is not None:
-        tokenizer = Tokenizer.from_file(path)
-    elif (checkpoint / "tokenizer.model").exists() or (checkpoint / "tokenizer.model").is_symlink():
-        tokenizer = Tokenizer.from_checkpoint(checkpoint)  # a FIFO or folder there is named, not skipped
-    elif BUNDLED_VOCABULARY.is_file():
-        tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id)
-    else:
-        raise CLIError(f"{checkpoint} has no tokenizer.model; pass --tokenizer FILE")
-    check_tokenizer_fits(tokenizer, config)
-    return tokenizer
 
 
-def truncated_tokenizer(vocabulary: Path, n_ranks: int) -> Tokenizer:
-    """The first n_ranks BPE ranks of a vocabulary; the special tokens then take ids n_ranks.. ."""
-    ranks = load_ranks(vocabulary)
-    if not 256 <= n_ranks <= len(ranks):
-        raise CLIError(f"cannot cut {vocabulary} ({len(ranks)} ranks) to {n_ranks} ranks (need 256 single bytes)")
-    return Tokenizer({token: rank for token, rank in ranks.items() if rank < n_ranks})
 
 
-def check_tokenizer_fits(tokenizer: Tokenizer, config: GLM4VConfig) -> None:
-    """The ids the model treats specially must be the tokenizer's, or prompts are silently wrong."""
-    sp = tokenizer.special_ids
-    pairs = {"pad_token_id (<|endoftext|>)": (config.pad_token_id, sp["<|endoftext|>"]),
-             "boi_token_id (<|begin_of_image|>)": (config.boi_token_id, sp["<|begin_of_image|>"]),
-             "eoi_token_id (<|end_of_image|>)": (config.eoi_token_id, sp["<|end_of_image|>"])}
-    for name, (model_id, tok_id) in pairs.items():
-        if model_id != tok_id:
-            raise TokenizerError(f"tokenizer does not fit the checkpoint: config {name} is {model_id}, the "
-                                 f"tokenizer's is {tok_id}")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} ids, the model's embedding only "
-                             f"{config.vocab_size}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,12 @@ from typing import Any
 from glm4v_conversion.config_check import FIXED_TEXT, FIXED_VISION, ConfigError, check_config
 from glm4v_conversion.files import parse_json, read_text
 
-__all__ = ["ConfigError", "GLM4VConfig", "VisionConfig"]
+__all__ = ["BUNDLED_CHECKPOINT", "BUNDLED_VOCABULARY", "ConfigError", "GLM4VConfig", "VisionConfig"]
+
+# The demo that ships inside the package (random weights: gibberish text, but every stage runs in seconds),
+# with the real GLM-4 vocabulary that the tokenizer cuts to its size.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "demo" / "tiny"
+BUNDLED_VOCABULARY = BUNDLED_CHECKPOINT.parent / "tokenizer" / "tokenizer.model"
 
 
 @dataclass(frozen=True)

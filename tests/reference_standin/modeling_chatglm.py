@@ -22,8 +22,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from glm4v_core import ops
-from glm4v_core.text import apply_rotary
+from glm4v_core.model import ops
+from glm4v_core.model.decoder import apply_rotary
 
 from .configuration_chatglm import ChatGLMConfig
 from .visual import EVA2CLIPModel

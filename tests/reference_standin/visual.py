@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm4v_core import ops
+from glm4v_core.model import ops
 
 
 class PatchEmbedding(nn.Module):

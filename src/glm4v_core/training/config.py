@@ -1,0 +1,125 @@
+"""FinetuneConfig: every option of a fine-tuning run, documented and checked in one place.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glm4v_core.checkpoint import check_device
+from glm4v_core.errors import GLM4VError
+from glm4v_core.training.data import ON_BAD_RECORD, TRAIN_ON
+
+PARTS = {"vision": "vision", "projector": "projector", "decoder": "text"}  # --train name -> module
+
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+class FinetuneError(GLM4VError):
+    """A fine-tuning request that cannot run; the message says which argument or file and why."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The options of one fine-tuning run (the flags of `glm4v finetune`, dashes for underscores).
+    Checked when made: a bad value raises FinetuneError naming the flag and what it accepts."""
+
+    data: Path                              # training JSONL (format: glm4v_core.training.data)
+    out: Path                               # output folder: loss.jsonl, loss.png, checkpoints/, adapters
+    checkpoint: Path | None = None          # base checkpoint folder; None: the bundled demo checkpoint
+    tokenizer: Path | None = None           # tokenizer.model; None: as `glm4v generate` resolves it
+    eval_data: Path | None = None           # held-out JSONL: its loss is logged
+    resume: Path | None = None              # an output folder (its latest checkpoint) or one step-N folder
+    lora_rank: int = 8                      # adapter rank; 0 = full fine-tune
+    lora_alpha: float = 16.0                # the adapter update is scaled by alpha / rank
+    lora_dropout: float = 0.0
+    lora_shared_fused: bool = False         # one adapter over each fused qkv / gate_up layer, not one per part
+    train: str = "decoder"                  # comma-separated parts: vision, projector, decoder
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"                # one of SCHEDULES (cosine to 10% of lr, linear to 0, constant)
+    epochs: int = 1
+    max_steps: int | None = None            # optimizer steps; None: epochs worth
+    batch_size: int = 1                     # samples per micro-batch (global under FSDP)
+    grad_accum: int = 1                     # micro-batches per optimizer step
+    max_grad_norm: float = 1.0              # gradient-norm clip; 0 = off
+    dtype: str = "auto"                     # base weights: float32, bfloat16, or auto (bf16 on CUDA, fp32 on CPU)
+    device: str | None = None               # None: cuda if there is one, else cpu
+    fsdp: int = 1                           # ranks sharded with FSDP2 (must divide batch_size)
+    gradient_checkpointing: bool = False    # recompute blocks in backward
+    seed: int = 0
+    shuffle: bool = True                    # False: keep the file order
+    train_on: str = "assistant"             # which tokens carry labels (glm4v_core.training.data.TRAIN_ON)
+    max_length: int | None = None           # refuse longer samples; None: the config's seq_length
+    on_bad_record: str = "skip"             # glm4v_core.training.data.ON_BAD_RECORD
+    save_every: int = 0                     # checkpoint every N steps; 0: only at the end
+    eval_every: int = 0                     # held-out loss every N steps; 0: only at the end
+    save_merged: bool = False               # LoRA: also write OUT/merged, a full checkpoint
+    progress: bool = True                   # a progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("data", "out", "checkpoint", "tokenizer", "eval_data", "resume"):  # str from Python callers
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        self.check()
+
+    def check(self) -> None:
+        """Every check that needs no file read beyond existence; the messages name the command's flags."""
+        parts = self.train.split(",")
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise FinetuneError(f"--train {self.train!r}: unknown part(s) {bad}; choose from {list(PARTS)}")
+        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--epochs": self.epochs}
+        if self.max_steps is not None:
+            positive["--max-steps"] = self.max_steps
+        for flag, value in positive.items():
+            if value < 1:
+                raise FinetuneError(f"{flag} must be >= 1, got {value}")
+        for flag, value in {"--lora-rank": self.lora_rank, "--warmup-steps": self.warmup_steps,
+                            "--save-every": self.save_every, "--eval-every": self.eval_every}.items():
+            if value < 0:
+                raise FinetuneError(f"{flag} must be >= 0, got {value}")
+        for flag, value, accepted in (("--schedule", self.schedule, SCHEDULES), ("--dtype", self.dtype, DTYPE_CHOICES),
+                                      ("--train-on", self.train_on, TRAIN_ON),
+                                      ("--on-bad-record", self.on_bad_record, ON_BAD_RECORD)):
+            if value not in accepted:
+                raise FinetuneError(f"{flag} {value!r}: choose from {list(accepted)}")
+        if self.lr <= 0:
+            raise FinetuneError(f"--lr must be > 0, got {self.lr}")
+        if self.save_merged and self.lora_rank == 0:
+            raise FinetuneError("--save-merged is for LoRA runs; a full fine-tune always writes OUT/model")
+        if not self.data.is_file():
+            raise FinetuneError(f"--data {self.data} is not a file")
+        if self.eval_data is not None and not self.eval_data.is_file():
+            raise FinetuneError(f"--eval-data {self.eval_data} is not a file")
+        check_fsdp(self)
+
+
+def check_fsdp(a: FinetuneConfig) -> None:
+    """--fsdp N: at least 1, at most one rank per GPU (CUDA) or per CPU core, and a divisor of the
+    global micro-batch --batch-size (each rank takes batch-size / N samples of it)."""
+    if a.fsdp < 1:
+        raise FinetuneError(f"--fsdp must be >= 1 (the number of ranks), got {a.fsdp}")
+    if a.fsdp == 1:
+        return
+    device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and a.fsdp > torch.cuda.device_count():
+        raise FinetuneError(f"--fsdp {a.fsdp} needs {a.fsdp} GPUs (one per rank), this machine has "
+                            f"{torch.cuda.device_count()}")
+    cores = len(os.sched_getaffinity(0))
+    if device.type == "cpu" and a.fsdp > cores:
+        raise FinetuneError(f"--fsdp {a.fsdp} on the CPU runs {a.fsdp} processes of at least one core each; "
+                            f"this machine gives {cores} core(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise FinetuneError(f"--fsdp runs on CUDA (NCCL) or the CPU (gloo), not on --device {a.device}")
+    if a.batch_size % a.fsdp:
+        raise FinetuneError(f"--fsdp {a.fsdp} must divide --batch-size {a.batch_size} (the global micro-batch: "
+                            f"each rank takes batch-size / N of its samples)")
+
+
