@@ -83,7 +83,7 @@ def write_result(name: str, numbers: dict, out_dir: Path | None = None) -> dict:
     import torch
     record = {
         "device": device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "torch": torch.__version__,

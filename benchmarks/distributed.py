@@ -92,7 +92,8 @@ def finetune_rows(steps: int) -> list[dict]:
     for n in (1, 2):
         row = transforms_distributed.run_ranks(time_finetune_steps, n, steps, device_type="cpu")
         if rows:
-            row["losses_equal_1_rank"] = all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(rows[0]["losses"], row["losses"]))
+            row["losses_equal_1_rank"] = all(abs(a - b) <= 1e-5 * abs(a)
+                                             for a, b in zip(rows[0]["losses"], row["losses"], strict=True))
         rows.append(row)
         print(f"finetune --fsdp {n}: {row['step_ms_median']:.0f} ms/step")
     return rows
@@ -117,8 +118,9 @@ def main() -> None:
             print(f"TP {n}: skipped, {gpus} GPU(s) here")
             continue
         try:
-            row = transforms_distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image, args.new_tokens, args.repeat,
-                                        device_type="cuda" if args.real else "cpu")
+            row = transforms_distributed.run_ranks(time_generation, n, hf, dtype_name, n_text, image,
+                                                   args.new_tokens, args.repeat,
+                                                   device_type="cuda" if args.real else "cpu")
         except transforms_distributed.DistributedError as e:
             row = {"ranks": n, "error": str(e).strip().splitlines()[-1]}
         if "tokens" in row and rows and "tokens" in rows[0]:

@@ -88,7 +88,7 @@ def make_paths(weights: list[torch.Tensor], weights32: list[torch.Tensor], compi
 
     def packed_pass(xs):
         return [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")
-                for w, p in zip(weights, packed)]
+                for w, p in zip(weights, packed, strict=True)]
 
     def fp32_pass(xs):
         return linear_pass({k: x.float() for k, x in xs.items()}, weights32)
@@ -196,7 +196,7 @@ def main() -> None:
             if name.startswith("bf16"):
                 out = run(x)
                 entry["max_abs_diff_vs_F.linear"] = max(float((a.float() - b.float()).abs().max())
-                                                        for a, b in zip(out, reference))
+                                                        for a, b in zip(out, reference, strict=True))
             row["paths"][name] = entry
             print(f"threads {threads} {name:28} {t * 1e3:8.2f} ms/pass {achieved / 1e9:6.1f} GB/s "
                   f"{entry['pct_of_copy_bw']:5.1f}% of copy {entry['pct_of_read_bw']:5.1f}% of read", flush=True)

@@ -156,18 +156,20 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     for mode, compile in modes.items():
         steps = [r[1] for r in runs[mode]]
         step_s = statistics.median(steps)
-        row[mode] = {"ttft_ms": statistics.median(r[0] for r in runs[mode]) * 1e3, "decode_ms_per_step": step_s * 1e3,
+        row[mode] = {"ttft_ms": statistics.median(r[0] for r in runs[mode]) * 1e3,
+                     "decode_ms_per_step": step_s * 1e3,
                      "decode_ms_spread": [min(steps) * 1e3, max(steps) * 1e3],
                      "decode_tok_s_per_row": 1 / step_s, "decode_tok_s_total": batch / step_s,
                      **roofline(model, batch, slots + new_tokens // 2, step_s)}
         if around[mode]:
-            pct = [100 * row[mode]["bytes_per_step"] / r[1] / bw for r, bw in zip(runs[mode], around[mode])]
+            pct = [100 * row[mode]["bytes_per_step"] / r[1] / bw
+                   for r, bw in zip(runs[mode], around[mode], strict=True)]
             row[mode]["pct_of_copy_bandwidth_around_each_run"] = {"median": statistics.median(pct),
                                                                   "min": min(pct), "max": max(pct)}
         if batch == 1:
             row[mode]["step_ms"] = step_only(model, ids, pixels, compile) * 1e3
     row["compiled"]["first_compile_s"] = compile_s
-    pairs = [e[1] / c[1] for e, c in zip(runs["eager"], runs["compiled"])]
+    pairs = [e[1] / c[1] for e, c in zip(runs["eager"], runs["compiled"], strict=True)]
     row["compiled_speedup"] = row["eager"]["decode_ms_per_step"] / row["compiled"]["decode_ms_per_step"]
     row["compiled_speedup_pairs"] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
     return row
@@ -223,7 +225,9 @@ def real_config(layers: int | None) -> dict:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(f"{'prompt':>6} {'slots':>6} {'img':>4} {'B':>3} {'TTFT ms':>8} | "
-          f"{'eager ms/tok':>12} {'step':>6} {'% peak':>6} | {'compiled ms/tok':>15} {'step':>6} {'% peak':>6} {'compile s':>9} | {'speedup':>7} {'pairs':>15}")
+          f"{'eager ms/tok':>12} {'step':>6} {'% peak':>6} | "
+          f"{'compiled ms/tok':>15} {'step':>6} {'% peak':>6} {'compile s':>9} | "
+          f"{'speedup':>7} {'pairs':>15}")
     for r in rows:
         e, c, p = r["eager"], r["compiled"], r["compiled_speedup_pairs"]
         pct = lambda m: f"{m['pct_of_bandwidth_roofline']:.1f}" if m["pct_of_bandwidth_roofline"] else "-"  # noqa: E731

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(r)
 
     slug = re.sub(r"[^a-z0-9]+", "-", device["name"].lower()).strip("-")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return write_result(f"kernels_{slug}_{stamp}", {"device": device, "smoke": smoke, "triton": triton.__version__,
                                                      "dtype": str(dtype), "results": rows}, args.out)
 

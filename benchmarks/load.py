@@ -85,7 +85,7 @@ def write_synthetic_hf(folder: Path, config: dict, n_shards: int = 4) -> int:
         size += nbytes
     gen = torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
-    for file, group in zip(shard_names(len(groups)), groups):
+    for file, group in zip(shard_names(len(groups)), groups, strict=True):
         tensors = {n: rotary_inv_freq(config, torch.bfloat16) if n in HF_IGNORED_BUFFERS
                    else torch.randn(shapes[n], generator=gen, dtype=torch.bfloat16) * 0.02 for n in group}
         write_file(folder / file, tensors, {"format": "pt"})
@@ -166,7 +166,8 @@ def run_worker(mode: str, path: Path, extra: Path | None = None, cold: bool = Fa
     for _ in range(repeats):
         if cold:
             evict(path)
-        cmd = [sys.executable, __file__, "--worker", mode, "--path", str(path)] + (["--extra", str(extra)] if extra else [])
+        cmd = [sys.executable, __file__, "--worker", mode, "--path", str(path)]
+        cmd += ["--extra", str(extra)] if extra else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["seconds"])
@@ -212,10 +213,11 @@ def main() -> None:
         speed = f"{size / 1e9 / r['seconds']:.2f}"
         base = rows["load naive (native, cold)"] if "cold" in name else naive
         vs = f"{base['seconds'] / r['seconds']:.1f}x" if name.startswith("load") else ""
-        print(f"{name:<32} | {r['seconds']:8.2f} | {speed:>6} | {r['rss'] / 1e9:12.2f} | {r['rss'] / size:6.2f} | {vs:>8}")
+        print(f"{name:<32} | {r['seconds']:8.2f} | {speed:>6} | {r['rss'] / 1e9:12.2f} | "
+              f"{r['rss'] / size:6.2f} | {vs:>8}")
     result = {
-        "benchmark": "load", "checkpoint_bytes": size, "config": {k: config[k] for k in ("hidden_size", "num_layers", "ffn_hidden_size",
-                                                                    "padded_vocab_size")},
+        "benchmark": "load", "checkpoint_bytes": size,
+        "config": {k: config[k] for k in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size")},
         "page_cache": "warm, except rows marked cold (evicted with posix_fadvise DONTNEED first)",
         "peak_rss_method": "peak RSS after the step minus peak RSS after the imports, in a fresh process; the "
                            "high-water mark is reset after the imports (/proc/self/clear_refs = 5) and read as "

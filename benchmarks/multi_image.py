@@ -70,7 +70,8 @@ def measure(model, n_images: int, repeat: int) -> dict:
         before = torch.cuda.memory_allocated(device)
     time_to_first_token(model, ids, pixels)  # warm-up: allocator, kernels
     times = [time_to_first_token(model, ids, pixels) for _ in range(repeat)]
-    row = {"images": n_images, "prompt_tokens": ids.shape[1], "cache_slots": spliced_length(ids, ImageBlock.from_config(c)),
+    row = {"images": n_images, "prompt_tokens": ids.shape[1],
+           "cache_slots": spliced_length(ids, ImageBlock.from_config(c)),
            "ttft_ms": statistics.median(times) * 1e3, "ttft_best_ms": min(times) * 1e3}
     if cuda:
         row["peak_mem_MiB"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
@@ -104,7 +105,8 @@ def print_table(title: str, rows: list[dict]) -> None:
     print(f"{'images':>6} {'prompt':>7} {'slots':>7} {'TTFT ms':>10} {'best ms':>9} {'peak MiB':>9}")
     for r in rows:
         peak = "-" if r["peak_mem_MiB"] is None else f"{r['peak_mem_MiB']:.1f}"
-        print(f"{r['images']:>6} {r['prompt_tokens']:>7} {r['cache_slots']:>7} {r['ttft_ms']:>10.2f} {r['ttft_best_ms']:>9.2f} {peak:>9}")
+        print(f"{r['images']:>6} {r['prompt_tokens']:>7} {r['cache_slots']:>7} {r['ttft_ms']:>10.2f} "
+              f"{r['ttft_best_ms']:>9.2f} {peak:>9}")
 
 
 def main() -> None:

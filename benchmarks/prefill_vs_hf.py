@@ -37,6 +37,7 @@ stored per pair element, as now: in bf16 the broadcast product runs a scalar loo
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -262,7 +263,8 @@ def fixture_check(reference_code: Path) -> dict:
                         mine = ours(ids, None if pixels is None else pixels.to(dtype)).logits.float()
                     rows[f"{name}_{case}{suffix}"] = {
                         "max_abs_ours_vs_hf": float((mine - theirs).abs().max()),
-                        "max_abs_hf_vs_recorded": float((theirs - recorded[f"logits_{case}{suffix}"].float()).abs().max())}
+                        "max_abs_hf_vs_recorded":
+                            float((theirs - recorded[f"logits_{case}{suffix}"].float()).abs().max())}
     return rows
 
 
@@ -270,11 +272,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-code", type=Path, default=None, help="folder with the GLM-4V-9B remote code")
     p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--repeat", type=int, default=10, help="timed prefills per side and prompt (decode runs: half as many, at least 3)")
+    p.add_argument("--repeat", type=int, default=10,
+                   help="timed prefills per side and prompt (decode runs: half as many, at least 3)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--name", default="prefill_vs_hf_cpu", help="result file name under benchmarks/results/")
-    p.add_argument("--note", default="", help="free text stored in the result (e.g. where the reference code came from)")
+    p.add_argument("--note", default="",
+                   help="free text stored in the result (e.g. where the reference code came from)")
     args = p.parse_args()
     if args.new_tokens < 3:
         p.error(f"--new-tokens must be >= 3 (the first two tokens are not timed), got {args.new_tokens}")
@@ -301,11 +305,12 @@ def main() -> None:
             ours_aligned = aligned_copy(load_model(folder, dtype=dtype))
             ours_packed = load_model(folder, dtype=dtype, pack_cpu=True)
             hf = load_hf(folder, dtype)
-            runners = {"ours": lambda i, px: ours_prefill(ours, i, px),
-                       "ours_aligned_copy": lambda i, px: ours_prefill(ours_aligned, i, px),
-                       "ours_packed": lambda i, px: ours_prefill(ours_packed, i, px),
-                       "hf": lambda i, px: hf_prefill(hf, i, px),
-                       "hf_forward": lambda i, px: hf_forward(hf, i, px)}
+            # each runner is called as run(ids, pixels)
+            runners = {"ours": functools.partial(ours_prefill, ours),
+                       "ours_aligned_copy": functools.partial(ours_prefill, ours_aligned),
+                       "ours_packed": functools.partial(ours_prefill, ours_packed),
+                       "hf": functools.partial(hf_prefill, hf),
+                       "hf_forward": functools.partial(hf_forward, hf)}
             rows = {"weights_64B_aligned": {"ours": aligned_fraction(ours), "ours_aligned_copy":
                                             aligned_fraction(ours_aligned), "hf": aligned_fraction(hf)}}
             for kind in ("text", "image"):
@@ -317,19 +322,22 @@ def main() -> None:
                 print(f"{dtype_name} {kind}: " + ", ".join(
                     f"{n} {rows[kind][n]['wall']['median_ms']:.1f} ms" for n in runners)
                     + f"; ours/hf {rows[kind]['ours_over_hf_wall']:.3f}", flush=True)
-            decoders = {"ours": lambda i, px, n: ours_decode(ours, i, px, n, False),
-                        "ours_packed": lambda i, px, n: ours_decode(ours_packed, i, px, n, False),
-                        "ours_packed_compiled": lambda i, px, n: ours_decode(ours_packed, i, px, n, True),
-                        "hf": lambda i, px, n: hf_decode(hf, i, px, n)}
+            # each decoder is called as run(ids, pixels, new_tokens)
+            decoders = {"ours": functools.partial(ours_decode, ours, compile=False),
+                        "ours_packed": functools.partial(ours_decode, ours_packed, compile=False),
+                        "ours_packed_compiled": functools.partial(ours_decode, ours_packed, compile=True),
+                        "hf": functools.partial(hf_decode, hf)}
             for kind in ("text", "image"):
                 ids, pixels = inputs(ours.config, kind == "image")
+                decode_repeat = max(3, args.repeat // 2)
                 rows[f"decode_{kind}"] = {"new_tokens": args.new_tokens,
-                                          **compare_decode(decoders, ids, pixels, args.new_tokens, max(3, args.repeat // 2))}
+                                          **compare_decode(decoders, ids, pixels, args.new_tokens, decode_repeat)}
                 print(f"{dtype_name} decode {kind}: " + ", ".join(
                     f"{n} {rows[f'decode_{kind}'][n]['median_ms']:.2f} ms/token" for n in decoders), flush=True)
             rows["rotary_one_layer"] = rotary_layouts(dtype, 3 * args.repeat)
             results["rows"][dtype_name] = rows
-            del ours, ours_aligned, ours_packed, hf
+            # the runners hold the models too: drop them all before the next dtype's models load
+            del ours, ours_aligned, ours_packed, hf, runners, decoders
     write_result(args.name, results)
 
 

@@ -37,7 +37,8 @@ from glm4v_core.transforms.quant import quantize_model  # noqa: E402
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
 # (label, weights, compute dtype, group size)
 ROWS = [("fp32", None, torch.float32, None), ("bf16", None, torch.bfloat16, None),
-        ("int8 (bf16 compute)", "int8", torch.bfloat16, None), ("int4 g128 (bf16 compute)", "int4", torch.bfloat16, 128),
+        ("int8 (bf16 compute)", "int8", torch.bfloat16, None),
+        ("int4 g128 (bf16 compute)", "int4", torch.bfloat16, 128),
         ("int8 (fp32 compute)", "int8", torch.float32, None), ("int4 g128 (fp32 compute)", "int4", torch.float32, 128)]
 
 
@@ -92,8 +93,9 @@ def run_models(config: dict, device: torch.device, rows, n_text: int, new_tokens
             out[label] = time_generation(model, n_text, new_tokens, repeat, compile)
         except Exception as e:  # noqa: BLE001 -- a row that cannot run is recorded, the others still run
             out[label] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"  {label:<26} " + (f"prefill {out[label]['prefill_ms']:8.1f} ms   decode {out[label]['decode_tok_s']:7.1f} "
-                                    f"tok/s   {out[label]['weight_GB_s']:6.1f} GB/s of weights"
+        print(f"  {label:<26} " + (f"prefill {out[label]['prefill_ms']:8.1f} ms   "
+                                    f"decode {out[label]['decode_tok_s']:7.1f} tok/s   "
+                                    f"{out[label]['weight_GB_s']:6.1f} GB/s of weights"
                                     if "error" not in out[label] else out[label]["error"]), flush=True)
         del model
     base = out.get("bf16", {}).get("decode_tok_s")
@@ -137,10 +139,12 @@ def kernel_rows(device: torch.device) -> list[dict]:
         for M in Ms:
             x = torch.randn(M, Kd, device=device, dtype=torch.bfloat16)
             # (run, weight bytes, what it must equal: the same weights dequantized, multiplied in fp32)
-            providers = {"torch bf16": (lambda: x @ wb.T, wb.numel() * 2, wb.float()),
-                         "triton int8": (lambda: K.int8_matmul(x, q8, s8), q8.numel() + s8.numel() * 4,
+            # the runs bind this iteration's tensors as defaults (they are called with no arguments)
+            providers = {"torch bf16": (lambda x=x, wb=wb: x @ wb.T, wb.numel() * 2, wb.float()),
+                         "triton int8": (lambda x=x, q8=q8, s8=s8: K.int8_matmul(x, q8, s8),
+                                         q8.numel() + s8.numel() * 4,
                                          K.dequantize_int8_ref(q8, s8, torch.float32)),
-                         "triton int4": (lambda: K.int4_matmul(x, p4, s4, z4, 128),
+                         "triton int4": (lambda x=x, p4=p4, s4=s4, z4=z4: K.int4_matmul(x, p4, s4, z4, 128),
                                          p4.numel() + (s4.numel() + z4.numel()) * 2,
                                          K.dequantize_int4_ref(p4, s4, z4, 128, torch.float32))}
             for provider, (fn, nbytes, weight) in providers.items():
@@ -195,7 +199,8 @@ def accuracy_rows() -> dict:
                     deq = q.float() * sc[:, None]
                 else:
                     p, sc, z = quantize_int4(w, group, method)
-                    deq = unpack_int4(p).float() * sc.float().repeat_interleave(group, 1) + z.float().repeat_interleave(group, 1)
+                    deq = (unpack_int4(p).float() * sc.float().repeat_interleave(group, 1)
+                           + z.float().repeat_interleave(group, 1))
                 w_err += (deq - w.float()).square().sum().item()
                 w_norm += w.float().square().sum().item()
             label = scheme + (f" g{group} {method}" if group else "")

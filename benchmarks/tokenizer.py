@@ -18,8 +18,8 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import tiktoken
 import tiktoken.load

@@ -1,4 +1,6 @@
-"""glm4v_conversion: HF <-> native tensor names and shapes, safetensors I/O, and `glm4v-convert`.
+"""The folder conversion/ is imported as `glm4v_conversion` (pyproject.toml maps it).
+
+glm4v_conversion: HF <-> native tensor names and shapes, safetensors I/O, and `glm4v-convert`.
 
 The lowest layer of the project: it imports neither glm4v_core nor glm4v_kernels (configs are
 plain dicts here), only torch, safetensors-format files, json and tqdm.

@@ -166,7 +166,7 @@ def _check_provenance_types(provenance: dict, path: Path) -> None:
     buffers = source.get("buffers", {})
     require(isinstance(buffers, dict), "source.buffers", "an object")
     for name, record in buffers.items():
-        require(isinstance(record, dict) and isinstance(record.get("dtype"), str) and isinstance(record.get("base64"), str)
-                and isinstance(record.get("shape"), list)
+        require(isinstance(record, dict) and isinstance(record.get("dtype"), str)
+                and isinstance(record.get("base64"), str) and isinstance(record.get("shape"), list)
                 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in record["shape"]),
                 f"source.buffers.{name}", "an object with dtype, shape (a list of sizes) and base64")

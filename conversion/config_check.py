@@ -114,8 +114,9 @@ def _check_values(hf: dict, v: dict) -> None:
                           f"({v['num_heads']})")
     size, patch = v["image_size"], v["patch_size"]
     if size % patch or (size // patch) % 2:
+        example = 2 * patch * max(1, size // (2 * patch))
         raise ConfigError(f"vision_config: image_size {size} must be a multiple of patch_size {patch} with an even "
-                          f"number of patches per side (the projector merges 2x2 patches); e.g. {2 * patch * max(1, size // (2 * patch))}")
+                          f"number of patches per side (the projector merges 2x2 patches); e.g. {example}")
     grid = size // patch
     if v["num_positions"] != grid ** 2 + 1:
         raise ConfigError(f"vision_config: num_positions is {v['num_positions']}, expected (image_size/patch_size)^2 "

@@ -21,9 +21,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -224,7 +225,7 @@ def _plan_native(ckpt: Checkpoint, dtype: torch.dtype, max_shard_size: int | Non
     else:
         groups = pack_shards(ordered, lambda n: tensor_nbytes(ckpt.tensors[n].shape, dtype), max_shard_size)
     files = []
-    for file_name, group in zip(shard_names(len(groups)), groups):
+    for file_name, group in zip(shard_names(len(groups)), groups, strict=True):
         sources = sorted({ckpt.tensors[n].file.name for n in group})
         metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                     "tool": f"glm4v-convert {__version__}", "source_files": ",".join(sources)}
@@ -242,7 +243,7 @@ def _plan_hf(ckpt: Checkpoint, config: dict[str, Any], dtype: torch.dtype, max_s
         names = sorted([*sources, *HF_IGNORED_BUFFERS], key=_natural_key)  # save_pretrained writes the buffer
         sizes = {n: tensor_nbytes(sources[n].shape, dtype) if n in sources else 0 for n in names}
         groups = pack_shards(names, sizes.__getitem__, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
-        weight_map = {n: file for file, group in zip(shard_names(len(groups)), groups) for n in group}
+        weight_map = {n: file for file, group in zip(shard_names(len(groups)), groups, strict=True) for n in group}
         with_index = len(groups) > 1
     source = (ckpt.provenance or {}).get("source") or {}
     for name in HF_IGNORED_BUFFERS:

@@ -13,9 +13,10 @@ Schemes, for a Linear weight W of shape (N out, K in) stored as `P.weight` in a 
   with lo/hi the group's min/max (round to nearest, method "rtn"), or (method "mse") the min/max
   shrunk by the per-group factor in CLIP_RATIOS that minimizes the group's squared reconstruction
   error, followed by a few rounds of: refit (scale, zero) to the chosen codes by least squares,
-  re-pick the codes, keep whichever is better per group. Scales and zeros are rounded to bfloat16 *before* the codes are chosen, so the
-  codes are the best ones for the stored scales. Tensors: `P.weight_int4` uint8 (N, K / 2), two
-  codes per byte along K, the even k in the low nibble (byte = q[2i] | q[2i+1] << 4);
+  re-pick the codes, keep whichever is better per group. Scales and zeros are rounded to bfloat16
+  *before* the codes are chosen, so the codes are the best ones for the stored scales. Tensors:
+  `P.weight_int4` uint8 (N, K / 2), two codes per byte along K, the even k in the low nibble
+  (byte = q[2i] | q[2i+1] << 4);
   `P.weight_scale` and `P.weight_zero` bfloat16 (N, K / G).
 - The group rule: an int4 layer whose input width K is not a multiple of G is stored as int8
   (never padded, never silently wrong); glm4v_native.json lists every layer's scheme.
@@ -224,8 +225,8 @@ def quantize_weight(w: torch.Tensor, name: str, scheme: str, group_size: int | N
     parts = []
     for rows in w.split(ROWS_PER_CHUNK):
         parts.append(quantize_int8(rows) if scheme == "int8" else quantize_int4(rows, group_size, method))
-    values = [torch.cat(p) for p in zip(*parts)]
-    return dict(zip(quantized_layout(name, tuple(w.shape), scheme, group_size), values))
+    values = [torch.cat(p) for p in zip(*parts, strict=True)]
+    return dict(zip(quantized_layout(name, tuple(w.shape), scheme, group_size), values, strict=True))
 
 
 # --- the folder -------------------------------------------------------------------------------
@@ -263,12 +264,12 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     files = shard_names(len(groups))
     metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                 "quantization": scheme, "group_size": str(group_size or ""), "tool": f"glm4v-convert {__version__}"}
-    weight_map = {o: f for f, group in zip(files, groups) for n in group for o in out_names[n]}
+    weight_map = {o: f for f, group in zip(files, groups, strict=True) for n in group for o in out_names[n]}
     mapped = MappedFiles()
     with staging(dst) as tmp:
         with tqdm(total=len(ordered), unit="tensor", file=sys.stderr, disable=not progress,
                   desc=f"quantize {scheme}") as bar:
-            for file, group in zip(files, groups):
+            for file, group in zip(files, groups, strict=True):
                 tensors: dict[str, torch.Tensor] = {}
                 for n in group:
                     t = mapped.tensor(ckpt.tensors[n])

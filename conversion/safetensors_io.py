@@ -38,7 +38,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # safetensors stores tensors by descending dtype rank, then by name (this keeps every tensor aligned)
-_DTYPE_RANK = {name: rank for rank, name in enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
+_DTYPE_RANK = {name: rank for rank, name in
+               enumerate(["BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"])}
 CHUNK_BYTES = 64 * 1024 * 1024  # what the writer holds in memory at once (one cast chunk)
 
 
@@ -88,7 +89,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         dtype_name, shape, offsets = _header_entry(path, name, entry)
         if dtype_name not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, which this reader does not support")
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name!r}, "
+                                  "which this reader does not support")
         dtype = DTYPES[dtype_name]
         begin, end = offsets
         if not 0 <= begin <= end:
@@ -130,7 +132,7 @@ def _is_count(value) -> bool:
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
     """Two tensors sharing bytes would silently alias each other once mapped."""
     spans = sorted((info.start, info.start + info.nbytes, name) for name, info in tensors.items() if info.nbytes)
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:], strict=False):  # consecutive pairs
         if begin < end:
             raise CheckpointError(f"{path}: tensors {first!r} and {second!r} share bytes (their data_offsets "
                                   "overlap); each tensor needs its own bytes")

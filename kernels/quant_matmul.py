@@ -175,7 +175,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                 group_size: int) -> torch.Tensor:
     """Triton version of int4_matmul_ref (forward only)."""
     N, K = packed.shape[0], 2 * packed.shape[1]
-    if packed.dtype != torch.uint8 or x.shape[-1] != K or scale.shape != (N, K // group_size) or zero.shape != scale.shape:
+    if (packed.dtype != torch.uint8 or x.shape[-1] != K or scale.shape != (N, K // group_size)
+            or zero.shape != scale.shape):
         raise ValueError(f"int4_matmul: x (..., {x.shape[-1]}), packed {packed.dtype} {tuple(packed.shape)}, scale "
                          f"{tuple(scale.shape)}, zero {tuple(zero.shape)}, group {group_size}: expected uint8 "
                          "(N, K/2) and (N, K/G) twice")

@@ -147,7 +147,8 @@ def test_bad_native_checkpoint_is_named(case, fixtures_dir, tmp_path):
 def test_native_mixed_dtype_without_provenance_names_the_odd_tensor(fixtures_dir, tmp_path):
     folder = broken_native(fixtures_dir, tmp_path, "tensor dtype differs from the rest")
     (folder / "glm4v_native.json").unlink()
-    with pytest.raises(CheckpointError, match=r"is torch.float32, but a native checkpoint holds one dtype and the other tensors are bfloat16"):
+    with pytest.raises(CheckpointError, match=r"is torch.float32, but a native checkpoint holds one dtype "
+                                              r"and the other tensors are bfloat16"):
         load_model(folder)
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import glm4v_core
-from glm4v_core import checkpoint
-from glm4v_core import cli
+from glm4v_core import checkpoint, cli
 from glm4v_core.generation.streaming import stream_text
 from glm4v_core.parity import cli as parity_cli
 from glm4v_core.processing import tokenizer as processing_tokenizer

@@ -16,8 +16,10 @@ ROOMS = ("model", "processing", "generation", "transforms", "training", "parity"
 def installed(tmp_path_factory):
     wheels, target, source = (tmp_path_factory.mktemp(name) for name in ("wheel", "site", "source"))
     for part in ("src", "kernels", "conversion", "pyproject.toml", "README.md"):  # a clean copy: no stale build/
-        copy = shutil.copytree if (ROOT / part).is_dir() else shutil.copy
-        copy(ROOT / part, source / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+        if (ROOT / part).is_dir():
+            shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / part, source / part)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(wheels)], check=True, capture_output=True, timeout=300)
     wheel = next(wheels.glob("glm4v_core-*.whl"))

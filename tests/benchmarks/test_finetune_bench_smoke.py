@@ -23,7 +23,8 @@ def test_real_mode_code_path_on_cpu_with_the_tiny_config():
     """--real's step on CPU with the tiny config (no memory recorded): both methods, same loss."""
     from glm4v_core import GLM4VConfig
     config = GLM4VConfig.from_json(FIXTURES / "tiny" / "config.json")
-    results = bench.run_real(text_tokens=24, steps=1, rank=4, methods=["ours", "reference"], config=config, device="cpu")
+    results = bench.run_real(text_tokens=24, steps=1, rank=4, methods=["ours", "reference"], config=config,
+                             device="cpu")
     assert [r["method"] for r in results] == ["ours", "reference"]
     assert abs(results[0]["loss_value"] - results[1]["loss_value"]) < 1e-2  # bf16: chunked vs plain rounding
     assert results[0]["trainable_params"] < results[0]["total_params"] / 10

@@ -92,11 +92,14 @@ def test_native_folder_holds_the_same_tensors_under_native_names(fixture, fixtur
         assert metadata["format"] == "glm4v-native" and metadata["format_version"] == "1"
         assert metadata["dtype"] == "bfloat16" and metadata["source_files"] == shard
     provenance = json.loads((dst / "glm4v_native.json").read_text())
-    assert (provenance["format"], provenance["format_version"], provenance["dtype"]) == ("glm4v-native", "1", "bfloat16")
+    assert (provenance["format"], provenance["format_version"], provenance["dtype"]) == (
+        "glm4v-native", "1", "bfloat16")
     assert provenance["source"]["files"][SHARD1]["sha256"] == digests(src, [SHARD1])[SHARD1]
-    assert provenance["source"]["weight_map"] == json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    src_index = json.loads((src / "model.safetensors.index.json").read_text())
+    assert provenance["source"]["weight_map"] == src_index["weight_map"]
     index = json.loads((dst / "model.safetensors.index.json").read_text())
-    assert index["metadata"]["total_size"] == sum(t.nbytes for s in (SHARD1, SHARD2) for t in load_file(dst / s).values())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for s in (SHARD1, SHARD2)
+                                                  for t in load_file(dst / s).values())
 
 
 def test_float32_round_trip_restores_the_bf16_originals(fixtures_dir, tmp_path):

@@ -182,7 +182,7 @@ def test_bf16_greedy_tokens_follow_the_reference_up_to_its_near_tie_narrow(fixtu
         pytest.skip(f"this CPU cannot run ATen's AVX2 kernels (capability {out['capability']})")
     meta = json.loads((fixtures_dir / "narrow" / "reference.json").read_text())
     tokens, bf16, fp32 = out["tokens"], out["want"], meta["generation"]["a"]
-    first = next((i for i, (a, b) in enumerate(zip(tokens, bf16)) if a != b), len(bf16))
+    first = next((i for i, (a, b) in enumerate(zip(tokens, bf16, strict=False)) if a != b), len(bf16))
     assert first >= 6, f"differs from the bf16 reference at step {first}, before the known near tie"
     if first < len(bf16):
         logits = load_file(str(fixtures_dir / "narrow" / "reference.safetensors"))["gen_step_logits_a"][0, first]
@@ -299,7 +299,8 @@ def test_model_card_sampling_settings_are_greedy(fx):
     inputs = fx.case("a")
     greedy = glm4v_core.generate(fx.model, **inputs, max_new_tokens=12, stop_ids=[])
     card = glm4v_core.generate(fx.model, **inputs, max_new_tokens=12, stop_ids=[],
-                               sampling=Sampling(do_sample=True, top_k=1, temperature=0.8), generator=torch.Generator().manual_seed(123))
+                               sampling=Sampling(do_sample=True, top_k=1, temperature=0.8),
+                               generator=torch.Generator().manual_seed(123))
     assert torch.equal(card, greedy)
 
 
@@ -308,7 +309,8 @@ def test_sampling_is_seedable_and_actually_samples(tiny):
 
     def run(seed):
         return glm4v_core.generate(tiny.model, **inputs, max_new_tokens=12, stop_ids=[],
-                                   sampling=Sampling(do_sample=True, temperature=1.5), generator=torch.Generator().manual_seed(seed))
+                                   sampling=Sampling(do_sample=True, temperature=1.5),
+                                   generator=torch.Generator().manual_seed(seed))
     a, b, c = run(7), run(7), run(8)
     greedy = glm4v_core.generate(tiny.model, **inputs, max_new_tokens=12, stop_ids=[])
     assert torch.equal(a, b)
@@ -404,7 +406,7 @@ def test_text_deltas_unfinished_character_at_the_end_is_replaced():
 def test_text_deltas_stop_strings():
     tok = byte_tokenizer()
     deltas = TextDeltas(tok, stop_strings=["ab", "世界"])
-    out = [deltas.push(i) for i in "xaxa".encode()]
+    out = [deltas.push(i) for i in b"xaxa"]
     assert "".join(out) == "xax"  # the last 'a' could begin 'ab': held back
     assert deltas.push(ord("b")) == "" and deltas.stopped
     deltas = TextDeltas(tok, stop_strings=["世界"])
@@ -416,7 +418,7 @@ def test_text_deltas_stop_strings():
 
 def split_character_tokenizer(ids: list[int], text: str, n_ranks: int) -> Tokenizer:
     """A vocabulary of n_ranks unique tokens where ids[i] is the i-th byte of text (other ids filler)."""
-    table = dict(zip(ids, (bytes([b]) for b in text.encode())))
+    table = dict(zip(ids, (bytes([b]) for b in text.encode()), strict=True))
     assert len(table) == len(text.encode()), "ids must be distinct"
     spare = iter([bytes([b]) for b in range(256) if bytes([b]) not in table.values()]
                  + [b"\x00%04d" % i for i in range(n_ranks)])

@@ -68,7 +68,8 @@ def _huge_header_length(folder):
 
 
 def _index_names_missing_file(folder):
-    edit_json(folder / INDEX, lambda d: d["weight_map"].update({"transformer.vision.eoi": "model-00003-of-00003.safetensors"}))
+    edit_json(folder / INDEX,
+              lambda d: d["weight_map"].update({"transformer.vision.eoi": "model-00003-of-00003.safetensors"}))
 
 
 def _drop(name):
@@ -100,7 +101,8 @@ def _native_version(folder):
 BAD_HF = {
     "missing shard": (lambda f: (f / SHARD2).unlink(), CheckpointError,
                       rf"names shard '{SHARD2}', which does not exist"),
-    "truncated shard": (_truncate, CheckpointError, rf"{SHARD2}: truncated file: tensor '.+' ends at byte \d+, file has \d+"),
+    "truncated shard": (_truncate, CheckpointError,
+                        rf"{SHARD2}: truncated file: tensor '.+' ends at byte \d+, file has \d+"),
     "corrupt header": (_corrupt_header, CheckpointError, rf"{SHARD2}: corrupt safetensors header"),
     "header length past the end": (_huge_header_length, CheckpointError,
                                    rf"{SHARD1}: corrupt safetensors header \(declares 1000000000000 header bytes"),
@@ -116,7 +118,8 @@ BAD_HF = {
     "native name in an HF folder": (_put("text.extra", torch.ones(1, dtype=torch.bfloat16)), CheckpointError,
                                     r"mixes HF names .* and native names \('text.extra'\)"),
     "wrong shape": (_put("transformer.vision.boi", torch.zeros(1, 1, 127, dtype=torch.bfloat16)), CheckpointError,
-                    rf"{SHARD2}: tensor 'transformer.vision.boi' has shape \[1, 1, 127\], but .*config.json implies \[1, 1, 128\]"),
+                    rf"{SHARD2}: tensor 'transformer.vision.boi' has shape \[1, 1, 127\], "
+                    r"but .*config.json implies \[1, 1, 128\]"),
     "int dtype": (_put("transformer.vision.boi", torch.zeros(1, 1, 128, dtype=torch.int32)), CheckpointError,
                   rf"{SHARD2}: tensor 'transformer.vision.boi' has dtype torch.int32; weights must be float"),
     "config hidden_size changed": (_config("hidden_size", 96), CheckpointError,

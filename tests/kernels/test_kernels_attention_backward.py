@@ -50,7 +50,7 @@ def _assert_grads_match(fn, case, ref_causal=None):
     ours = _grads(fn, q, k, v, do, dtype, causal=causal, **kw)
     ref32 = _grads(K.attention_ref, q, k, v, do, F32, **ref_kw)
     ref_lp = _grads(K.attention_ref, q, k, v, do, dtype, **ref_kw)
-    for name, a, r, r_lp in zip(("dq", "dk", "dv"), ours, ref32, ref_lp):
+    for name, a, r, r_lp in zip(("dq", "dk", "dv"), ours, ref32, ref_lp, strict=True):
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
         budget = 2 * (r_lp - r).abs().max().item() + RTOL[dtype] * max(1.0, r.abs().max().item())
         err = (a - r).abs().max().item()
@@ -76,7 +76,7 @@ def test_group_split_sums_the_same_gradients(group_split):
                               group_split=group_split)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     K.attention_ref(q, k, v, causal=True, key_start=key_start, key_end=key_end).backward(do)
-    for name, a, r in zip(("dq", "dk", "dv"), ours, (q.grad, k.grad, v.grad)):
+    for name, a, r in zip(("dq", "dk", "dv"), ours, (q.grad, k.grad, v.grad), strict=True):
         assert a.dtype == r.dtype and a.shape == r.shape
         assert (a - r).abs().max() <= 1e-5 * max(1.0, r.abs().max().item()), name
 

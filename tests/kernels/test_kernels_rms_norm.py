@@ -122,7 +122,7 @@ def test_backward_matches_autograd_of_reference(shape, dtype, fused):
     ref_lp = _grads(ref, *args)
     ref32 = _grads(ref, *(None if t is None else t.float() for t in args))
     names = ["dx", "dresidual", "dweight"] if fused else ["dx", "dweight"]
-    for name, a, r32, rlp in zip(names, got, ref32, ref_lp):
+    for name, a, r32, rlp in zip(names, got, ref32, ref_lp, strict=True):
         _assert_close(a, r32, rlp, name)
 
 

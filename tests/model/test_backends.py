@@ -92,7 +92,7 @@ def test_compiled_fullgraph_equals_eager_on_triton_backend():
             out, h = fn(*args, key_start, key_end)
             (out.sum() + h.sum()).backward()
             results.append([out, h] + [a.grad for a in args])
-    for eager, compiled in zip(*results):
+    for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 

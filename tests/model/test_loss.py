@@ -148,7 +148,7 @@ def spliced_labels_oracle(input_ids, labels, mask, boi, n_patches):
     """The label rule written as a loop over tokens: each image block's boi and eoi keep their
     labels, its patch rows get -100, pads get -100; rows left-padded with -100 to one length."""
     rows = []
-    for ids, lab, m in zip(input_ids.tolist(), labels.tolist(), mask.tolist()):
+    for ids, lab, m in zip(input_ids.tolist(), labels.tolist(), mask.tolist(), strict=True):
         out, i = [], 0
         while i < len(ids):
             keep = lab[i] if m[i] else -100

@@ -161,7 +161,8 @@ def test_splice_on_cuda_equals_the_loop_definition(seed):
     ids, embeds, positions, mask, images = random_batch(seed, BLOCK)
     got = splice_images(*(t.cuda() for t in (ids, embeds, positions, mask, images)), BLOCK)
     want = loop_splice(ids, embeds, positions, mask, images, BLOCK)
-    for ours, theirs in zip((got.embeds, got.position_ids, got.attention_mask, got.source_index, got.is_patch), want):
+    fields = (got.embeds, got.position_ids, got.attention_mask, got.source_index, got.is_patch)
+    for ours, theirs in zip(fields, want, strict=True):
         assert torch.equal(ours.cpu(), theirs)
 
 
@@ -201,7 +202,8 @@ def test_malformed_or_unbalanced_blocks(row, message):
 def test_image_count_must_equal_block_count():
     ids = torch.tensor([[BLOCK.boi, BLOCK.pad, BLOCK.eoi, BLOCK.boi, BLOCK.pad, BLOCK.eoi], [1, 2, 3, 4, 5, 6]])
     assert check_image_blocks(ids, 2, BLOCK).tolist() == [2, 0]
-    with pytest.raises(InputError, match=r"3 image\(s\) given for 2 image block\(s\) in 1 row\(s\) \(blocks per row: \[2, 0\]\)"):
+    with pytest.raises(InputError, match=r"3 image\(s\) given for 2 image block\(s\) in 1 row\(s\) "
+                                         r"\(blocks per row: \[2, 0\]\)"):
         check_image_blocks(ids, 3, BLOCK)
     with pytest.raises(InputError, match=r"row 0 holds the image placeholder .* but no image was given"):
         check_image_blocks(ids, 0, BLOCK)

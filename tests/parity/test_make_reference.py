@@ -59,7 +59,8 @@ def standin_checkpoint(folder: Path, fixtures_dir: Path, edit: tuple[str, str, s
 
 
 def record(checkpoint: Path, out: Path, *extra: str) -> int:
-    args = ["make-reference", "--checkpoint", str(checkpoint), "--out", str(out), "--image", str(IMAGE), "--image", "none"]
+    args = ["make-reference", "--checkpoint", str(checkpoint), "--out", str(out),
+            "--image", str(IMAGE), "--image", "none"]
     for p in PROMPTS:
         args += ["--prompt", p]
     return cli.main(args + list(extra))
@@ -67,7 +68,8 @@ def record(checkpoint: Path, out: Path, *extra: str) -> int:
 
 def parity_json(checkpoint: Path, ref: Path, capsys, *extra: str) -> tuple[int, dict]:
     capsys.readouterr()
-    code = parity_cli.main(["--checkpoint", str(checkpoint), "--reference", str(ref / "reference.safetensors"), "--json", *extra])
+    code = parity_cli.main(["--checkpoint", str(checkpoint), "--reference", str(ref / "reference.safetensors"),
+                            "--json", *extra])
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -126,7 +128,8 @@ def test_hooks_capture_what_the_real_reference_recorded(hf_modules, tmp_path, fi
     fixture = load_file(str(fixtures_dir / "tiny" / "reference.safetensors"))
     spill = SpillWriter(tmp_path / "spill")
     with torch.no_grad():
-        tokens = parity_make_reference.record_case(model, "a", fixture["input_ids_a"], fixture["pixel_values_a"], spill, 2, 16, "cpu")
+        tokens = parity_make_reference.record_case(model, "a", fixture["input_ids_a"], fixture["pixel_values_a"],
+                                                   spill, 2, 16, "cpu")
     spill.finish(tmp_path / "rec.safetensors", {})
     got = load_file(str(tmp_path / "rec.safetensors"))
     assert tokens == fixture["gen_tokens_a"][0].tolist()
@@ -134,7 +137,8 @@ def test_hooks_capture_what_the_real_reference_recorded(hf_modules, tmp_path, fi
     for name in ("vision_patch_embed_a", "vision_vit_out_a", "vision_conv_out_a", "vision_glu_out_a", "image_embeds_a",
                  "hidden_states_a", "final_norm_out_a", "logits_a", "gen_step_logits_a"):
         diff = (got[name] - fixture[name]).abs().max().item()
-        assert got[name].shape == fixture[name].shape and diff <= 1e-4 * (1 + fixture[name].abs().max().item()), (name, diff)
+        assert got[name].shape == fixture[name].shape, (name, diff)
+        assert diff <= 1e-4 * (1 + fixture[name].abs().max().item()), (name, diff)
 
 
 def test_negative_control_perturbed_reference_fails_parity(hf_modules, tmp_path, fixtures_dir, capsys):
@@ -192,7 +196,8 @@ def test_missing_transformers_names_the_install_command(monkeypatch, tmp_path, f
     assert not (tmp_path / "r").exists()
 
 
-def test_remote_code_without_the_expected_modules_is_named_and_leaves_nothing(hf_modules, tmp_path, fixtures_dir, capsys):
+def test_remote_code_without_the_expected_modules_is_named_and_leaves_nothing(hf_modules, tmp_path, fixtures_dir,
+                                                                              capsys):
     rename_conv = ("visual.py", "self.conv", "self.downsample")
     checkpoint = standin_checkpoint(tmp_path / "standin_renamed", fixtures_dir, rename_conv)
     (checkpoint / "model.safetensors.index.json").write_text(
@@ -226,7 +231,8 @@ def test_memory_estimate_refuses_before_loading_unless_forced(recorded, tmp_path
     err = capsys.readouterr().err
     assert "not enough memory" in err and "--dtype bfloat16" in err and "--force" in err
     assert re.search(r"0\.81M parameters in float32: 3\.1 MiB of weights", err), err
-    monkeypatch.setattr(parity_make_reference, "load_reference", lambda *a: (_ for _ in ()).throw(CaptureError("reached")))
+    monkeypatch.setattr(parity_make_reference, "load_reference",
+                        lambda *a: (_ for _ in ()).throw(CaptureError("reached")))
     assert record(checkpoint, tmp_path / "ref", "--force") == 1
     assert "reached" in capsys.readouterr().err
 

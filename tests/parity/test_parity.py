@@ -62,7 +62,7 @@ def test_fp32_parity_runs_without_tf32_and_restores_the_settings(fixtures_dir, m
         reports = run_parity(fixtures_dir / "tiny")
         after = state()
     finally:
-        for (owner, name, _), value in zip(settings, before):
+        for (owner, name, _), value in zip(settings, before, strict=True):
             setattr(owner, name, value)
     exact = [value for _, _, value in settings]
     assert seen and all(s == exact for s in seen), seen
@@ -109,7 +109,8 @@ def test_cli_fails_with_exit_1_on_drift(fixtures_dir, monkeypatch, capsys):
 
 
 def test_cli_missing_reference_is_a_clear_error(tmp_path, fixtures_dir, capsys):
-    assert parity_cli.main(["--checkpoint", str(fixtures_dir / "tiny"), "--reference", str(tmp_path / "nope.safetensors")]) == 1
+    assert parity_cli.main(["--checkpoint", str(fixtures_dir / "tiny"),
+                            "--reference", str(tmp_path / "nope.safetensors")]) == 1
     assert "nope.safetensors" in capsys.readouterr().err
 
 

@@ -33,7 +33,8 @@ def test_plot_and_html_of_a_passing_run(fixtures_dir, tmp_path, capsys):
 def test_a_failing_run_is_marked_in_both_reports(fixtures_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(model_decoder, "apply_rotary", half_split_rotary)
     page = tmp_path / "report.html"
-    code = parity_cli.main(["--checkpoint", str(fixtures_dir / "tiny"), "--plot", str(tmp_path / "r.png"), "--html", str(page)])
+    code = parity_cli.main(["--checkpoint", str(fixtures_dir / "tiny"), "--plot", str(tmp_path / "r.png"),
+                            "--html", str(page)])
     assert code == 1
     html = page.read_text()
     assert "FAILED</b>: 0/7 cases" in html

@@ -294,7 +294,8 @@ def test_a_list_of_images_gives_blocks_in_order_before_the_text(tok, raw):
 def test_a_falsy_image_is_no_image(tok, falsy):
     """As in the reference (`if image:`): no placeholder, and an empty message is still dropped."""
     plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
-    with_falsy = [{"role": "user", "content": "hi", "image": falsy}, {"role": "assistant", "content": "", "image": falsy}]
+    with_falsy = [{"role": "user", "content": "hi", "image": falsy},
+                  {"role": "assistant", "content": "", "image": falsy}]
     assert tok.apply_chat_template(with_falsy, add_generation_prompt=True) == \
         tok.apply_chat_template(plain, add_generation_prompt=True)
 

@@ -14,7 +14,6 @@ What it does not mirror: the math is glm4v_core's own (its RMSNorm, rotary and a
 left padding is not supported. It tests the plumbing (hooks, recording, file format, the round
 trip to `glm4v parity`); the numerics are tested against the fixtures made by the real code.
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, seq_len):
         base = 10000 * self.rope_ratio
-        theta = 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=self.inv_freq.device) / self.dim))
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float, device=self.inv_freq.device) / self.dim
+        theta = 1.0 / (base ** exponents)
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float, device=theta.device), theta)
         table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
         if self.inv_freq.dtype in (torch.bfloat16, torch.float16):
@@ -115,10 +115,11 @@ class GLMTransformer(nn.Module):
         kv_caches = kv_caches or [None] * len(self.layers)
         presents = () if use_cache else None
         all_hidden = () if output_hidden_states else None
-        for layer, cache in zip(self.layers, kv_caches):
+        for layer, cache in zip(self.layers, kv_caches, strict=False):
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            hidden_states, cache = layer(hidden_states, attention_mask, rotary_pos_emb, kv_cache=cache, use_cache=use_cache)
+            hidden_states, cache = layer(hidden_states, attention_mask, rotary_pos_emb, kv_cache=cache,
+                                         use_cache=use_cache)
             if use_cache:
                 presents += (cache,)
         if output_hidden_states:
@@ -196,11 +197,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
     def forward(self, input_ids=None, images=None, position_ids=None, attention_mask=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None,
-                return_last_logit: Optional[bool] = False):
+                return_last_logit: bool | None = False):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         out = self.transformer(input_ids=input_ids, images=images, position_ids=position_ids,
                                attention_mask=attention_mask, past_key_values=past_key_values,
                                use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = out[0][:, -1:] if return_last_logit else out[0]
         logits = self.transformer.output_layer(hidden)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)

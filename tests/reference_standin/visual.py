@@ -17,7 +17,8 @@ from glm4v_core.model import ops
 class PatchEmbedding(nn.Module):
     def __init__(self, vc):
         super().__init__()
-        self.proj = nn.Conv2d(vc["in_channels"], vc["hidden_size"], kernel_size=vc["patch_size"], stride=vc["patch_size"])
+        self.proj = nn.Conv2d(vc["in_channels"], vc["hidden_size"], kernel_size=vc["patch_size"],
+                              stride=vc["patch_size"])
         self.cls_embedding = nn.Parameter(torch.zeros(1, vc["hidden_size"]))
         self.position_embedding = nn.Embedding(vc["num_positions"], vc["hidden_size"])
 

@@ -162,7 +162,8 @@ def test_largest_seed_is_accepted(capsys):
     (cli.main, ["generate"]), (cli.main, ["generate", "--bogus", "hi"]), (cli.main, ["nope"]),
     (cli.main, ["generate", "--max-new-tokens", "many", "hi"]),
     (cli.main, ["parity", "--bogus"]), (cli.main, ["parity", "--dtype", "float64"]),
-    (convert_cli.main, []), (convert_cli.main, ["a", "b", "--to", "gguf"]), (convert_cli.main, ["a", "b", "--max-shard-size", "-5"]),
+    (convert_cli.main, []), (convert_cli.main, ["a", "b", "--to", "gguf"]),
+    (convert_cli.main, ["a", "b", "--max-shard-size", "-5"]),
 ])
 def test_usage_errors_exit_2(capsys, main, argv):
     with pytest.raises(SystemExit) as info:
@@ -224,11 +225,13 @@ REFERENCES = {
                             "vision_config.in_channels is 3"),
     "pixels of another size": (_edited_reference(pixel_values_a=lambda t: t[..., :28, :28]), "tiny",
                                "vision_config.image_size is 56"),
-    "pixels of rank 3": (_edited_reference(pixel_values_a=lambda t: t[0]), "tiny", "pixel_values_a has shape [3, 56, 56]"),
+    "pixels of rank 3": (_edited_reference(pixel_values_a=lambda t: t[0]), "tiny",
+                         "pixel_values_a has shape [3, 56, 56]"),
     "hidden states of another width": (_edited_reference(hidden_states_a=lambda t: t[..., :64]), "tiny",
                                        "hidden_size is 128"),
     "float token ids": (_edited_reference(input_ids_b=lambda t: t.float()), "tiny", "needs an integer input_ids_b"),
-    "config.json given as the reference": (lambda t, f: f / "tiny" / "config.json", "tiny", "corrupt safetensors header"),
+    "config.json given as the reference": (lambda t, f: f / "tiny" / "config.json", "tiny",
+                                           "corrupt safetensors header"),
     "reference of another checkpoint": (lambda t, f: f / "narrow" / "reference.safetensors", "tiny",
                                         "was made for another model"),
     "checkpoint of another reference": (lambda t, f: f / "tiny" / "reference.safetensors", "narrow",

@@ -207,7 +207,8 @@ def _edit(change):
 BAD_PROVENANCE = {
     "source not an object": _edit(lambda r: r.update(source=[1])),
     "source.files not an object": _edit(lambda r: r["source"].update(files=[1])),
-    "a file record not an object": _edit(lambda r: r["source"]["files"].update({"model-00001-of-00002.safetensors": 5})),
+    "a file record not an object":
+        _edit(lambda r: r["source"]["files"].update({"model-00001-of-00002.safetensors": 5})),
     "metadata values not strings": _edit(lambda r: r["source"]["files"]["model-00001-of-00002.safetensors"].update(
         metadata={"format": 1})),
     "weight_map values not strings": _edit(lambda r: r["source"].update(weight_map={"a": 1})),

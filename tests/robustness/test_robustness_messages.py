@@ -121,7 +121,8 @@ def _modules_after(code: str) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.parametrize("module", ["glm4v_core.config", "glm4v_core", "glm4v_core.errors", "glm4v_core.processing.tokenizer",
+@pytest.mark.parametrize("module", ["glm4v_core.config", "glm4v_core", "glm4v_core.errors",
+                                    "glm4v_core.processing.tokenizer",
                                     "glm4v_conversion.config_check",
                                     "glm4v_conversion.files"])
 def test_light_imports_do_not_import_torch_or_triton(module):
@@ -139,7 +140,8 @@ def test_package_names_still_resolve_in_any_import_order():
     _modules_after(code)
 
 
-@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left on the device"), (errno.EIO, "Input/output error"),
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left on the device"),
+                                        (errno.EIO, "Input/output error"),
                                         (errno.EDQUOT, "disk quota exceeded")])
 def test_write_error_midway_is_one_line_and_leaves_nothing(fixtures_dir, tmp_path, monkeypatch, capsys, code, words):
     def failing_write(path, *args, **kwargs):

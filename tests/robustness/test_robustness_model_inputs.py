@@ -112,5 +112,6 @@ def test_nan_logits_stop_generation_naming_the_first_bad_stage(fixtures_dir, lay
     ref = load_file(str(fixtures_dir / "tiny" / "reference.safetensors"))
     with torch.no_grad():
         model.text.layers[layer].mlp.down.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteLogitsError, match=f"first non-finite stage of the prompt's forward: decoder layer {layer}"):
+    with pytest.raises(NonFiniteLogitsError,
+                       match=f"first non-finite stage of the prompt's forward: decoder layer {layer}"):
         glm4v_core.generate(model, ref["input_ids_b"], max_new_tokens=4, sampling=Sampling())

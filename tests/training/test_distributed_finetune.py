@@ -27,8 +27,9 @@ WEIGHT_ATOL = 0.05 * LR * STEPS
 # LoRA on decoder and projector (the projector only sees image rows), 2 optimizer steps of 2
 # micro-batches, gradients not clipped (clipping would hide a wrong gradient scale); the full
 # fine-tune clips (the norm of sharded gradients)
-LORA = ["--batch-size", "2", "--grad-accum", "2", "--max-steps", str(STEPS), "--lr", str(LR), "--train", "decoder,projector",
-        "--max-grad-norm", "0", "--save-every", "1", "--eval-data", str(DATA / "eval.jsonl"), "--save-merged"]
+LORA = ["--batch-size", "2", "--grad-accum", "2", "--max-steps", str(STEPS), "--lr", str(LR),
+        "--train", "decoder,projector", "--max-grad-norm", "0", "--save-every", "1",
+        "--eval-data", str(DATA / "eval.jsonl"), "--save-merged"]
 FULL = ["--batch-size", "2", "--max-steps", str(STEPS), "--lr", str(LR), "--lora-rank", "0", "--train", "projector"]
 
 
@@ -59,9 +60,10 @@ def adam_moments(path: Path) -> dict:
 
 
 def test_fsdp_lora_losses_match_one_process(runs):
-    (train_1, eval_1), (train_2, eval_2) = read_log(runs["lora_1"] / "loss.jsonl"), read_log(runs["lora_2"] / "loss.jsonl")
+    train_1, eval_1 = read_log(runs["lora_1"] / "loss.jsonl")
+    train_2, eval_2 = read_log(runs["lora_2"] / "loss.jsonl")
     assert [r["step"] for r in train_2] == [1, 2] and len(eval_2) == len(eval_1) == 1  # rank 0 alone logs
-    for one, two in zip(train_1 + eval_1, train_2 + eval_2):
+    for one, two in zip(train_1 + eval_1, train_2 + eval_2, strict=True):
         key = "loss" if "loss" in one else "eval_loss"
         assert abs(one[key] - two[key]) <= 1e-5 * abs(one[key]), (one, two)
         assert one.get("counted_tokens") == two.get("counted_tokens")  # the global batch's tokens
@@ -86,7 +88,8 @@ def test_fsdp_lora_adapters_and_checkpoints_are_the_one_process_files(runs):
 def test_checkpoints_resume_across_rank_counts(runs, tmp_path, source, flags):
     """Checkpoints hold whole tensors: step 1 of either run continues, in one process or sharded
     (each rank keeps its shard of the stored weights and Adam moments), to the same step 2."""
-    resumed = finetune_run(tmp_path / "resumed", *LORA, *flags, "--resume", str(runs[source] / "checkpoints" / "step-000001"))
+    resumed = finetune_run(tmp_path / "resumed", *LORA, *flags,
+                           "--resume", str(runs[source] / "checkpoints" / "step-000001"))
     one, two = read_log(runs["lora_1"] / "loss.jsonl")[0], read_log(resumed / "loss.jsonl")[0]
     assert [r["step"] for r in two] == [1, 2]
     assert abs(one[1]["loss"] - two[1]["loss"]) <= 1e-5 * one[1]["loss"], (one, two)
@@ -125,7 +128,8 @@ def test_fsdp_on_cuda_asks_for_one_gpu_per_rank(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(training_config, "check_device", lambda name: torch.device(name))
     args = argparse.Namespace(fsdp=2, device="cuda", batch_size=2)
-    with pytest.raises(training_config.FinetuneError, match=r"--fsdp 2 needs 2 GPUs \(one per rank\), this machine has 1"):
+    with pytest.raises(training_config.FinetuneError,
+                       match=r"--fsdp 2 needs 2 GPUs \(one per rank\), this machine has 1"):
         training_config.check_fsdp(args)
 
 

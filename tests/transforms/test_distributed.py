@@ -51,8 +51,8 @@ def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
     result = {"tp": greedy_and_logits(tp_model, ref),
               "tp_local": (local.num_heads, local.num_kv, tuple(local.qkv.weight.to_local().shape))}
     with torch.no_grad():  # the decode step compiled whole (fullgraph), its all-reduces inside
-        result["tp_compiled"] = generate(tp_model, **parity_reference.case_inputs(ref, COMPILED_CASE), max_new_tokens=NEW_TOKENS,
-                                         stop_ids=[], compile=True)
+        result["tp_compiled"] = generate(tp_model, **parity_reference.case_inputs(ref, COMPILED_CASE),
+                                         max_new_tokens=NEW_TOKENS, stop_ids=[], compile=True)
         # bf16 on CPU as `glm4v generate --tp` loads it: packed weights, then sharded
         packed = transforms_distributed.tensor_parallel(load_model(checkpoint, dtype=torch.bfloat16, pack_cpu=True),
                                              transforms_distributed.mesh(cpu))
@@ -60,10 +60,14 @@ def sharded_runs(checkpoint: str, quantized: dict[str, str]) -> dict:
                   for k, v in parity_reference.case_inputs(ref, COMPILED_CASE).items() if v is not None}
         result["tp_packed_bf16"] = [generate(packed, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c)
                                     for c in (False, True)]
-    sharded = transforms_distributed.fsdp(load_model(checkpoint, dtype=torch.bfloat16, pack_cpu=True), transforms_distributed.mesh(cpu))
-    result["fsdp_packed_copies"] = sum(m.packed is not None for m in sharded.modules() if isinstance(m, model_ops.Linear))
-    result["quantized"] = {scheme: greedy_and_logits(transforms_distributed.tensor_parallel(load_model(folder), transforms_distributed.mesh(cpu)),
-                                                    ref) for scheme, folder in quantized.items()}
+    sharded = transforms_distributed.fsdp(load_model(checkpoint, dtype=torch.bfloat16, pack_cpu=True),
+                                          transforms_distributed.mesh(cpu))
+    result["fsdp_packed_copies"] = sum(m.packed is not None for m in sharded.modules()
+                                       if isinstance(m, model_ops.Linear))
+    result["quantized"] = {
+        scheme: greedy_and_logits(transforms_distributed.tensor_parallel(load_model(folder),
+                                                                         transforms_distributed.mesh(cpu)), ref)
+        for scheme, folder in quantized.items()}
     one_head_vit = GLM4V.from_config(one_head_vit_config(checkpoint))
     transforms_distributed.tensor_parallel(one_head_vit, transforms_distributed.mesh(cpu))
     with torch.no_grad():
@@ -96,8 +100,9 @@ def ddp_errors(model, grads: dict, ref: dict, info: dict) -> tuple[float, float]
     out = ddp(take("input_ids"), ref[info["image"]], take("attention_mask"), take("position_ids"),
               labels=take("labels"))
     out.loss.backward()
-    worst = max(parity_grads.grad_error(p.grad, grads.get(f"grad_a.{native_to_hf(n)}"), info["grad_norm"][native_to_hf(n)],
-                                  info["grad_maxabs"][native_to_hf(n)]) for n, p in model.named_parameters())
+    worst = max(parity_grads.grad_error(p.grad, grads.get(f"grad_a.{native_to_hf(n)}"),
+                                        info["grad_norm"][native_to_hf(n)], info["grad_maxabs"][native_to_hf(n)])
+                for n, p in model.named_parameters())
     return abs(out.loss.item() - info["loss"]), worst
 
 
@@ -191,7 +196,8 @@ def test_vit_with_an_indivisible_head_count_is_replicated(two_ranks, fixtures_di
 
 def test_tensor_parallel_degree_must_divide_heads_and_groups(fixtures_dir):
     model = load_model(fixtures_dir / "tiny")  # 4 heads, 2 KV groups
-    with pytest.raises(transforms_distributed.DistributedError, match=r"degree 4 must divide the model's KV groups .* = 2"):
+    with pytest.raises(transforms_distributed.DistributedError,
+                       match=r"degree 4 must divide the model's KV groups .* = 2"):
         transforms_distributed.check_tp_degree(model, 4)
     with pytest.raises(transforms_distributed.DistributedError, match=r"degree 3 must divide the model's query heads"):
         transforms_distributed.check_tp_degree(model, 3)
@@ -226,8 +232,10 @@ def stall_on_rank1() -> None:
 
 def test_a_failing_rank_ends_the_run_with_its_error():
     start = time.monotonic()
-    with pytest.raises(transforms_distributed.DistributedError, match=r"(?s)rank 1 of 2 failed.*rank 1 gave up on purpose"):
-        transforms_distributed.run_ranks(raise_on_rank1, 2, device_type="cpu")  # collectives would wait 120 s: the run must not
+    with pytest.raises(transforms_distributed.DistributedError,
+                       match=r"(?s)rank 1 of 2 failed.*rank 1 gave up on purpose"):
+        # collectives would wait 120 s: the run must not
+        transforms_distributed.run_ranks(raise_on_rank1, 2, device_type="cpu")
     assert time.monotonic() - start < 90
 
 
@@ -263,7 +271,8 @@ def quantized_greedy_eager_and_compiled(folder: str, checkpoint: str) -> tuple:
     model = transforms_distributed.tensor_parallel(load_model(folder), transforms_distributed.mesh(torch.device("cpu")))
     inputs = parity_reference.case_inputs(ref, COMPILED_CASE)
     with torch.no_grad():
-        return tuple(generate(model, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c) for c in (False, True))
+        return tuple(generate(model, **inputs, max_new_tokens=NEW_TOKENS, stop_ids=[], compile=c)
+                     for c in (False, True))
 
 
 @pytest.mark.slow

@@ -401,7 +401,7 @@ def test_quantized_model_on_cuda_matches_cpu_and_compiles(converted, tiny, key):
     assert (ours - want).abs().max().item() <= 3 * bf16
     eager = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[]))
     compiled = list(stream_tokens(cuda, **inputs, max_new_tokens=8, stop_ids=[], compile=True))
-    for e, c in zip(eager, compiled):  # the same inputs so far: the same logits, up to bf16 rounding
+    for e, c in zip(eager, compiled, strict=True):  # the same inputs so far: the same logits, up to bf16 rounding
         assert (e.logits.float() - c.logits.float()).abs().max().item() <= 3 * bf16
         if not torch.equal(e.tokens, c.tokens):
             top2 = e.logits.float().topk(2, dim=-1).values
