@@ -1,4 +1,5 @@
 """Publishing a folder all at once: write into a hidden sibling, rename it into place when complete.
+`staged_file` / `write_file_atomically` do the same for one file (fsynced, then renamed over it).
 
 A failure, Ctrl-C or SIGTERM/SIGHUP (the CLI turns those into exceptions) inside `staging`
 removes the sibling, so readers never see a half-written folder. An existing destination (the
@@ -157,6 +158,31 @@ def staging(dst: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_file(dst: Path) -> Iterator[Path]:
+    """A hidden sibling path, unique to this call, for the block to write one file in; it becomes `dst`
+    only if the block completes: flushed to disk (fsync), then renamed over `dst` (an existing file is
+    replaced in one step). Removed on a failure or Ctrl-C, so readers never see a half-written file.
+    The name ends in `.tmp`: a writer that picks the format from the name must be told it. The folder
+    above `dst` must exist."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, dst)
+        _fsync(dst.parent)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def write_file_atomically(dst: Path, data: bytes) -> None:
+    """`dst` holds `data`, all of it or (on any failure) whatever it held before; see staged_file."""
+    with staged_file(dst) as tmp:
+        tmp.write_bytes(data)
+
+
 def _publish(tmp: Path, dst: Path) -> None:
     """Rename `tmp` to `dst`; an existing `dst` is swapped out atomically where the OS can, then removed."""
     if not (dst.exists() or dst.is_symlink()):
@@ -172,7 +198,7 @@ def _publish(tmp: Path, dst: Path) -> None:
             os.rename(old, dst)
             raise
         _remove_old(old, dst)
-    _fsync_dir(dst.parent)
+    _fsync(dst.parent)
 
 
 def _remove_old(old: Path, dst: Path) -> None:
@@ -199,7 +225,8 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -190,12 +190,12 @@ def save_model(model: GLM4V, path: str | Path, layout: str = "hf", *, dtype: tor
     files = shard_names(len(groups))
     with destination_lock(dst), staging(dst) as tmp:  # one writer per folder; a killed run's leftovers go
         _check_destination(dst, overwrite)
-        for file, group in zip(files, groups):
+        for file, group in zip(files, groups, strict=True):
             shard = {n: tensors[n].cpu() for n in group}  # no copy on CPU; one shard at a time from CUDA
             write_file(tmp / file, shard, metadata, dtype)
             del shard
         if len(groups) > 1:
-            weight_map = {n: file for file, group in zip(files, groups) for n in sorted(group)}
+            weight_map = {n: file for file, group in zip(files, groups, strict=True) for n in sorted(group)}
             total = sum(tensor_nbytes(tuple(t.shape), dtype) for t in tensors.values())
             _write_text(tmp / INDEX_FILE, index_json(weight_map, total))
         _write_text(tmp / CONFIG_FILE, json.dumps({**raw, "torch_dtype": dtype_name(dtype)}, indent=2) + "\n")

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("parity", help="compare with the HF reference fixtures (see glm4v parity --help)",
                         add_help=False)
     commands.add_parser("make-reference", add_help=False,
-                        help="record a parity reference with the checkpoint's own HF code (see glm4v make-reference --help)")
+                        help="record a parity reference with the checkpoint's own HF code "
+                             "(see glm4v make-reference --help)")
     commands.add_parser("finetune", help="LoRA / full fine-tuning on a JSONL (see glm4v finetune --help)",
                         add_help=False)
     return parser
@@ -123,7 +124,7 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
     try:
         check_arguments(args)
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
-            from glm4v_core.transforms import distributed  # only here: torch.distributed.tensor takes seconds to import
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
             return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
@@ -230,7 +231,8 @@ class Session:
             print(f"glm4v: error: {e}", file=err, flush=True)
             return
         self.pending_images.append(path)
-        print(f"[image {path} attached to your next message ({len(self.pending_images)} waiting)]", file=err, flush=True)
+        print(f"[image {path} attached to your next message ({len(self.pending_images)} waiting)]",
+              file=err, flush=True)
 
     def user_message(self, text: str) -> dict:
         """The next user message; it takes every waiting image, before its text."""
@@ -245,7 +247,7 @@ class Session:
         a = self.args
         generator = None
         if a.seed is not None:
-            generator = torch.Generator(device=self.model.text.embed.weight.device).manual_seed(a.seed)
+            generator = torch.Generator(device=self.model.device).manual_seed(a.seed)
         stats = GenerationStats()
         pieces, cancelled = [], False
         sampling = Sampling(a.do_sample, a.temperature, a.top_k, a.top_p, a.repetition_penalty)
@@ -275,7 +277,7 @@ class Session:
 def generate_on_rank(args: argparse.Namespace) -> int:
     """One rank of `glm4v generate --tp N`: its shard of the model, the same tokens as every other
     rank (the logits are gathered, the seed shared); rank 0 writes the answer."""
-    from glm4v_core.transforms import distributed
+    from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
     args.device = str(distributed.init())
     session = Session.open(args)
     distributed.tensor_parallel(session.model, distributed.mesh(torch.device(args.device)))

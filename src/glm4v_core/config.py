@@ -87,13 +87,13 @@ class GLM4VConfig:
         return (self.num_heads + 2 * self.num_kv_groups) * self.head_dim
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "GLM4VConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> GLM4VConfig:
         hf = check_config(hf)
         vision = _build(VisionConfig, hf["vision_config"])
         return _build(cls, {**hf, "vision_config": vision, "eos_token_id": tuple(hf["eos_token_id"])})
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "GLM4VConfig":
+    def from_json(cls, path: str | Path) -> GLM4VConfig:
         path = Path(path)
         data = parse_json(read_text(path, "config file", ConfigError), path, ConfigError)
         try:

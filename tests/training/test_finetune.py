@@ -1,5 +1,5 @@
 """glm4v finetune on the tiny checkpoint: labels, batches, bad records, overfitting, exact resume,
-Ctrl-C, and the command end to end (the README's command)."""
+Ctrl-C, and the command end to end (the one docs/training.md shows)."""
 import json
 import shutil
 from pathlib import Path
@@ -238,16 +238,16 @@ def test_resume_refuses_changed_arguments_and_fresh_runs_refuse_old_checkpoints(
     assert "unknown part(s) ['ears']" in capsys.readouterr().err
 
 
-README_COMMAND = ("glm4v finetune --data tests/fixtures/finetune/train.jsonl "
-                  "--eval-data tests/fixtures/finetune/eval.jsonl --out runs/tiny --max-steps 10 --lr 1e-2 "
-                  "--save-every 5 --save-merged")
+DOCS_COMMAND = ("glm4v finetune --data tests/fixtures/finetune/train.jsonl "
+                "--eval-data tests/fixtures/finetune/eval.jsonl --out runs/tiny --max-steps 10 --lr 1e-2 "
+                "--save-every 5 --save-merged")
 
 
-def test_readme_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
-    readme = (ROOT / "README.md").read_text()
-    assert README_COMMAND in readme
+def test_training_doc_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    doc = (ROOT / "docs" / "training.md").read_text()
+    assert DOCS_COMMAND in doc
     monkeypatch.chdir(ROOT)
-    argv = README_COMMAND.split()[1:]
+    argv = DOCS_COMMAND.split()[1:]
     argv[argv.index("runs/tiny")] = str(tmp_path / "tiny")
     assert cli.main(argv) == 0
     out = tmp_path / "tiny"

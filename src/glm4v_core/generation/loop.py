@@ -172,7 +172,8 @@ def check_stop_ids(model: GLM4V, stop_ids: Sequence[int] | None) -> torch.Tensor
     if stop_ids is None:
         return torch.tensor(model.config.eos_token_ids, dtype=torch.long)
     if isinstance(stop_ids, (str, bytes, int)) or not isinstance(stop_ids, Sequence):
-        raise InputError(f"stop_ids must be a list of token ids (or None for the config's eos ids), got {stop_ids!r:.60}")
+        raise InputError("stop_ids must be a list of token ids (or None for the config's eos ids), "
+                         f"got {stop_ids!r:.60}")
     vocab = model.config.vocab_size
     for i in stop_ids:
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:

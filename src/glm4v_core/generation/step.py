@@ -86,7 +86,7 @@ class CUDAGraphStep:
             self.outputs = step(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        for static, value in zip(self.inputs, inputs):
+        for static, value in zip(self.inputs, inputs, strict=False):
             if static is not None:
                 static.copy_(value)
         self.graph.replay()

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,6 +47,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     the same products and sums, so bit for bit the reference's result, in 5 kernels instead of 8.
     x: (B, nh, T, hd). Products are taken in x's dtype, as in the reference (bf16 parity)."""
     rot = 2 * cos.shape[-2]
+    # a plain view, not a rearrange: the pair split is the rotary arithmetic itself, not a head layout
     pairs = x[..., :rot].unflatten(-1, (-1, 2))  # (B, nh, T, rot/2, 2)
     rotated = (pairs * cos + pairs.flip(-1) * sin).flatten(-2)
     return torch.cat((rotated, x[..., rot:]), dim=-1)
@@ -71,28 +73,29 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_groups, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_groups * cfg.head_dim
-        self.qkv = ops.Linear(cfg.hidden_size, cfg.qkv_size, bias=True)  # fused q | k | v, with bias
+        self.qkv = ops.Linear(cfg.hidden_size, cfg.qkv_size, bias=True,  # fused q | k | v, with bias
+                              parts=(self.q_size, self.kv_size, self.kv_size))
         self.out = ops.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keys: KeyRange,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = qk.view(B, T, self.num_heads + self.num_kv, self.head_dim).transpose(1, 2)  # (B, nh + nkv, T, hd)
-        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv], dim=1)  # q and k in one pass
-        v = v.view(B, T, self.num_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        qk = rearrange(qk, "b t (heads hd) -> b heads t hd", hd=self.head_dim)  # heads = nh + nkv, rotated at once
+        q, k = apply_rotary(qk, *rope).split([self.num_heads, self.num_kv], dim=1)
+        v = rearrange(v, "b t (nkv hd) -> b nkv t hd", hd=self.head_dim)
         if cache is not None:  # the cache holds rotated k per KV group, never expanded
             k_all, v_all = cache.write(self.layer_idx, slots, k, v)
             if keys.end is not None:  # decode: the whole buffer, valid up to keys.end (prefill: its own keys)
                 k, v = k_all, v_all
         out = ops.attention(q, k, v, causal=True, key_start=keys.start, key_end=keys.end)  # (B, nh, T, hd)
-        return self.out(out.transpose(1, 2).reshape(B, T, self.q_size))
+        return self.out(rearrange(out, "b nh t hd -> b t (nh hd)"))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GLM4VConfig):
         super().__init__()
-        self.gate_up = ops.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.gate_up = ops.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False,  # fused gate | up
+                                  parts=(cfg.ffn_hidden_size, cfg.ffn_hidden_size))
         self.down = ops.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

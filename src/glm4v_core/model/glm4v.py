@@ -73,13 +73,13 @@ class GLM4V(nn.Module):
 
     @classmethod
     def from_config(cls, config: GLM4VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> "GLM4V":
+                    device: str | torch.device = "cpu") -> GLM4V:
         """A randomly initialized model, ready to train (see glm4v_core.model.init for the scheme)."""
         model = cls(config).to(dtype).to_empty(device=device)
         init_parameters(model, seed)
         return model
 
-    def gradient_checkpointing(self, enabled: bool = True) -> "GLM4V":
+    def gradient_checkpointing(self, enabled: bool = True) -> GLM4V:
         """Recompute each ViT and decoder block in backward instead of keeping its activations."""
         self.vision.checkpoint_layers = self.text.checkpoint_layers = enabled
         return self
@@ -120,8 +120,7 @@ class GLM4V(nn.Module):
         x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
         if labels is not None:  # training: the loss without logits of the whole sequence
             targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
-            head = self.text.lm_head  # a quantized head (glm4v_core.transforms.quant) holds codes: the loss reads its weight
-            weight = head.weight if hasattr(head, "weight") else head.dequantized_weight(x.dtype)
+            weight = self.text.lm_head.dense_weight(x.dtype)  # the loss multiplies by it in vocabulary chunks
             loss = causal_lm_loss(x, weight, targets, self.loss_chunk_size)
             return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
         return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
@@ -190,7 +189,10 @@ class GLM4V(nn.Module):
                              f"context of {MAX_CONTEXT} positions")
         spliced = L if pixel_values is None else spliced_length(input_ids, ImageBlock.from_config(self.config))
         device = self.device
-        to = (lambda t: None if t is None else t.to(device))
+
+        def to(t):
+            return None if t is None else t.to(device)
+
         return Prompt(to(input_ids), to(pixel_values), to(attention_mask), to(position_ids), to(images_per_row),
                       spliced)
 
@@ -225,7 +227,8 @@ def check_materialized(model: nn.Module) -> None:
 
 
 def check_pixels(pixel_values: torch.Tensor) -> None:
-    """Normalized float pixels (what glm4v_core.processing.image.load_image makes); shapes are checked with the blocks."""
+    """Normalized float pixels (what glm4v_core.processing.image.load_image makes); shapes are checked
+    with the blocks."""
     if not isinstance(pixel_values, torch.Tensor):
         raise InputError(f"pixel_values must be a float tensor (N, 3, S, S), got {type(pixel_values).__name__}")
     if not pixel_values.is_floating_point():
@@ -239,7 +242,8 @@ def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.T
     """None, or a (B, L) tensor of 0/1 (int or bool) in the left-padding pattern; returned as int64."""
     if attention_mask is None:
         return None
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point() or attention_mask.is_complex():
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.is_floating_point()
+            or attention_mask.is_complex()):
         raise InputError(f"attention_mask must be an integer or bool tensor of 0/1, got "
                          f"{getattr(attention_mask, 'dtype', type(attention_mask).__name__)}")
     if attention_mask.shape != input_ids.shape:
@@ -247,7 +251,8 @@ def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.T
                          f"{tuple(input_ids.shape)}")
     mask = attention_mask.long()
     if not bool(((mask == 0) | (mask == 1)).all()):
-        raise InputError(f"attention_mask must hold only 0 and 1, found {sorted(set(mask.unique().tolist()) - {0, 1})[:5]}")
+        others = sorted(set(mask.unique().tolist()) - {0, 1})
+        raise InputError(f"attention_mask must hold only 0 and 1, found {others[:5]}")
     start = (mask == 0).sum(1)
     if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) >= start[:, None]):
         raise InputError("attention_mask must be left padding (zeros then ones in every row); got another pattern")
@@ -267,7 +272,8 @@ def check_position_ids(position_ids: torch.Tensor, input_ids: torch.Tensor) -> N
 
 
 def check_ids_shape(input_ids: torch.Tensor) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)):
         raise InputError(f"input_ids must be an integer tensor (B, L), got {type(input_ids).__name__} "
                          f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
     if input_ids.numel() == 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from glm4v_core.errors import GLM4VError
 
@@ -69,7 +70,8 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: t
     n = counted.sum().clamp(min=1)
     if chunk_size is None:
         logits = F.linear(hidden[:, :-1], lm_head_weight).float()  # (B, T-1, V), model dtype then fp32
-        total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
         return total / n
     return linear_cross_entropy(hidden[:, :-1][counted], lm_head_weight, targets[counted], chunk_size) / n
 

@@ -5,14 +5,15 @@ GLM4V_BACKEND environment variable (auto|torch|triton, read once at import) or b
 `use_backend(...)` context manager (tests flip it). An explicit request that cannot run raises.
 Every op is differentiable on both backends (the Triton ones have Triton backward kernels), and the
 Triton ones are torch custom ops, so torch.compile(fullgraph=True) and CUDA graphs take them whole.
-`Linear` is the model's linear layer: on CPU it can run on oneDNN-packed bf16 weights (`pack_cpu_weights`).
+`Linear` is the model's linear layer: on CPU it can run on oneDNN-packed bf16 weights (`pack_cpu_weights`);
+a fused one declares the sizes of its parts (`parts`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import weakref
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +100,26 @@ class Linear(nn.Linear):
     the pre-packed weight about twice that, and prefill-sized products gain ~10%. Same kernel family,
     bit-identical results. The packed copy is used only for inference (no gradient wanted) and only
     while the weight is the one that was packed. Under torch.compile the product is the custom op
-    `glm4v::packed_linear` (inductor cannot trace the packed copy, an opaque oneDNN tensor)."""
+    `glm4v::packed_linear` (inductor cannot trace the packed copy, an opaque oneDNN tensor).
+
+    parts: for a fused projection (q | k | v, gate | up), the output sizes of its parts in row order
+    (they add up to out_features); None for a plain one. Transforms read it (a LoRA adapter per part,
+    tensor parallelism's reordering of the rows), and a quantized layer that replaces this one keeps it."""
 
     packed: PackedWeight | None = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 parts: tuple[int, ...] | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if parts is not None and sum(parts) != out_features:
+            raise ValueError(f"fused parts {tuple(parts)} do not add up to out_features {out_features}")
+        self.parts = None if parts is None else tuple(parts)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) float weight that products with activations of `dtype` use, for code that
+        needs the matrix itself rather than the product (the training loss's chunked head): this
+        layer's own weight, as it is. A quantized layer returns its dequantized weight."""
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -210,15 +228,19 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
                 and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and rows <= CPU_FP32_PACKED_MAX_ROWS)))
     if fast_cpu and zero is None:
         scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), qweight, scale)
-        return y.view(*x.shape[:-1], qweight.shape[0])
+        return _on_rows(x, lambda rows: torch._weight_int8pack_mm(rows, qweight, scale))
     if fast_cpu and cpu_int4 is not None:
         packed, scale_and_zero = cpu_int4
         if scale_and_zero.dtype != x.dtype:
             scale_and_zero = scale_and_zero.to(x.dtype)
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), packed, group_size,
-                                              scale_and_zero)
-        return y.view(*x.shape[:-1], packed.shape[0])
+        return _on_rows(x, lambda rows: torch._weight_int4pack_mm_for_cpu(rows, packed, group_size, scale_and_zero))
     if zero is None:
         return K.int8_matmul_ref(x, qweight, scale)
     return K.int4_matmul_ref(x, qweight, scale, zero, group_size)
+
+
+def _on_rows(x: torch.Tensor, matmul) -> torch.Tensor:
+    """matmul of the packed CPU kernels, which take a contiguous 2-D (rows, in) input, on x (..., in).
+    A plain view, not a rearrange: the kernels' own 2-D calling convention, not a layout of the model."""
+    y = matmul(x.reshape(-1, x.shape[-1]).contiguous())
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -16,10 +17,11 @@ class PatchEmbedding(nn.Module):
         self.proj = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls = nn.Parameter(torch.empty(1, cfg.hidden_size))
         # one learned row per token (cls + grid^2); the image size is fixed, so no interpolation
-        self.pos = nn.Embedding(cfg.num_positions, cfg.hidden_size, _weight=torch.empty(cfg.num_positions, cfg.hidden_size))
+        positions = torch.empty(cfg.num_positions, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.num_positions, cfg.hidden_size, _weight=positions)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, grid^2, Hv)
+        x = rearrange(self.proj(pixels), "b hv gh gw -> b (gh gw) hv")  # patches in row-major grid order
         cls = self.cls.expand(x.shape[0], 1, -1)  # (B, 1, Hv)
         return torch.cat((cls, x), dim=1) + self.pos.weight  # (B, 1 + grid^2, Hv)
 
@@ -27,15 +29,14 @@ class PatchEmbedding(nn.Module):
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = ops.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.head_dim = cfg.hidden_size // cfg.num_heads  # the head count comes from the tensor (a rank's own)
+        self.qkv = ops.Linear(cfg.hidden_size, 3 * cfg.hidden_size, parts=(cfg.hidden_size,) * 3)  # fused q | k | v
         self.out = ops.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, H = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, nh, L, hd)
-        out = ops.attention(qkv[0], qkv[1], qkv[2], causal=False)  # bidirectional, (B, nh, L, hd)
-        return self.out(out.transpose(1, 2).reshape(B, L, -1))  # -1: this rank's heads under tensor parallelism
+        q, k, v = rearrange(self.qkv(x), "b l (three nh hd) -> three b nh l hd", three=3, hd=self.head_dim)
+        out = ops.attention(q, k, v, causal=False)  # bidirectional
+        return self.out(rearrange(out, "b nh l hd -> b l (nh hd)"))
 
 
 class VisionMLP(nn.Module):
@@ -112,13 +113,11 @@ class Projector(nn.Module):
 
     def downsample(self, vit_out: torch.Tensor) -> torch.Tensor:
         """(B, 1 + g*g, Hv) -> conv output (B, H, g/2, g/2)."""
-        patches = vit_out[:, 1:]
-        B, N, Hv = patches.shape
-        g = int(N ** 0.5)
-        return self.conv(patches.view(B, g, g, Hv).permute(0, 3, 1, 2))  # grid row-major, channels first
+        g = int((vit_out.shape[1] - 1) ** 0.5)  # the grid side: the patches after the cls token are g x g
+        return self.conv(rearrange(vit_out[:, 1:], "b (gh gw) hv -> b hv gh gw", gh=g))
 
     def forward(self, vit_out: torch.Tensor) -> torch.Tensor:
-        x = self.glu(self.downsample(vit_out).flatten(2).transpose(1, 2))  # (B, (g/2)^2, H)
+        x = self.glu(rearrange(self.downsample(vit_out), "b h gh gw -> b (gh gw) h"))  # (B, (g/2)^2, H)
         B = x.shape[0]
         s = self.scaling_factor
         # divided before the cat (the same numbers): at batch 1 the expand is a no-op, and boi/eoi

@@ -61,7 +61,8 @@ class Hooks:
             self.expected.append("embeddings")
             self.handles.append(layers[0].register_forward_pre_hook(self.embeddings, with_kwargs=True))
         for i in range(n_layers):  # a layer returns (hidden_states, kv_cache)
-            self.on_output(layers[i], f"{LAYERS}.{i}", lambda out: self.spill.append(f"hidden_states_{case}", out[0][0]))
+            self.on_output(layers[i], f"{LAYERS}.{i}",
+                           lambda out: self.spill.append(f"hidden_states_{case}", out[0][0]))
         self.on_output(modules[FINAL_NORM], FINAL_NORM, lambda out: self.store("final_norm_out", out))
         self.on_output(modules[ROTARY], ROTARY, lambda out: setattr(self, "table", out))
         self.handles.append(modules[ENCODER].register_forward_pre_hook(self.rotary_rows, with_kwargs=True))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from glm4v_conversion import __version__
+from glm4v_conversion.atomic import write_file_atomically
 from glm4v_conversion.files import check_folder
 from glm4v_conversion.streams import quiet_broken_pipe
 from glm4v_core.checkpoint import DTYPES, check_device
@@ -37,7 +38,6 @@ from glm4v_core.parity.reference import ReferenceFileError, check_reference
 from glm4v_core.parity.report import (
     PLOT_INSTALL,
     ReportError,
-    atomic_write,
     format_grad_report,
     format_report,
     grads_json,
@@ -140,7 +140,8 @@ def grads_main(args: argparse.Namespace, checkpoint: Path, prog: str, out) -> in
 
 def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog,
-                                description="Compare glm4v-core with the HF reference outputs stored beside a checkpoint.",
+                                description="Compare glm4v-core with the HF reference outputs stored beside "
+                                            "a checkpoint.",
                                 epilog="exit status: 0 when every case passes, 1 when a case fails or an input is "
                                        "refused (the message says which), 2 for a usage error.")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads) or min(args.tp, args.fsdp) < 1:
             parser.error("--tp N goes with logit parity, --fsdp N with --grads (N >= 1)")
         if ranks > 1 and not torch.distributed.is_initialized():  # start the ranks; each runs this main again
-            from glm4v_core.transforms import distributed  # only here: torch.distributed.tensor takes seconds to import
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             device_type = "cuda" if args.device.startswith("cuda") else "cpu"
             try:
                 return distributed.run_ranks(main_on_rank, ranks, sys.argv[1:] if argv is None else argv, prog,
@@ -226,7 +227,8 @@ def main_on_rank(argv: list[str], prog: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
-                   help=f"also draw the per-stage errors (log scale, with the tolerance) to this image; needs {PLOT_INSTALL}")
+                   help="also draw the per-stage errors (log scale, with the tolerance) to this image; "
+                        f"needs {PLOT_INSTALL}")
     p.add_argument("--html", type=Path, default=None, metavar="HTML",
                    help="also write an HTML report (tables per case; the plot embedded if matplotlib is installed)")
 
@@ -236,10 +238,10 @@ def write_requested(reports: list[CaseReport], args: argparse.Namespace, title: 
     """Write the files asked for by --plot / --html; False (after saying why on stderr) if one failed."""
     try:
         if args.plot is not None:
-            atomic_write(args.plot, plot_png(reports, title))
+            write_file_atomically(args.plot, plot_png(reports, title))
             print(f"plot: {args.plot}", file=sys.stderr)
         if args.html is not None:
-            atomic_write(args.html, html_report(reports, title).encode())
+            write_file_atomically(args.html, html_report(reports, title).encode())
             print(f"html: {args.html}", file=sys.stderr)
     except (ReportError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ def reference_kernels(dtype: torch.dtype):
             setattr(owner, name, exact)
         yield
     finally:
-        for (owner, name, _), value in zip(settings, saved):
+        for (owner, name, _), value in zip(settings, saved, strict=True):
             setattr(owner, name, value)
 
 

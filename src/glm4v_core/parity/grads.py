@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from glm4v_core.checkpoint import load_model
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.parity.exact_kernels import reference_kernels
+from glm4v_core.transforms.dtensor import whole
 
 GRAD_LOSS_ATOL = 1e-5
 
@@ -41,7 +42,7 @@ def grad_error(ours: torch.Tensor | None, ref: torch.Tensor | None, norm: float,
         diff = (ours - ref).abs().max().item()
         return diff / maxabs if maxabs else diff
     errors = [abs(ours.norm().item() - norm), abs(ours.abs().max().item() - maxabs)]
-    return max(e / s if s else e for e, s in zip(errors, (norm, maxabs)))
+    return max(e / s if s else e for e, s in zip(errors, (norm, maxabs), strict=True))
 
 
 def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str, torch.Tensor],
@@ -49,7 +50,7 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
     """One supervised sample: loss and every parameter's gradient vs the reference's."""
     from glm4v_conversion.names import native_to_hf
     info = meta["cases"][case]
-    device = model.text.embed.weight.device
+    device = model.device
     take = lambda name: grads[f"{name}_{case}"].to(device)  # noqa: E731
     pixel_values = pixels[info["image"]].to(device) if info.get("image") else None
     model.zero_grad(set_to_none=True)
@@ -74,11 +75,6 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
                           loss_err <= GRAD_LOSS_ATOL and worst <= GRAD_REL_TOL)
 
 
-def whole(grad: torch.Tensor | None) -> torch.Tensor | None:
-    """The whole gradient: FSDP2 leaves each rank a shard (a DTensor; gathering is a collective)."""
-    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-
-
 def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = False) -> list[GradCaseReport]:
     """Every case of CHECKPOINT/grads.safetensors; images come from reference.safetensors.
     fsdp: run as one rank of an FSDP2 group; every rank computes the same case (the averaged
@@ -92,7 +88,7 @@ def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = Fa
     meta = json.loads(path.with_suffix(".json").read_text())
     model = load_model(checkpoint, dtype=torch.float32, device=device).requires_grad_(True)
     if fsdp:
-        from glm4v_core.transforms import distributed
+        from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
         model = distributed.fsdp(model, distributed.mesh(torch.device(device)))
     with reference_kernels(torch.float32):
         return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from glm4v_conversion.atomic import staging
 from glm4v_conversion.safetensors_io import list_tensors
 from glm4v_core.checkpoint import DTYPES
 from glm4v_core.config import GLM4VConfig
@@ -140,7 +140,8 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     if max_new_tokens < 1:
         raise CaptureError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if layers is not None and not 0 <= layers <= config.num_layers:
-        raise CaptureError(f"--layers must be in 0..{config.num_layers} (the checkpoint's decoder layers), got {layers}")
+        raise CaptureError(f"--layers must be in 0..{config.num_layers} (the checkpoint's decoder layers), "
+                           f"got {layers}")
     if with_bf16 and dtype != torch.float32:
         raise CaptureError("--with-bf16 adds a bf16 pass to a float32 recording; drop it or use --dtype float32")
     n_layers = config.num_layers if layers is None else layers
@@ -151,7 +152,7 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     print(memory_report(checkpoint, config, dtype, device, inputs, force, with_bf16), file=sys.stderr)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same disk: the rename is atomic
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # the spill, beside `out`
     try:
         start = time.perf_counter()
         model = load_reference(transformers, checkpoint, dtype, device)
@@ -167,22 +168,19 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
                 print(f"reference: case {case.name} ({ids.shape[1]} tokens"
                       f"{', image ' + str(case.image) if case.image else ''})", file=sys.stderr)
                 tokens = record_case(model, case.name, ids, pixels, spill, n_layers, max_new_tokens, device)
+                kind = "image + text" if case.image else "text only"
                 meta["inputs"][case.name] = {"input_ids": ids[0].tolist(), "prompt": case.prompt,
                                              "image": str(case.image) if case.image else None,
-                                             "desc": f"{'image + text' if case.image else 'text only'}: {case.prompt[:60]}"}
+                                             "desc": f"{kind}: {case.prompt[:60]}"}
                 meta["generation"][case.name] = tokens
             if with_bf16:
                 record_bf16(model, cases, inputs, spill, meta, max_new_tokens, device)
         del model
         meta["seconds"] = {"load": round(loaded, 1), "run": round(time.perf_counter() - start - loaded, 1)}
         meta["tensors"] = spill.describe()
-        final = work / "final"
-        final.mkdir()
-        spill.finish(final / "reference.safetensors", {"generator": "glm4v make-reference"})
-        (final / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():  # move the old folder aside first: `out` is always either the old or the new one
-            os.replace(out, work / "old")
-        os.replace(final, out)
+        with staging(out) as final:  # `out` is always either the old folder or the new one
+            spill.finish(final / "reference.safetensors", {"generator": "glm4v make-reference"})
+            (final / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -217,9 +215,10 @@ def prepare_case(case: Case, tokenizer, config: GLM4VConfig, raw_config: dict,
     last_position = inputs.input_ids.shape[1] + max_new_tokens - 1  # positions are unspliced token indices
     seq_length = raw_config.get("seq_length")
     if seq_length is not None and last_position >= seq_length:
-        raise CaptureError(f"case {case.name}: the prompt ({inputs.input_ids.shape[1]} tokens) plus --max-new-tokens "
-                             f"{max_new_tokens} needs rotary position {last_position}, but the reference code builds its "
-                             f"rotary table for config.json seq_length = {seq_length} positions")
+        raise CaptureError(f"case {case.name}: the prompt ({inputs.input_ids.shape[1]} tokens) plus "
+                           f"--max-new-tokens {max_new_tokens} needs rotary position {last_position}, but the "
+                           f"reference code builds its rotary table for config.json seq_length = {seq_length} "
+                           "positions")
     return inputs.input_ids, inputs.pixel_values
 
 

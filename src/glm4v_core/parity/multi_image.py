@@ -22,7 +22,7 @@ MULTI_IMAGE_CASES = {"m1": [0, 1], "m2": [2, 3], "m3": [0, 1, 3]}
 def run_multi_image_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str) -> CaseReport:
     """fp32: spliced positions (and mask) exact, logits within 1e-4 where the spliced mask is 1,
     greedy tokens equal (the reference's continue at each row's largest position + 1)."""
-    device = model.text.embed.weight.device
+    device = model.device
     inputs = {"input_ids": ref[f"input_ids_{case}"], "pixel_values": ref["pixel_values"][MULTI_IMAGE_CASES[case]],
               "attention_mask": ref.get(f"attention_mask_{case}"), "position_ids": ref.get(f"position_ids_in_{case}")}
     inputs = {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}

@@ -87,8 +87,8 @@ def run_quantized_parity(checkpoint: Path, ref: dict[str, torch.Tensor], meta: d
         stage = compare("logits", logits, ref[f"logits_{case}"], budget.logits, rows, argmax_margin=float("inf"))
         if budget.min_argmax_agreement is not None:
             stage.ok = stage.ok and stage.argmax_agree >= budget.min_argmax_agreement
-        stage.note = (f"{budget.scheme} budget: {budget.why}"
-                      + (f"; argmax agreement >= {budget.min_argmax_agreement:g}" if budget.min_argmax_agreement else ""))
+        agreement = f"; argmax agreement >= {budget.min_argmax_agreement:g}" if budget.min_argmax_agreement else ""
+        stage.note = f"{budget.scheme} budget: {budget.why}" + agreement
         desc = meta.get("inputs", {}).get(case, {}).get("desc", "")
         reports.append(CaseReport(case, f"{desc} [{record['scheme']}]", [stage]))
     return reports

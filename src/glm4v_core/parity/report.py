@@ -14,7 +14,6 @@ import base64
 import html
 import io
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,16 +31,6 @@ EXACT_FLOOR = 1e-10  # where an exact (0) error is drawn on the log scale
 
 class ReportError(GLM4VError):
     """A report file that cannot be written (a missing optional dependency, a bad path)."""
-
-
-
-
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def import_pyplot():
@@ -73,7 +62,7 @@ def plot_png(reports: list[CaseReport], title: str) -> bytes:
     heights = [3.2 if n > 3 else 2.2 for n in counts]  # a logits-only case needs less room
     fig, axes = plt.subplots(len(reports), 1, figsize=(width, sum(heights) + 0.9), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    for ax, report in zip(axes[:, 0], reports):
+    for ax, report in zip(axes[:, 0], reports, strict=True):
         draw_case(ax, report)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncol=4, fontsize=8, frameon=False)
@@ -109,7 +98,8 @@ def draw_case(ax, report: CaseReport) -> None:
     desc = report.desc or "no description"
     desc = desc if len(desc) <= 50 else desc[:47] + "..."
     summary = exact_summary(report)
-    ax.set_title(f"case {report.name} ({desc}): {'PASS' if report.ok else 'FAIL'}" + (f"   [{summary}]" if summary else ""),
+    verdict = "PASS" if report.ok else "FAIL"
+    ax.set_title(f"case {report.name} ({desc}): {verdict}" + (f"   [{summary}]" if summary else ""),
                  fontsize=9, loc="left", color="black" if report.ok else "red")
 
 

@@ -22,7 +22,7 @@ from glm4v_core.parity.reference import case_inputs, recorded_in_bf16, reference
 @torch.no_grad()
 def run_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str, tol: Tolerances) -> CaseReport:
     inputs = case_inputs(ref, case)
-    device = model.text.embed.weight.device
+    device = model.device
     inputs = {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}
     report = CaseReport(case, meta.get("inputs", {}).get(case, {}).get("desc", ""))
     stages = report.stages
@@ -86,7 +86,8 @@ def greedy_stage(model: GLM4V, inputs: dict, ref: dict[str, torch.Tensor], case:
     fp32_tokens = ref.get(f"gen_tokens_{case}")
     stage.ok = margin <= tol.margin and fp32_tokens is not None and torch.equal(tokens, fp32_tokens)
     stage.note = (f"differs from the bf16 reference from step {first}, fp32 top-2 margin there {margin:.4f} "
-                  f"(near-tie bound {tol.margin:.3f}); {'equals' if stage.ok else 'does NOT equal'} the fp32 greedy tokens")
+                  f"(near-tie bound {tol.margin:.3f}); {'equals' if stage.ok else 'does NOT equal'} "
+                  "the fp32 greedy tokens")
     return stage
 
 
@@ -107,7 +108,7 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     tol = Tolerances(meta, torch.float32 if recorded_in_bf16(meta) else dtype)
     model = load_model(checkpoint, dtype=dtype, device=device)
     if tp:
-        from glm4v_core.transforms import distributed  # only here: torch.distributed.tensor takes seconds to import
+        from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
         model = distributed.tensor_parallel(model, distributed.mesh(torch.device(device)))
     with reference_kernels(dtype):
         reports = [run_case(model, ref, meta, case, tol) for case in reference_cases(ref)]

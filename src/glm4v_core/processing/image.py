@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ class ImageError(GLM4VError):
     """An image that cannot be read, is too large, or has a mode we cannot map to RGB."""
 
 
-ImageInput = Union[str, Path, Image.Image]
+ImageInput = str | Path | Image.Image
 
 # Refuse images over this many pixels before decoding them (decompression-bomb guard). 64M pixels is
 # ~190 MB as RGB, 50x a 1120x1120 input; Pillow's own guard (89M warn, 179M error) also becomes ImageError.

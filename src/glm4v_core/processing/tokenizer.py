@@ -79,7 +79,7 @@ def _parse_ranks_fast(lines: list[bytes]) -> dict[bytes, int] | None:
         tokens = [binascii.a2b_base64(tok, strict_mode=True) for tok, _, _ in fields]
     except binascii.Error:
         return None
-    ranks = dict(zip(tokens, range(len(tokens))))
+    ranks = dict(zip(tokens, range(len(tokens)), strict=True))
     return ranks if len(ranks) == len(tokens) else None  # a shorter dict means duplicate tokens
 
 

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = FinetuneConfig(**vars(args))  # the library takes the dataclass, never the Namespace
         if options.fsdp > 1:
-            from glm4v_core.transforms import distributed  # only here: torch.distributed.tensor takes seconds to import
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             device_type = torch.device(options.device).type if options.device else None  # None: cuda if there is one
             return distributed.run_ranks(train_on_rank, options.fsdp, options, device_type=device_type)
         return Trainer(options).run()

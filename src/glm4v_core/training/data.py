@@ -98,7 +98,7 @@ def tokenize_sample(messages: Sequence[Mapping], tokenizer: Tokenizer, train_on:
     prefix = len(ids) - sum(map(len, blocks))
     if ids[prefix:] != [t for b in blocks for t in b]:
         raise DataError("the chat template is not a concatenation of per-message blocks; cannot place labels")
-    owner = ["prefix"] * prefix + [m["role"] for m, b in zip(messages, blocks) for _ in b]
+    owner = ["prefix"] * prefix + [m["role"] for m, b in zip(messages, blocks, strict=True) for _ in b]
     ids = [*ids, sp["<|endoftext|>"]]
     image_pads = {t + 1 for t, token in enumerate(ids) if token == sp[IMAGE_PLACEHOLDER[0]]}  # boi PAD eoi
     labels = [IGNORE_INDEX] * len(ids)
@@ -178,7 +178,7 @@ def _resolve_images(image, folder: Path, index: int):
     if not paths or not all(isinstance(p, str) and p for p in paths):
         raise DataError(f"message {index}: 'image' must be a path or a non-empty list of paths, got {image!r}")
     resolved = [str(p if Path(p).is_absolute() else folder / p) for p in paths]
-    for original, p in zip(paths, resolved):
+    for original, p in zip(paths, resolved, strict=True):
         if not Path(p).is_file():
             raise DataError(f"message {index}: image {original!r} does not exist (looked for {p})")
         try:

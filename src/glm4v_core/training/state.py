@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -22,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from glm4v_conversion.atomic import staging
+from glm4v_conversion.atomic import staged_file, staging
 from glm4v_core.errors import GLM4VError
+from glm4v_core.transforms.dtensor import whole
 from glm4v_core.transforms.lora import atomic_save_file
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
@@ -65,7 +65,8 @@ def read_checkpoint(folder: Path, trained: dict[str, torch.Tensor], optimizer: t
     with safe_open(str(folder / "trainable.safetensors"), framework="pt") as f:
         stored = set(f.keys())
         if stored != set(trained):
-            raise ResumeError(f"{folder}: trained tensors do not fit this run (e.g. {sorted(stored ^ set(trained))[:3]})")
+            mismatched = sorted(stored ^ set(trained))
+            raise ResumeError(f"{folder}: trained tensors do not fit this run (e.g. {mismatched[:3]})")
         with torch.no_grad():
             for name, t in trained.items():
                 t.copy_(place(f.get_tensor(name), t))
@@ -75,11 +76,6 @@ def read_checkpoint(folder: Path, trained: dict[str, torch.Tensor], optimizer: t
     with safe_open(str(folder / "rng.safetensors"), framework="pt") as f:
         rng = {n: f.get_tensor(n) for n in f.keys()}
     return state, rng
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor shard (FSDP: an all-gather, so every rank must call it), else t."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list[dict]]:
@@ -158,9 +154,8 @@ def keep_log_until(source: Path, dst: Path, step: int) -> None:
     lines = []
     if step > 0 and source.exists():
         lines = [line for line in source.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, dst)
+    with staged_file(dst) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
@@ -185,8 +180,7 @@ def plot_loss(log: Path, png: Path) -> Path | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over counted tokens)")
     ax.legend()
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    with staged_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temporary's name says nothing of the format
+        plt.close(fig)
     return png

@@ -66,10 +66,10 @@ from glm4v_core.training.state import (
     optimizer_tensors,
     plot_loss,
     read_checkpoint,
-    whole,
     write_checkpoint,
 )
 from glm4v_core.transforms import lora
+from glm4v_core.transforms.dtensor import whole
 
 
 def learning_rate(step: int, args: FinetuneConfig, total: int) -> float:
@@ -109,7 +109,7 @@ class Trainer:
         self.micro_per_epoch = math.ceil(len(self.samples) / args.batch_size)
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum)
         if self.world > 1:
-            from glm4v_core.transforms import distributed
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             self.device = distributed.init()  # this rank's GPU, or the CPU
         else:
             self.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -137,7 +137,7 @@ class Trainer:
                 getattr(model, PARTS[part]).requires_grad_(True)
         model.gradient_checkpointing(a.gradient_checkpointing)
         if shard and self.world > 1:
-            from glm4v_core.transforms import distributed
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             distributed.fsdp(model, distributed.mesh(self.device))
         return model.train()
 
@@ -338,7 +338,7 @@ class Trainer:
         trained = lora.adapter_state(self.model) if self.options.lora_rank > 0 else dict(self.params)
         place = on_device
         if self.world > 1:
-            from glm4v_core.transforms import distributed
+            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             place = distributed.shard_like  # the files hold whole tensors; each rank keeps its shard
         state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), place)
         torch.set_rng_state(rng["cpu"])

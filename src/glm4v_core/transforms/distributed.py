@@ -34,8 +34,9 @@ import dataclasses
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,8 @@ def init(device_type: str | None = None, timeout: timedelta = COLLECTIVE_TIMEOUT
     if not dist.is_initialized():
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
-        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it; spawned ranks share the cores
+        # torchrun sets OMP_NUM_THREADS; spawned ranks share the cores
+        if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // dist.get_world_size()))
     if dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", dist.get_rank())))
@@ -181,8 +183,8 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     for block in model.text.layers:
         attn = block.attn
         hd = attn.head_dim
-        fused_blocks(attn.qkv, [c.num_heads * hd, c.num_kv_groups * hd, c.num_kv_groups * hd], tp)
-        fused_blocks(block.mlp.gate_up, [c.ffn_hidden_size, c.ffn_hidden_size], tp)
+        fused_blocks(attn.qkv, tp)
+        fused_blocks(block.mlp.gate_up, tp)
         attn.num_heads, attn.num_kv = c.num_heads // tp, c.num_kv_groups // tp
         attn.q_size, attn.kv_size = attn.num_heads * hd, attn.num_kv * hd
         shard(block, device_mesh, {"attn.qkv": ColwiseParallel(), "attn.out": RowwiseParallel(),
@@ -190,8 +192,7 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     v = c.vision
     if v.num_heads % tp == 0 and v.intermediate_size % tp == 0:  # else the ViT stays whole on every rank
         for block in model.vision.layers:
-            fused_blocks(block.attn.qkv, [v.hidden_size] * 3, tp)
-            block.attn.num_heads = v.num_heads // tp
+            fused_blocks(block.attn.qkv, tp)  # the ViT's head count comes from its q|k|v width
             shard(block, device_mesh, {"attn.qkv": ColwiseParallel(), "attn.out": RowwiseParallel(),
                                        "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()})
     shard(model.text, device_mesh, {"embed": RowwiseParallel(input_layouts=Replicate()),
@@ -200,14 +201,17 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     return model
 
 
-def fused_blocks(linear: nn.Module, parts: list[int], tp: int) -> None:
-    """Reorder the output rows of a fused projection [part_0 | part_1 | ...] to rank-major order
-    [p0_r0 p1_r0 ... | p0_r1 p1_r1 ... | ...], so that an even column split hands rank r the r-th
-    slice of every part (its own q, k and v; its own gate and up). Every tensor of the layer has
-    one row per output: weight and bias, or packed codes, scales, zeros and bias."""
+def fused_blocks(linear: nn.Module, tp: int) -> None:
+    """Reorder the output rows of a fused projection [part_0 | part_1 | ...] (sizes: its `parts`) to
+    rank-major order [p0_r0 p1_r0 ... | p0_r1 p1_r1 ... | ...], so that an even column split hands
+    rank r the r-th slice of every part (its own q, k and v; its own gate and up); `parts` then
+    lists those slices. Every tensor of the layer has one row per output: weight and bias, or packed
+    codes, scales, zeros and bias."""
+    parts = list(linear.parts)
     for p in (*linear.parameters(recurse=False), *linear.buffers(recurse=False)):
         pieces = [part.chunk(tp) for part in p.data.split(parts)]  # [part][rank]
         p.data = torch.cat([piece for rank in range(tp) for piece in (part[rank] for part in pieces)])
+    linear.parts = tuple(n // tp for n in parts) * tp
 
 
 def shard(module: nn.Module, device_mesh: DeviceMesh, plan: dict) -> None:
@@ -243,13 +247,16 @@ def shard_quantized(layer: QuantLinear, style: ColwiseParallel | RowwiseParallel
         for t in (*layer.buffers(recurse=False), *layer.parameters(recurse=False)):
             t.data = t.data.chunk(tp)[rank].clone()  # a copy: the whole tensor is freed
         layer.out_features //= tp
+        if layer.parts is not None:  # fused_blocks listed every rank's slices: keep this rank's
+            n = len(layer.parts) // tp
+            layer.parts = layer.parts[rank * n:(rank + 1) * n]
         layer.prepare()
         return GatheredOutput(layer, device_mesh) if style.output_layouts[0].is_replicate() else layer
     local_in = layer.in_features // tp
     if layer.scheme == "int4" and local_in % layer.group_size:
-        raise DistributedError(f"tensor-parallel degree {tp} splits the {layer.in_features} inputs of int4 layer {name} "
-                               f"into {local_in} per rank, not whole groups of {layer.group_size}; quantize with a "
-                               f"group size dividing {local_in}, or int8")
+        raise DistributedError(f"tensor-parallel degree {tp} splits the {layer.in_features} inputs of int4 layer "
+                               f"{name} into {local_in} per rank, not whole groups of {layer.group_size}; quantize "
+                               f"with a group size dividing {local_in}, or int8")
     for buffer, t in layer.named_buffers(recurse=False):
         if buffer != "weight_scale" or layer.scheme == "int4":  # (N, K) codes, (N, K/2) int4 pairs, (N, K/G) groups
             t.data = t.data.chunk(tp, dim=1)[rank].clone()

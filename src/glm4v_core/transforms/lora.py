@@ -10,7 +10,8 @@ every Linear of the decoder blocks, the ViT blocks and the projector's GLU; the 
 (lm_head), the embeddings and the convolutions never get adapters.
 
 Fused layers. The decoder's `attn.qkv` computes q | k | v with one matrix (sizes 4096 | 256 | 256
-in the real model), `mlp.gate_up` computes gate | up, the ViT's `attn.qkv` q | k | v. With
+in the real model), `mlp.gate_up` computes gate | up, the ViT's `attn.qkv` q | k | v; each declares
+the sizes of its parts (`parts`, see glm4v_core.model.ops.Linear; a quantized layer keeps them). With
 `split_fused=True` (the default) each part gets its own rank-r adapter, as if q, k and v were
 separate Linears (what LoRA on the unfused reference layout gives): the parts' A matrices are
 stacked in `lora_A` (parts * rank, in) and their B matrices in `lora_B` (out, rank), rows of part p
@@ -36,7 +37,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from glm4v_conversion.atomic import staged_file
 from glm4v_core.errors import GLM4VError
 from glm4v_core.model.glm4v import GLM4V
 
@@ -83,7 +84,7 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     @classmethod
-    def from_presets(cls, parts: list[str], **kwargs) -> "LoRAConfig":
+    def from_presets(cls, parts: list[str], **kwargs) -> LoRAConfig:
         """e.g. from_presets(["decoder", "projector"], rank=8): the union of those presets' targets."""
         unknown = [p for p in parts if p not in TARGET_PRESETS]
         if unknown or not parts:
@@ -94,7 +95,7 @@ class LoRAConfig:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "LoRAConfig":
+    def from_json(cls, text: str) -> LoRAConfig:
         return cls(**json.loads(text))
 
 
@@ -168,18 +169,6 @@ class LoRALinear(nn.Module):
         w.data = (w.detach().float() + delta.to(w.device)).to(w.dtype)
 
 
-def fused_parts(model: GLM4V, name: str) -> tuple[int, ...] | None:
-    """Output sizes of the parts a fused Linear computes, or None for a plain one."""
-    c = model.config
-    if fnmatch.fnmatchcase(name, "text.layers.*.attn.qkv"):
-        return (c.num_heads * c.head_dim, c.num_kv_groups * c.head_dim, c.num_kv_groups * c.head_dim)
-    if fnmatch.fnmatchcase(name, "text.layers.*.mlp.gate_up"):
-        return (c.ffn_hidden_size, c.ffn_hidden_size)
-    if fnmatch.fnmatchcase(name, "vision.layers.*.attn.qkv"):
-        return (c.vision.hidden_size,) * 3
-    return None
-
-
 def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRALinear]:
     """Wrap every Linear (or `is_linear` stand-in) whose name matches a target in a LoRALinear, in
     place; freeze everything else. Returns {module name: adapter}. A pattern that matches no Linear raises (a typo would
@@ -197,7 +186,7 @@ def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAL
     for name, linear in linears.items():
         if not any(fnmatch.fnmatchcase(name, p) for p in config.targets):
             continue
-        parts = fused_parts(model, name) if config.split_fused else None
+        parts = getattr(linear, "parts", None) if config.split_fused else None  # a fused layer declares them
         adapter = LoRALinear(linear, config.rank, config.alpha, config.dropout, parts)
         adapter.reset_parameters(generator)
         _set_module(model, name, adapter)
@@ -279,16 +268,11 @@ def save_adapters(model: nn.Module, path: str | Path, extra_metadata: dict[str, 
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors file written under a temporary name, flushed, then renamed into place."""
+    """safetensors file written under a temporary name, flushed, then renamed into place
+    (glm4v_conversion.atomic.staged_file); the folders above it are created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_adapter_config(path: str | Path) -> LoRAConfig:
@@ -319,7 +303,8 @@ def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
         names = set(f.keys())
         if names != set(expected):
             missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-            raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, "
+                            f"unexpected {extra[:3]}")
         with torch.no_grad():
             for name, target in expected.items():
                 t = f.get_tensor(name)

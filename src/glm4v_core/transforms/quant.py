@@ -39,7 +39,10 @@ class QuantLinear(nn.Module):
     """y = x @ dequant(W).T + bias, W stored packed: int8 per-row, or int4 in groups along the input dim.
 
     Buffers as stored on disk: `weight_int8` + `weight_scale`, or `weight_int4` + `weight_scale` +
-    `weight_zero`. The bias (if any) is a float parameter like the rest of the model."""
+    `weight_zero`. The bias (if any) is a float parameter like the rest of the model. `parts`: those of
+    the Linear it replaced (see ops.Linear), None for one built directly."""
+
+    parts: tuple[int, ...] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int | None,
                  dtype: torch.dtype, device: torch.device | str | None = None):
@@ -56,9 +59,10 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype  # the activations' dtype: what the CPU kernels' scales are kept in
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, method: str = "rtn") -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int | None, method: str = "rtn") -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size,
                 linear.weight.dtype, linear.weight.device)
+        q.parts = getattr(linear, "parts", None)  # a fused layer stays one (a plain nn.Linear has no parts)
         if linear.weight.device.type != "meta":
             stored = quantize_weight(linear.weight.detach(), "P.weight", q.scheme, q.group_size, method)
             for name, t in stored.items():
@@ -113,6 +117,10 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W (N, K) in `dtype`, as the stored tensors stand for it."""
         return dequantize(dict(self.named_buffers()), self.group_size).to(dtype)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight the packed one stands for, in `dtype` (ops.Linear.dense_weight's contract)."""
+        return self.dequantized_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8":
