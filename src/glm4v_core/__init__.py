@@ -17,30 +17,34 @@ from importlib import import_module
 _WHERE = {
     # the model
     "GLM4V": "model.glm4v", "ModelOutput": "model.glm4v", "Prompt": "model.glm4v", "KVCache": "model.cache",
-    "GLM4VConfig": "config", "VisionConfig": "config",
+    "GLM4VConfig": "config", "VisionConfig": "config", "BUNDLED_CHECKPOINT": "config",
     # checkpoints
     "load_model": "checkpoint", "save_model": "checkpoint",
     # inputs
-    "Tokenizer": "processing.tokenizer", "load_image": "processing.image", "build_inputs": "processing.chat",
+    "Tokenizer": "processing.tokenizer", "resolve_tokenizer": "processing.tokenizer",
+    "load_image": "processing.image", "build_inputs": "processing.chat",
     "build_batch": "processing.chat", "ModelInputs": "processing.chat",
     # generation
     "generate": "generation.loop", "stream_tokens": "generation.loop", "Step": "generation.loop",
     "Sampling": "generation.sampling", "stream_text": "generation.streaming",
-    "GenerationStats": "generation.streaming", "TextDeltas": "generation.streaming",
+    "GenerationStats": "generation.loop", "TextDeltas": "generation.streaming",
     # transforms
     "quantize_model": "transforms.quant", "LoRAConfig": "transforms.lora", "add_lora": "transforms.lora",
     "load_adapters": "transforms.lora", "save_adapters": "transforms.lora", "remove_lora": "transforms.lora",
     # parity
     "run_parity": "parity.run",
+    # training
+    "FinetuneConfig": "training.config",
     # errors: GLM4VError is the base of every error below; ConversionError is glm4v_conversion's base
-    "GLM4VError": "errors", "ConversionError": "errors", "CLIError": "errors", "ConfigError": "config",
+    "GLM4VError": "errors", "ConversionError": "errors", "REFUSED": "errors", "CLIError": "errors",
+    "ConfigError": "config",
     "InputError": "model.splice", "LabelError": "model.loss", "CacheFullError": "model.cache",
     "BackendError": "model.ops", "InitError": "model.init", "TokenizerError": "processing.tokenizer",
     "ImageError": "processing.image", "NonFiniteLogitsError": "generation.sampling", "DeviceError": "checkpoint",
     "SaveError": "checkpoint", "LoRAError": "transforms.lora", "DistributedError": "transforms.distributed",
     "FinetuneError": "training.config", "DataError": "training.data", "ResumeError": "training.state",
     "ReferenceFileError": "parity.reference", "ReportError": "parity.report",
-    "CaptureError": "parity.capture",
+    "CaptureError": "parity.capture", "SamplingError": "generation.sampling", "CheckpointError": "checkpoint",
 }
 
 __all__ = sorted(_WHERE)
