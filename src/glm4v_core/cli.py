@@ -29,6 +29,7 @@ from typing import TextIO
 import torch
 
 from glm4v_conversion import __version__
+from glm4v_conversion.files import os_reason
 from glm4v_conversion.streams import WriteCounter, quiet_broken_pipe
 from glm4v_core.checkpoint import DTYPES, check_device, load_model, resolve_checkpoint
 from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
@@ -41,10 +42,10 @@ from glm4v_core.processing.image import load_image
 from glm4v_core.processing.tokenizer import Tokenizer, resolve_tokenizer
 
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
-
-
-
-
+CHAT_COMMANDS = """in-chat commands (typed as a message):
+  /image PATH        attach an image to your next message (repeat for several)
+  /exit, /quit       end the session (so do exit, quit, an empty line and end of input)
+  Ctrl-C             during an answer: cancel it (the session goes on); at the prompt: quit"""
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm4v", description="GLM-4V-9B inference (glm4v-core).",
                                      epilog="exit status: 0 on success, 1 for a refused input or a failure (the "
@@ -52,16 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{generate,chat,parity,make-reference,finetune}")
-    gen = commands.add_parser("generate", help="answer one prompt, streaming the text")
+    gen = commands.add_parser("generate", help="answer one prompt, streaming the text",
+                              description="Answer one prompt; the text streams to stdout, the timings to stderr.")
     gen.add_argument("prompt", help="the user message")
     gen.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor-parallel over N ranks: N GPUs with NCCL (CPU processes with gloo without CUDA), "
-                          "spawned here or the ranks of torchrun")
+                          "spawned here or the ranks of torchrun; N must divide the model's query heads and KV "
+                          "groups (default: %(default)s, one process)")
     chat = commands.add_parser("chat", help="multi-turn chat on stdin (an empty line, exit, quit, /exit, /quit "
-                                            "or EOF ends it; /image PATH attaches an image)")
+                                            "or EOF ends it; /image PATH attaches an image)",
+                               description="Multi-turn chat: one user message per line of stdin, the answers "
+                                           "streamed to stdout.",
+                               epilog=CHAT_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
     for p in (gen, chat):
         add_model_arguments(p)
         add_sampling_arguments(p)
+        p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands.add_parser("parity", help="compare with the HF reference fixtures (see glm4v parity --help)",
                         add_help=False)
     commands.add_parser("make-reference", add_help=False,
@@ -74,40 +81,99 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"checkpoint folder (HF or native layout); default: the bundled tiny fixture "
-                        f"{BUNDLED_CHECKPOINT} (random weights: gibberish, but it runs in seconds)")
+                   help=f"checkpoint folder (HF or native layout) (default: the bundled tiny fixture "
+                        f"{BUNDLED_CHECKPOINT}: random weights, gibberish, but it runs in seconds)")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer.model rank file; default: CHECKPOINT/tokenizer.model, or for a test fixture "
-                        "without one, the repository's GLM-4 vocabulary cut to the fixture's size")
+                   help="tokenizer.model rank file (default: CHECKPOINT/tokenizer.model, or for a test fixture "
+                        "without one, the repository's GLM-4 vocabulary cut to the fixture's size)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image for the (first) user message; repeat for several, in order "
-                        "(in chat, `/image PATH` attaches one to the next message)")
+                        "(in chat, `/image PATH` attaches one to the next message) (default: none)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU decodes on "
-                        "oneDNN-packed weights, up to about 2x faster)")
-    p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most per answer")
+                        "oneDNN-packed weights, up to about 2x faster) (default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="tokens to generate at most per answer (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; a CUDA graph on CUDA): faster decoding after "
-                        "a one-time compile, reported separately")
+                        "a one-time compile, reported separately (default: off)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding (default: off)")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="softmax temperature (with --do-sample; 0 without it means greedy, the default)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all; with --do-sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off; with --do-sample)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+                   help="softmax temperature, with --do-sample; without it the decoding is greedy and 0 is its "
+                        "spelling (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="keep the k most likely tokens, with --do-sample; 0 = all (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass, with --do-sample; 1 = off (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="CTRL-style penalty, greedy or sampled; 1 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None,
-                   help=f"seed the sampler for reproducible output (0 .. {MAX_SEED})")
+                   help=f"seed the sampler for reproducible output, 0 .. {MAX_SEED} (default: none, a fresh "
+                        "draw each run; 0 under --tp)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); the stop ids always apply")
+                   help="stop when this text appears (repeatable); the stop ids always apply (default: none)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with quiet_broken_pipe() as stdout:
-        return _main(list(sys.argv[1:] if argv is None else argv), stdout)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"glm4v {argv[0]}" if argv[:1] in (["parity"], ["make-reference"], ["finetune"]) else "glm4v"
+    stdout: WriteCounter | None = None
+    try:
+        with quiet_broken_pipe() as stdout:
+            if stdout.stream is not None:
+                stdout.stream = NamedWriteFailures(stdout.stream)
+            return _main(argv, stdout)
+    except SystemExit as e:  # quiet_broken_pipe ended the command: a reader that left stays quiet, else say why
+        reason = lost_output(stdout)
+        if reason is None or e.code not in (0, 1, None):
+            raise
+        print(f"{prog}: error: {reason}", file=sys.stderr)
+        return 1
+
+
+class NamedWriteFailures:
+    """The real stdout, inside quiet_broken_pipe's WriteCounter: a write that fails for another reason than a
+    reader that went away (`> /dev/full`, an I/O error) is remembered, then raised as a BrokenPipeError, so
+    the guard ends the command (and points fd 1 at /dev/null for the interpreter's last flush); `main`
+    then names the reason."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.error = stream, None
+
+    def write(self, text: str) -> int:
+        return self._call(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._call(self.stream.flush)
+
+    def _call(self, method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            self.error = e
+            raise BrokenPipeError(e.errno, e.strerror) from e
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
+STDOUT_CLOSED = "the output could not be written: stdout is closed"
+
+
+def lost_output(stdout: WriteCounter | None) -> str | None:
+    """Why the command's output could not be written, or None (written, or a reader that left: `| head`)."""
+    if stdout is None:
+        return None
+    if stdout.stream is None:
+        return STDOUT_CLOSED if stdout.failed else None
+    error = getattr(stdout.stream, "error", None)
+    return None if error is None else f"the output could not be written to stdout: {os_reason(error)}"
 
 
 def _main(argv: list[str], stdout: WriteCounter) -> int:
@@ -115,16 +181,19 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
         from glm4v_core.parity import cli as parity
         return parity.main(argv[1:], prog="glm4v parity")
     if argv[:1] == ["make-reference"]:  # likewise; transformers is imported only inside this command
-        from glm4v_core.parity import make_reference
-        return make_reference.main(argv[1:])
+        from glm4v_core.parity import make_reference_cli
+        return make_reference_cli.main(argv[1:])
     if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
         from glm4v_core.training import cli as finetune
         return finetune.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if stdout.stream is None:  # `>&-`: say so now, not after loading the weights
+            raise CLIError(STDOUT_CLOSED)
         check_arguments(args)
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
             from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
+            check_inputs(args)  # a bad file, flag or --tp degree fails here, before any rank starts
             device_type = torch.device(args.device).type if args.device else None  # None: cuda if there is one
             return distributed.run_ranks(generate_on_rank, args.tp, args, device_type=device_type)
         session = Session.open(args)
@@ -144,10 +213,13 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The command line's own checks, all before any file is read. `--temperature 0` without
-    --do-sample means greedy decoding (the temperature is then unused and set to its neutral 1)."""
+    --do-sample means greedy decoding (the temperature is then unused and set to its neutral 1);
+    other sampling values without --do-sample are ignored, with one warning line."""
     if args.command == "generate" and not args.prompt.strip():
         raise CLIError('the prompt is empty; give the question as an argument, '
                        'e.g. glm4v generate "Describe this image."')
+    if getattr(args, "tp", 1) < 1:
+        raise CLIError(f"--tp must be >= 1 (the number of tensor-parallel ranks), got {args.tp}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise CLIError(f"--seed must be in 0 .. {MAX_SEED} (2**64 - 1), got {args.seed}")
     for flag in ("temperature", "top_p", "repetition_penalty"):
@@ -159,10 +231,45 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.temperature <= 0 and args.do_sample:
         raise CLIError(f"--temperature must be > 0 with --do-sample, got {args.temperature} "
                        "(leave out --do-sample for greedy decoding)")
+    Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # checks the flags
+    if not args.do_sample:
+        warn_unused_sampling_flags(args)
     if any(not text for text in args.stop):
         raise CLIError("--stop needs a non-empty text")
     if args.device is not None:
         check_device(args.device)
+
+
+def warn_unused_sampling_flags(args: argparse.Namespace) -> None:
+    """Greedy decoding uses neither a temperature nor top-k / top-p: say once that the given ones are
+    ignored (as transformers does), and decode greedily."""
+    ignored = [f"--{flag.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--top-k {value}"
+               for flag, value, neutral in (("temperature", args.temperature, 1.0), ("top_k", args.top_k, 0),
+                                            ("top_p", args.top_p, 1.0))
+               if value != neutral]
+    if ignored:
+        verb = "is" if len(ignored) == 1 else "are"
+        print(f"glm4v: warning: {', '.join(ignored)} {verb} ignored in greedy decoding (add --do-sample to sample)",
+              file=sys.stderr, flush=True)
+    args.temperature, args.top_k, args.top_p = 1.0, 0, 1.0
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[Path, GLM4VConfig, Tokenizer, list[str]]:
+    """Everything that can fail on bad input (files, sizes, flags, the --tp degree), before any weight loads:
+    the checkpoint folder, its config, the tokenizer, the images."""
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    config = GLM4VConfig.from_json(checkpoint / "config.json")
+    if getattr(args, "tp", 1) > 1:
+        from glm4v_core.parity.cli import check_tp_fits  # lazy, as the parity command itself; shared with it
+        check_tp_fits(config, args.tp)
+    tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
+    images = [str(path) for path in args.image]
+    for path in images:
+        load_image(path, config.vision.image_size)  # an unreadable image fails now, not after the load
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    TextDeltas(tokenizer, args.stop)  # checks the stop strings
+    return checkpoint, config, tokenizer, images
 
 
 class Session:
@@ -175,16 +282,7 @@ class Session:
     @classmethod
     def open(cls, args: argparse.Namespace) -> Session:
         """Everything that can fail on bad input (files, sizes, flags) fails before the weights load."""
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        config = GLM4VConfig.from_json(checkpoint / "config.json")
-        tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
-        images = [str(path) for path in args.image]
-        for path in images:
-            load_image(path, config.vision.image_size)  # an unreadable image fails now, not after the load
-        if args.max_new_tokens < 1:
-            raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # checks the flags
-        TextDeltas(tokenizer, args.stop)  # checks the stop strings
+        checkpoint, _, tokenizer, images = check_inputs(args)
         device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         # bf16 on CPU: the products run on oneDNN-packed weights (about 2x faster decoding, eager or compiled);
@@ -285,14 +383,6 @@ def generate_on_rank(args: argparse.Namespace) -> int:
         args.seed = 0  # sampling draws must agree across ranks
     out = (sys.stdout, sys.stderr) if distributed.is_rank0() else (io.StringIO(), io.StringIO())
     return session.generate(args.prompt, *out)
-
-
-
-
-
-
-
-
 
 
 if __name__ == "__main__":

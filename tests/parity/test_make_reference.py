@@ -20,8 +20,10 @@ from glm4v_core import cli
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.parity import cli as parity_cli
 from glm4v_core.parity import make_reference as parity_make_reference
+from glm4v_core.parity import preflight as parity_preflight
 from glm4v_core.parity.capture import SpillWriter, rows_to_positions
-from glm4v_core.parity.make_reference import CaptureError, Case, cases_from_args
+from glm4v_core.parity.make_reference import CaptureError, Case
+from glm4v_core.parity.make_reference_cli import cases_from_args
 from glm4v_core.processing import tokenizer as processing_tokenizer
 from glm4v_core.processing.chat import build_inputs
 from glm4v_core.processing.image import load_image
@@ -35,6 +37,9 @@ def hf_modules(tmp_path_factory):
     """transformers copies remote code into its modules cache: keep it inside the test's temp folder.
     Everything is local: the hub is never asked (CI may be offline)."""
     cache = tmp_path_factory.mktemp("hf_modules")
+    loaded = sys.modules.get("transformers_modules")
+    if loaded is not None:  # imported by another test module: its cache is where Python finds that package
+        cache = Path(list(loaded.__path__)[0]).parent
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("HF_MODULES_CACHE", str(cache))
@@ -59,7 +64,7 @@ def standin_checkpoint(folder: Path, fixtures_dir: Path, edit: tuple[str, str, s
 
 
 def record(checkpoint: Path, out: Path, *extra: str) -> int:
-    args = ["make-reference", "--checkpoint", str(checkpoint), "--out", str(out),
+    args = ["make-reference", "--checkpoint", str(checkpoint), "--out", str(out), "--trust-remote-code",
             "--image", str(IMAGE), "--image", "none"]
     for p in PROMPTS:
         args += ["--prompt", p]
@@ -189,8 +194,10 @@ def test_layer_cap_and_bf16_recording(recorded, tmp_path, capsys):
 
 
 def test_missing_transformers_names_the_install_command(monkeypatch, tmp_path, fixtures_dir, capsys):
+    checkpoint = standin_checkpoint(tmp_path / "standin_no_transformers", fixtures_dir)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
-    code = cli.main(["make-reference", "--checkpoint", str(fixtures_dir / "tiny"), "--out", str(tmp_path / "r")])
+    code = cli.main(["make-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"),
+                     "--trust-remote-code"])
     err = capsys.readouterr().err
     assert code == 1 and "pip install -e '.[reference]'" in err and "transformers==4.44.2" in err
     assert not (tmp_path / "r").exists()
@@ -225,7 +232,7 @@ def test_remote_code_that_skips_a_hooked_module_is_named(hf_modules, tmp_path, f
 
 def test_memory_estimate_refuses_before_loading_unless_forced(recorded, tmp_path, monkeypatch, capsys):
     checkpoint, _ = recorded
-    monkeypatch.setattr(parity_make_reference, "available_cpu_memory", lambda: 1024)
+    monkeypatch.setattr(parity_preflight, "available_cpu_memory", lambda: 1024)
     monkeypatch.setattr(parity_make_reference, "load_reference", lambda *a: pytest.fail("loaded despite the estimate"))
     assert record(checkpoint, tmp_path / "ref") == 1
     err = capsys.readouterr().err
@@ -247,13 +254,19 @@ def test_argument_errors(tmp_path, fixtures_dir, capsys):
     with pytest.raises(CaptureError, match="empty"):
         cases_from_args([" "], [])
     (tmp_path / "exists").mkdir()
-    base = ["make-reference", "--checkpoint", str(fixtures_dir / "tiny")]
+    checkpoint = standin_checkpoint(tmp_path / "standin_arguments", fixtures_dir)
+    base = ["make-reference", "--checkpoint", str(checkpoint), "--trust-remote-code"]
     assert cli.main(base + ["--out", str(tmp_path / "exists")]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert cli.main(base + ["--out", str(tmp_path / "r"), "--layers", "3"]) == 1
     assert "--layers must be in 0..2" in capsys.readouterr().err
     assert cli.main(base + ["--out", str(tmp_path / "r"), "--prompt", "x " * 3000]) == 1
     assert "seq_length = 2048" in capsys.readouterr().err
+    # the fixture folder alone names the remote code in auto_map but does not ship it
+    assert cli.main(["make-reference", "--checkpoint", str(fixtures_dir / "tiny"), "--out", str(tmp_path / "r"),
+                     "--trust-remote-code"]) == 1
+    assert "needs configuration_chatglm.py, which is not in" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_rotary_rows_map_back_to_positions():

@@ -1,9 +1,14 @@
 """`glm4v parity --plot/--html`: the reports are written, show what failed, and need matplotlib only for the plot."""
+import errno
+import os
 import struct
 import sys
 
+import pytest
 from helpers.parity import half_split_rotary
+from helpers.robustness import SPECIAL_KINDS, make_special
 
+from glm4v_conversion import atomic
 from glm4v_core.model import decoder as model_decoder
 from glm4v_core.parity import cli as parity_cli
 from glm4v_core.parity import report as parity_report
@@ -65,3 +70,74 @@ def test_without_matplotlib_the_plot_names_the_extra_and_the_rest_works(fixtures
     assert "parity PASSED" in captured.out and not (tmp_path / "r.png").exists()
     assert parity_cli.main(["--checkpoint", str(fixtures_dir / "tiny"), "--html", str(tmp_path / "r.html")]) == 0
     assert "no plot: --plot needs matplotlib" in (tmp_path / "r.html").read_text()
+
+
+# --- the paths given to --plot / --html, and --grads -----------------------------------------------------------
+
+@pytest.fixture
+def parity_never_runs(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("parity ran before the report path was checked")
+    monkeypatch.setattr(parity_cli, "run_parity", forbidden)
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--html"])
+@pytest.mark.parametrize("kind", ["folder", "fifo", "char_device", "socket", "symlink_loop"])
+def test_a_report_path_that_is_not_a_regular_file_is_refused_before_running(tmp_path, capsys, parity_never_runs,
+                                                                            flag, kind):
+    path = tmp_path / "report"
+    make_special(path, kind)
+    before = os.lstat(path)
+    code = parity_cli.main([flag, str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"glm4v parity: error: {flag} {path}: ") and len(err.splitlines()) == 1, err
+    assert SPECIAL_KINDS[kind] in err and "regular file" in err, err
+    after = os.lstat(path)  # never replaced
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--html"])
+def test_a_report_in_a_missing_folder_is_refused_before_running(tmp_path, capsys, parity_never_runs, flag):
+    path = tmp_path / "missing" / "report"
+    assert parity_cli.main([flag, str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"glm4v parity: error: {flag} {path}: the folder {path.parent} does not exist\n"
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--html"])
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, capsys, monkeypatch, flag):
+    def no_space(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "_fsync", no_space)  # after the bytes went into the hidden temporary file
+    path = tmp_path / "report"
+    code = parity_cli.main([flag, str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and f"glm4v parity: error: cannot write {flag} {path}: no space left on the device\n" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags", [["--plot", "r.png"], ["--html", "r.html"], ["--plot", "r.png", "--html", "r.html"]])
+def test_grads_with_a_report_file_is_a_usage_error(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as info:
+        parity_cli.main(["--grads", *flags])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage:" in err and "--grads" in err and flags[0] in err, err
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_report_path_taken_while_parity_ran_is_not_replaced(tmp_path, capsys, monkeypatch, kind):
+    path = tmp_path / "report.html"
+    real = parity_cli.run_parity
+
+    def run_then_take_the_name(*args, **kwargs):
+        reports = real(*args, **kwargs)
+        make_special(path, kind)
+        return reports
+
+    monkeypatch.setattr(parity_cli, "run_parity", run_then_take_the_name)
+    assert parity_cli.main(["--html", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"glm4v parity: error: --html {path}: is {'a folder' if kind == 'folder' else 'a FIFO'}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"] and not path.is_file()

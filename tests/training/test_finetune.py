@@ -230,7 +230,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch, u
 def test_resume_refuses_changed_arguments_and_fresh_runs_refuse_old_checkpoints(tmp_path, capsys):
     assert run(tmp_path, "--max-steps", "1") == 0
     assert run(tmp_path, "--max-steps", "1") == 1
-    assert "already holds a run's checkpoints" in capsys.readouterr().err
+    assert "already holds a previous run's files" in capsys.readouterr().err
     assert run(tmp_path, "--max-steps", "2", "--lr", "1e-3", "--resume", str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert "--lr 0.0001 -> 0.001" in err and "--max-steps 1 -> 2" in err

@@ -9,6 +9,8 @@
     grads.py           loss and every gradient
     report.py          the table, JSON, plot and HTML report
     cli.py             the command
-    make_reference.py  `glm4v make-reference`: record a reference with a checkpoint's own HF code
+    make_reference.py  record a reference with a checkpoint's own HF code (`glm4v make-reference`)
+    preflight.py       its checks before anything runs: consent, auto_map, --out, memory
+    make_reference_cli.py  the `glm4v make-reference` command
     capture.py         its hooks and the spill-to-disk writer
 """

@@ -18,23 +18,26 @@ import argparse
 import contextlib
 import io
 import json
+import os
+import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from glm4v_conversion import __version__
 from glm4v_conversion.atomic import write_file_atomically
-from glm4v_conversion.files import check_folder
+from glm4v_conversion.files import check_folder, file_kind, os_reason
 from glm4v_conversion.streams import quiet_broken_pipe
 from glm4v_core.checkpoint import DTYPES, check_device
 from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
-from glm4v_core.errors import REFUSED
+from glm4v_core.errors import REFUSED, CLIError
 from glm4v_core.parity.compare import CaseReport
 from glm4v_core.parity.grads import run_grad_parity
 from glm4v_core.parity.multi_image import run_multi_image_parity
 from glm4v_core.parity.quantized import quantization_of
-from glm4v_core.parity.reference import ReferenceFileError, check_reference
+from glm4v_core.parity.reference import REFERENCE_DTYPES, ReferenceFileError, check_reference
 from glm4v_core.parity.report import (
     PLOT_INSTALL,
     ReportError,
@@ -47,35 +50,6 @@ from glm4v_core.parity.report import (
     to_json,
 )
 from glm4v_core.parity.run import run_parity
-
-REFERENCE_DTYPES = ("float32", "bfloat16")  # what a reference records (float16 is not compared)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 # -- several images per prompt (multi_image.safetensors beside the checkpoint) ---------------------
 
@@ -170,8 +144,18 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         parser = build_parser(prog)
         args = parser.parse_args(argv)
         ranks = args.fsdp if args.grads else args.tp
-        if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads) or min(args.tp, args.fsdp) < 1:
-            parser.error("--tp N goes with logit parity, --fsdp N with --grads (N >= 1)")
+        if (args.tp > 1 and args.grads) or (args.fsdp > 1 and not args.grads):
+            parser.error("--tp N goes with logit parity, --fsdp N with --grads")
+        if args.grads and (args.plot is not None or args.html is not None):
+            parser.error("--plot and --html draw the logit parity report; they do not go with --grads")
+        checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
+        try:
+            check_ranks(args, checkpoint)
+            for flag, path in (("--plot", args.plot), ("--html", args.html)):
+                check_report_path(flag, path)
+        except REFUSED as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 1
         if ranks > 1 and not torch.distributed.is_initialized():  # start the ranks; each runs this main again
             from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             device_type = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -181,7 +165,6 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
             except distributed.DistributedError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return 1
-        checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
         if args.grads:
             return grads_main(args, checkpoint, prog, out)
         reference = args.reference or checkpoint / "reference.safetensors"
@@ -217,6 +200,57 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         return 0 if all(r.ok for r in reports) else 1
 
 
+def check_ranks(args: argparse.Namespace, checkpoint: Path) -> None:
+    """--tp / --fsdp: at least one rank, and a --tp degree the checkpoint's heads, KV groups, MLP and
+    vocabulary can be split by (transforms.distributed.check_tp_degree on its config), before any rank starts."""
+    if args.tp < 1:
+        raise CLIError(f"--tp must be >= 1 (the number of tensor-parallel ranks), got {args.tp}")
+    if args.fsdp < 1:
+        raise CLIError(f"--fsdp must be >= 1 (the number of FSDP ranks), got {args.fsdp}")
+    if args.tp > 1:
+        check_folder(checkpoint, "checkpoint folder", ReferenceFileError)
+        check_tp_fits(GLM4VConfig.from_json(checkpoint / "config.json"), args.tp)
+
+
+def check_tp_fits(config: GLM4VConfig, tp: int) -> None:
+    """transforms.distributed.check_tp_degree on a config alone (it reads nothing of the model but
+    model.config), so that a --tp degree the query heads, KV groups, MLP or vocabulary cannot be split by
+    is refused before any rank starts, with the degrees that fit (none above the query-head count can).
+    Also `glm4v generate --tp`'s check."""
+    from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
+
+    def error(n: int) -> distributed.DistributedError | None:
+        try:
+            distributed.check_tp_degree(SimpleNamespace(config=config), n)
+        except distributed.DistributedError as e:
+            return e
+        return None
+
+    if (e := error(tp)) is not None:
+        accepted = ", ".join(str(n) for n in range(1, config.num_heads + 1) if error(n) is None)
+        raise CLIError(f"--tp {tp} cannot split the model: {e}; degrees that fit: {accepted}")
+
+
+def check_report_path(flag: str, path: Path | None) -> None:
+    """--plot / --html PATH, before parity runs: a new name in an existing folder, or a regular file
+    (replaced in one step). A folder, FIFO, device or socket there is refused, never replaced."""
+    if path is None:
+        return
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to a folder is refused like the folder
+    except FileNotFoundError:
+        mode = None  # a new name (or a dangling link, which the new file replaces)
+    except OSError as e:  # a symlink loop, no permission, a part of the path that is not a folder
+        raise CLIError(f"{flag} {path}: {os_reason(e)}; give a regular file or a new name") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CLIError(f"{flag} {path}: is {file_kind(mode)}, not a regular file; give a regular file "
+                       "(replaced) or a new name")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "does not exist" if not (folder.exists() or folder.is_symlink()) else "is not a folder"
+        raise CLIError(f"{flag} {path}: the folder {folder} {what}")
+
+
 def main_on_rank(argv: list[str], prog: str) -> int:
     """One rank of --tp / --fsdp: the whole comparison with this rank's shard; rank 0 prints."""
     if torch.distributed.get_rank() == 0:
@@ -235,15 +269,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def write_requested(reports: list[CaseReport], args: argparse.Namespace, title: str,
                     prog: str = "glm4v parity") -> bool:
-    """Write the files asked for by --plot / --html; False (after saying why on stderr) if one failed."""
-    try:
-        if args.plot is not None:
-            write_file_atomically(args.plot, plot_png(reports, title))
-            print(f"plot: {args.plot}", file=sys.stderr)
-        if args.html is not None:
-            write_file_atomically(args.html, html_report(reports, title).encode())
-            print(f"html: {args.html}", file=sys.stderr)
-    except (ReportError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return False
+    """Write the files asked for by --plot / --html (each all or nothing: write_file_atomically leaves
+    no temporary file behind); False (after saying why on stderr) if one failed."""
+    for flag, path, render in (("--plot", args.plot, lambda: plot_png(reports, title)),
+                               ("--html", args.html, lambda: html_report(reports, title).encode())):
+        if path is None:
+            continue
+        try:
+            check_report_path(flag, path)  # again: something may have taken the name while parity ran
+            write_file_atomically(path, render())
+        except (CLIError, ReportError) as e:  # taken meanwhile, or no matplotlib for --plot
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return False
+        except OSError as e:
+            print(f"{prog}: error: cannot write {flag} {path}: {os_reason(e)}", file=sys.stderr)
+            return False
+        print(f"{flag.removeprefix('--')}: {path}", file=sys.stderr)
     return True

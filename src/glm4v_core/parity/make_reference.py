@@ -1,7 +1,8 @@
 """`glm4v make-reference`: run a checkpoint's own HF remote code and record what `glm4v parity` compares.
 
-    glm4v make-reference --checkpoint DIR --out REF [--prompt TEXT ...] [--image IMG|none ...]
+    glm4v make-reference --checkpoint DIR --out REF --trust-remote-code [--prompt TEXT ...] [--image IMG|none ...]
                          [--dtype float32|bfloat16] [--with-bf16] [--device DEV] [--max-new-tokens N] [--layers N]
+                         [--overwrite] [--force]
 
 The checkpoint folder ships the reference implementation (`modeling_chatglm.py`, `visual.py`, ...,
 named by `auto_map` in its config.json). It is loaded through transformers with
@@ -10,24 +11,31 @@ tensors (vision stages, image embeddings, the rotary rows it used, each decoder 
 never an edit of its code. The inputs are built by glm4v_core (tokenizer, chat template, image
 preprocessing), so the reference and our model see identical token ids and pixels.
 
+Running a folder's code needs consent: `--trust-remote-code` (the HF convention); without it the
+command names the files that would run (the auto_map modules and what they import relatively) and
+stops. auto_map entries must name modules of the folder itself: code in another repository
+(`org/repo--module.Class`), paths out of the folder and files that are not there are refused.
+
 Each prompt is one case (batch of one, no padding), with the image given at the same position
 among the --image flags (`none` for a text-only case). The output folder holds
 `reference.safetensors` + `reference.json` in the fixtures' format; stored tensors go to disk as
-they are captured and are assembled into the final file at the end (temp folder, then rename).
+they are captured and are assembled into the final file at the end, all inside a hidden staging
+folder beside `--out` that is renamed into place when complete (glm4v_conversion.atomic: its lock
+keeps a second writer off `--out`, and the staging folders a killed run left are removed and
+reported by the next run). `--overwrite` replaces only a folder make-reference wrote (exactly
+`reference.safetensors` + `reference.json`, both saying so) or an empty one; a path that is not a
+folder (a file, FIFO, device, symlink) is never written through. Ctrl-C: exit 130, nothing written.
 
 transformers is imported here only, inside the functions, never by the rest of glm4v_core.
-The hooks and the disk spill live in reference_capture.py.
+The hooks and the disk spill live in capture.py.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +43,20 @@ from pathlib import Path
 import torch
 
 from glm4v_conversion.atomic import staging
-from glm4v_conversion.safetensors_io import list_tensors
-from glm4v_core.checkpoint import DTYPES
 from glm4v_core.config import GLM4VConfig
-from glm4v_core.errors import REFUSED
 from glm4v_core.parity.capture import VISION_OUT, CaptureError, Hooks, SpillWriter
+from glm4v_core.parity.preflight import (
+    GENERATOR,
+    check_out,
+    memory_report,
+    remote_code_files,
+    writer_lock,
+)
 from glm4v_core.processing.chat import build_inputs
 
 TRANSFORMERS_VERSION = "4.44.2"  # the version the GLM-4V remote code was written and checked against
 INSTALL_HINT = "pip install -e '.[reference]'  (transformers==" + TRANSFORMERS_VERSION + ")"
-REFERENCE_DTYPES = ("float32", "bfloat16")  # what a reference records (float16 is not compared)
 DEFAULT_PROMPT = "Describe this image."
-GiB = 1024 ** 3
 
 
 @dataclass
@@ -58,67 +68,12 @@ class Case:
 
 # ---------------------------------------------------------------- command line
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="glm4v make-reference",
-        description="Run the checkpoint's own HF remote code (transformers, trust_remote_code) on prompts built by "
-                    "glm4v-core and record a parity reference (reference.safetensors + reference.json).")
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint folder holding the remote code")
-    p.add_argument("--out", type=Path, required=True, help="output folder (created; replaced only with --overwrite)")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a user message; repeat for several cases (default: one 'Describe this image.' per image)")
-    p.add_argument("--image", action="append", default=[], metavar="IMG",
-                   help="image of the prompt at the same position; 'none' for a text-only case; "
-                        "prompts after the last --image are text-only")
-    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: CHECKPOINT/tokenizer.model)")
-    p.add_argument("--dtype", choices=REFERENCE_DTYPES, default="float32",
-                   help="reference dtype (default float32: parity judges fp32 within 1e-4; a bfloat16 recording "
-                        "is shown, not judged)")
-    p.add_argument("--device", default="cpu", help="torch device for the reference (default cpu)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens to record per case (default 16)")
-    p.add_argument("--layers", type=int, default=None, metavar="N",
-                   help="record the hidden states of the first N decoder layers only (default: all)")
-    p.add_argument("--with-bf16", action="store_true",
-                   help="after the float32 pass, run the reference cast to bfloat16 too and record its logits, image "
-                        "embeddings, greedy tokens and error: then `glm4v parity --dtype bfloat16` judges our bf16 run")
-    p.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds what is available")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out = make_reference(args.checkpoint, args.out, cases_from_args(args.prompt, args.image),
-                             dtype=DTYPES[args.dtype], device=args.device, max_new_tokens=args.max_new_tokens,
-                             layers=args.layers, tokenizer=args.tokenizer, force=args.force, overwrite=args.overwrite,
-                             with_bf16=args.with_bf16)
-    except (*REFUSED, FileNotFoundError) as e:  # a refused input: exit 1, as every glm4v command
-        print(f"glm4v make-reference: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out / 'reference.safetensors'} ({size((out / 'reference.safetensors').stat().st_size)}) and "
-          f"{out / 'reference.json'}\n"
-          f"compare: glm4v parity --checkpoint {args.checkpoint} --reference {out / 'reference.safetensors'}")
-    return 0
 
 
-def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
-    """Prompt i goes with image i ('none': no image); without prompts, one default prompt per image."""
-    if not prompts:
-        prompts = [DEFAULT_PROMPT] * max(1, len(images))
-    if len(images) > len(prompts):
-        raise CaptureError(f"{len(images)} --image flags for {len(prompts)} --prompt flags: give one prompt per image "
-                             "(use --image none for a text-only prompt among image prompts)")
-    cases = []
-    for i, prompt in enumerate(prompts):
-        image = images[i] if i < len(images) else "none"
-        if not prompt.strip():
-            raise CaptureError(f"--prompt number {i + 1} is empty")
-        path = None if image.lower() == "none" else Path(image)
-        if path is not None and not path.is_file():
-            raise CaptureError(f"--image {image}: no such file")
-        cases.append(Case(f"p{i:02d}", prompt, path))
-    return cases
+
+
 
 
 # ---------------------------------------------------------------- the run
@@ -126,8 +81,11 @@ def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
 def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.dtype = torch.float32,
                    device: str = "cpu", max_new_tokens: int = 16, layers: int | None = None,
                    tokenizer: Path | None = None, force: bool = False, overwrite: bool = False,
-                   with_bf16: bool = False) -> Path:
-    """Record the reference's outputs for `cases` into the folder `out`; returns `out`."""
+                   with_bf16: bool = False, trust_remote_code: bool = False) -> Path:
+    """Record the reference's outputs for `cases` into the folder `out`; returns `out`.
+
+    trust_remote_code must be True for the checkpoint's own code to run (refused otherwise, naming
+    its files); overwrite replaces only a folder make-reference wrote (see check_out)."""
     from glm4v_core.checkpoint import check_device, resolve_checkpoint
     from glm4v_core.processing.tokenizer import resolve_tokenizer
 
@@ -135,8 +93,7 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     config = GLM4VConfig.from_json(checkpoint / "config.json")
     raw_config = json.loads((checkpoint / "config.json").read_text())
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CaptureError(f"output folder {out} exists; pass --overwrite to replace it")
+    check_out(out, overwrite)  # early; again under the lock, and once more before the new folder goes in
     if max_new_tokens < 1:
         raise CaptureError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if layers is not None and not 0 <= layers <= config.num_layers:
@@ -145,20 +102,29 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     if with_bf16 and dtype != torch.float32:
         raise CaptureError("--with-bf16 adds a bf16 pass to a float32 recording; drop it or use --dtype float32")
     n_layers = config.num_layers if layers is None else layers
+    code = remote_code_files(checkpoint, raw_config)
+    if not trust_remote_code:
+        raise CaptureError(f"make-reference runs the Python code of {checkpoint} through transformers: "
+                           f"{', '.join(p.name for p in code)} (the modules config.json's auto_map names and what "
+                           "they import); read it, then pass --trust-remote-code to run it "
+                           "(trust_remote_code=True in Python)")
+    print(f"make-reference: --trust-remote-code: running the code of {checkpoint}: "
+          f"{', '.join(p.name for p in code)}", file=sys.stderr)
     device = str(check_device(device))
     tok = resolve_tokenizer(tokenizer, checkpoint, config)
     inputs = {c.name: prepare_case(c, tok, config, raw_config, max_new_tokens) for c in cases}
     transformers = import_transformers()  # before the slow part: a missing extra fails fast
     print(memory_report(checkpoint, config, dtype, device, inputs, force, with_bf16), file=sys.stderr)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # the spill, beside `out`
-    try:
+    # one writer per --out (a lock beside it; whoever takes it removes a killed run's staging folders
+    # and says so); the spill lives inside the staging folder, so a killed run leaves nothing else
+    with writer_lock(out), staging(out) as final:
+        check_out(out, overwrite)
         start = time.perf_counter()
         model = load_reference(transformers, checkpoint, dtype, device)
         loaded = time.perf_counter() - start
-        spill = SpillWriter(work / "spill")
-        meta = new_meta(checkpoint, dtype, device, transformers.__version__, n_layers, config.num_layers)
+        spill = SpillWriter(final / "spill")
+        meta = new_meta(checkpoint, code, dtype, device, transformers.__version__, n_layers, config.num_layers)
         from glm4v_core.parity.exact_kernels import (
             reference_kernels,  # the same exact kernels parity uses (no TF32, no oneDNN bf16)
         )
@@ -178,12 +144,33 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
         del model
         meta["seconds"] = {"load": round(loaded, 1), "run": round(time.perf_counter() - start - loaded, 1)}
         meta["tensors"] = spill.describe()
-        with staging(out) as final:  # `out` is always either the old folder or the new one
-            spill.finish(final / "reference.safetensors", {"generator": "glm4v make-reference"})
-            (final / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+        spill.finish(final / "reference.safetensors", {"generator": GENERATOR})
+        write_json(final / "reference.json", meta)
+        shutil.rmtree(final / "spill")
+        check_out(out, overwrite)  # the run took a while: `out` is still either absent or a reference
+    return out  # `out` was always either the old folder or the new one
+
+
+
+
+def write_json(path: Path, meta: dict) -> None:
+    path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- the destination
+
+
+
+
+
+# ---------------------------------------------------------------- the checkpoint's code
+
+
+
+
+
+
+
 
 
 def record_bf16(model, cases: list[Case], inputs: dict, spill: SpillWriter, meta: dict, max_new_tokens: int,
@@ -235,11 +222,11 @@ def import_transformers():
 
 
 def load_reference(transformers, checkpoint: Path, dtype: torch.dtype, device: str):
-    """The checkpoint's own model class (config.json auto_map), in `dtype`, eval mode, on `device`."""
-    auto_map = json.loads((checkpoint / "config.json").read_text()).get("auto_map", {})
-    if "AutoModelForCausalLM" not in auto_map:
-        raise CaptureError(f"{checkpoint / 'config.json'} has no auto_map.AutoModelForCausalLM: this folder does not "
-                             "ship the HF remote code (modeling_chatglm.py) that make-reference runs")
+    """The checkpoint's own model class (config.json auto_map), in `dtype`, eval mode, on `device`.
+
+    Runs the folder's code: the caller has the user's consent (make_reference's trust_remote_code).
+    The auto_map is checked here too (remote_code_files), so no other repository's code is fetched."""
+    remote_code_files(checkpoint, json.loads((checkpoint / "config.json").read_text()))
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, torch_dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
@@ -312,67 +299,21 @@ def record_bf16_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Te
 
 # ---------------------------------------------------------------- memory
 
-def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, device: str,
-                  inputs: dict, force: bool, with_bf16: bool = False) -> str:
-    """What the run needs, said before loading; an error if clearly more than the machine has."""
-    n_params = sum(math.prod(info.shape) for info in list_tensors(checkpoint).values())
-    weights = n_params * dtype.itemsize
-    longest = max(ids.shape[1] - 3 + (config.vision.grid // 2) ** 2 + 2 if px is not None else ids.shape[1]
-                  for ids, px in inputs.values())
-    v = config.vision
-    # the largest transients: the logits of every prompt position (kept in fp32 too), the ViT's
-    # attention scores if the reference's SDPA falls back to its math path, one MLP activation
-    activations = (longest * config.vocab_size * (dtype.itemsize + 4)
-                   + v.num_heads * v.num_positions ** 2 * dtype.itemsize
-                   + longest * 2 * config.ffn_hidden_size * dtype.itemsize)
-    need = weights + activations
-    lines = [f"make-reference: {count(n_params)} parameters in {str(dtype).removeprefix('torch.')}: "
-             f"{size(weights)} of weights + ~{size(activations)} of activations (longest prompt {longest} positions)"]
-    if dtype == torch.float32:
-        lines.append(f"  (--dtype bfloat16 halves the weights to {size(n_params * 2)}; parity shows the errors of a "
-                     "bf16 recording but judges fp32 ones)")
-    if device == "cpu" and (dtype == torch.bfloat16 or with_bf16) and n_params > 1e9:
-        lines.append("  warning: bf16 on the CPU runs ATen's own bf16 matmuls (oneDNN off, as bit-exact bf16 parity "
-                     "needs), orders of magnitude slower than fp32 on most CPUs: use --device cuda for bf16")
-    cpu = available_cpu_memory()
-    # transformers without accelerate builds the model in CPU memory before .to(device)
-    lines.append(f"  CPU memory available: {size(cpu)}" if cpu else "  CPU memory available: unknown")
-    short = cpu is not None and weights + (0 if device.startswith("cuda") else activations) > cpu
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-        lines.append(f"  {device} memory free: {size(free)}")
-        short = short or need > free
-    if short and not force:
-        raise CaptureError("\n".join(lines) + "\nnot enough memory for this run: use --dtype bfloat16, another "
-                             "--device, or --force to try anyway")
-    return "\n".join(lines)
 
 
-def count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def size(nbytes: int) -> str:
-    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
-def available_cpu_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------- output
 
-def new_meta(checkpoint: Path, dtype: torch.dtype, device: str, transformers_version: str,
+def new_meta(checkpoint: Path, code_files: list[Path], dtype: torch.dtype, device: str, transformers_version: str,
              n_layers: int, total_layers: int) -> dict:
-    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(checkpoint.glob("*.py"))}
+    code = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(code_files)}
     return {
-        "generator": "glm4v make-reference",
+        "generator": GENERATOR,
         "reference_code": code,  # sha256 of each remote-code file that ran
         "checkpoint": str(checkpoint.resolve()),
         "dtype": str(dtype).removeprefix("torch."),

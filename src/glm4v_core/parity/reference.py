@@ -12,6 +12,8 @@ from glm4v_conversion.safetensors_io import MappedFiles, read_header
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.errors import GLM4VError
 
+REFERENCE_DTYPES = ("float32", "bfloat16")  # what a reference records (float16 is not compared)
+
 
 def case_inputs(ref: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tensor | None]:
     """The reference's inputs for one case: ids, optional pixels, padding mask and positions."""

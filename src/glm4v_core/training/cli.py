@@ -1,4 +1,49 @@
-"""The `glm4v finetune` command: its flags, turned into a FinetuneConfig, and the ranks it starts.
+"""`glm4v finetune`: LoRA or full fine-tuning on a JSONL of image conversations, resumable.
+
+    glm4v finetune --data train.jsonl --out runs/cat [--checkpoint DIR] [--lora-rank 8]
+                   [--train decoder,projector] [--max-steps 100] [--resume runs/cat] [--fsdp N]
+
+Each optimizer step runs --grad-accum micro-batches of --batch-size samples; each micro-batch's
+loss is weighted by its share of the step's counted tokens, so the step's loss is the mean over
+every counted token of the step, whatever the split. The learning rate warms up linearly over
+--warmup-steps, then follows --schedule (cosine to 10% of --lr, linear to 0, or constant).
+
+The output folder OUT:
+    loss.jsonl                  one JSON line per step (step, epoch, loss, lr, tokens, tokens_per_s)
+                                and per evaluation (step, eval_loss)
+    loss.png                    the loss curve (needs matplotlib; skipped with a note otherwise)
+    checkpoints/step-00000N/    every --save-every steps, at the end, on Ctrl-C / SIGTERM / SIGHUP and
+                                when a step's loss is not finite: trained
+                                tensors, AdamW state, RNG states, step (glm4v_core.training.state)
+    adapter.safetensors         the final adapters (LoRA runs)
+    merged/ or model/           with --save-merged (LoRA: adapters merged) or after a full
+                                fine-tune: a checkpoint folder written by save_model (HF layout)
+
+Before anything is written, OUT is checked (glm4v_core.training.output.check_out: a folder holding a
+previous run's files is refused unless --resume continues that run) and every number (finite, in
+range; a --lora-rank no larger than the smallest layer it wraps, once the model is built). The run
+holds OUT's lock (the converter's destination lock) from its first write to its end. A step whose
+loss or gradient norm is not finite is not applied: the run saves the state before it and stops
+with a FinetuneError naming the step and that checkpoint. Under `glm4v finetune`, SIGTERM and
+SIGHUP stop the run as Ctrl-C does (a checkpoint, then exit 143 / 129 instead of 130).
+
+--resume OUT (or a checkpoint folder) reloads the latest checkpoint and continues: the data order
+is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
+uninterrupted run gives, bit for bit on CPU (same thread count; on CUDA up to the nondeterminism
+of its attention backward kernels). No pickle anywhere.
+
+--fsdp N trains on N ranks (N GPUs with NCCL; N CPU processes with gloo without CUDA), spawned
+here or started by `torchrun --nproc-per-node N` (with --fsdp N): the model is sharded with FSDP2
+(glm4v_core.transforms.distributed.fsdp; LoRA adapters and frozen base weights share the units). --batch-size
+stays the *global* micro-batch: rank r takes samples r, r+N, ... of each one and the step's loss
+is still the mean over every counted token of the step, so the curve, the checkpoints and the
+adapters are the one-process run's (within float rounding), N may change on --resume, and the
+files are the one-process format. Rank 0 alone logs and writes (the tensors gathered whole first).
+A rank whose share of a micro-batch is empty, or has no image when others have one, runs one
+sample of the batch with no counted token: every rank must run the same blocks (FSDP gathers a
+block's weights with a collective when it runs). Ctrl-C under --fsdp stops without saving: the
+ranks are not at one step; resume from the last --save-every checkpoint. With dropout, a resumed
+sharded run restores rank 0's random state on every rank (the curve then differs slightly).
 """
 from __future__ import annotations
 
@@ -12,6 +57,7 @@ import torch
 from glm4v_core.errors import REFUSED
 from glm4v_core.training.config import SCHEDULES, FinetuneConfig
 from glm4v_core.training.data import ON_BAD_RECORD, TRAIN_ON
+from glm4v_core.training.state import Stopped, latest_checkpoint, stop_signals
 from glm4v_core.training.trainer import Trainer
 
 
@@ -63,17 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 done; 1 a refused input or a non-finite step (one line); 2 a usage error;
+    130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when the run had started training)."""
     args = build_parser().parse_args(argv)
     try:
-        options = FinetuneConfig(**vars(args))  # the library takes the dataclass, never the Namespace
-        if options.fsdp > 1:
-            from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
-            device_type = torch.device(options.device).type if options.device else None  # None: cuda if there is one
-            return distributed.run_ranks(train_on_rank, options.fsdp, options, device_type=device_type)
-        return Trainer(options).run()
+        with stop_signals():  # SIGTERM / SIGHUP raise Stopped, which the loop takes as it takes Ctrl-C
+            options = FinetuneConfig(**vars(args))  # the library takes the dataclass, never the Namespace
+            if options.fsdp > 1:
+                from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
+                device_type = torch.device(options.device).type if options.device else None  # None: cuda if any
+                return distributed.run_ranks(train_on_rank, options.fsdp, options, device_type=device_type)
+            return Trainer(options).run()
     except REFUSED as e:  # every refused input is a GLM4VError / ConversionError with a one-line text
         print(f"glm4v finetune: error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Stopped) as e:  # outside the training loop (loading, the final files)
+        how = "interrupted" if isinstance(e, KeyboardInterrupt) else f"stopped by {e.name}"
+        latest = latest_checkpoint(args.out) if args.out.is_dir() else None
+        where = "no checkpoint was written"
+        if latest is not None:
+            where = f"the latest checkpoint is {latest}; continue with --resume {args.out}"
+        print(f"glm4v finetune: {how}; {where}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
 
 
 def train_on_rank(options: FinetuneConfig) -> int:

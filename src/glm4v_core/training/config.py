@@ -2,15 +2,19 @@
 """
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from glm4v_core.checkpoint import check_device
 from glm4v_core.errors import GLM4VError
 from glm4v_core.training.data import ON_BAD_RECORD, TRAIN_ON
+from glm4v_core.transforms import lora
 
 PARTS = {"vision": "vision", "projector": "projector", "decoder": "text"}  # --train name -> module
 
@@ -30,6 +34,7 @@ class FinetuneConfig:
 
     data: Path                              # training JSONL (format: glm4v_core.training.data)
     out: Path                               # output folder: loss.jsonl, loss.png, checkpoints/, adapters
+                                            # (what it may hold: glm4v_core.training.output.check_out)
     checkpoint: Path | None = None          # base checkpoint folder; None: the bundled demo checkpoint
     tokenizer: Path | None = None           # tokenizer.model; None: as `glm4v generate` resolves it
     eval_data: Path | None = None           # held-out JSONL: its loss is logged
@@ -90,8 +95,7 @@ class FinetuneConfig:
                                       ("--on-bad-record", self.on_bad_record, ON_BAD_RECORD)):
             if value not in accepted:
                 raise FinetuneError(f"{flag} {value!r}: choose from {list(accepted)}")
-        if self.lr <= 0:
-            raise FinetuneError(f"--lr must be > 0, got {self.lr}")
+        check_numbers(self)
         if self.save_merged and self.lora_rank == 0:
             raise FinetuneError("--save-merged is for LoRA runs; a full fine-tune always writes OUT/model")
         if not self.data.is_file():
@@ -99,6 +103,27 @@ class FinetuneConfig:
         if self.eval_data is not None and not self.eval_data.is_file():
             raise FinetuneError(f"--eval-data {self.eval_data} is not a file")
         check_fsdp(self)
+
+
+def check_numbers(a: FinetuneConfig) -> None:
+    """The training numbers: finite, and in the range where they mean something (argparse's float
+    takes "nan" and "inf"; a NaN compares false with everything, so each test is written to fail
+    on it). A LoRA rank above the layers it wraps is checked once the model is built (trainer.py)."""
+    def finite(flag: str, value: float, low: float, low_ok: bool, accepted: str) -> None:
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low)):
+            raise FinetuneError(f"{flag} {value}: must be {accepted}")
+
+    finite("--lr", a.lr, 0.0, False, "a finite number > 0")
+    finite("--lora-alpha", a.lora_alpha, 0.0, False, "a finite number > 0 (the adapter update is scaled by "
+           "alpha / rank)")
+    finite("--weight-decay", a.weight_decay, 0.0, True, "a finite number >= 0")
+    finite("--max-grad-norm", a.max_grad_norm, 0.0, True, "a finite number >= 0 (0 turns clipping off)")
+    if not 0.0 <= a.lora_dropout < 1.0:
+        raise FinetuneError(f"--lora-dropout {a.lora_dropout}: must be in [0, 1) (the share of adapter inputs "
+                            "zeroed in training)")
+    if a.max_length is not None and a.max_length < 1:
+        raise FinetuneError(f"--max-length {a.max_length}: must be >= 1 (decoder rows per sample), or left out "
+                            "for the config's seq_length")
 
 
 def check_fsdp(a: FinetuneConfig) -> None:
@@ -121,5 +146,36 @@ def check_fsdp(a: FinetuneConfig) -> None:
     if a.batch_size % a.fsdp:
         raise FinetuneError(f"--fsdp {a.fsdp} must divide --batch-size {a.batch_size} (the global micro-batch: "
                             f"each rank takes batch-size / N of its samples)")
+
+
+def check_lora_rank(model: nn.Module, config: lora.LoRAConfig) -> None:
+    """A rank above min(in, out) of a wrapped layer (of each part of a fused one, split) adds
+    nothing but cost: refuse it, naming the smallest targeted layer. Before add_lora allocates."""
+    smallest = None
+    for name, m in model.named_modules():
+        if not (lora.is_linear(m) and any(fnmatch.fnmatchcase(name, p) for p in config.targets)):
+            continue
+        parts = (getattr(m, "parts", None) if config.split_fused else None) or (m.out_features,)
+        for k, out in enumerate(parts):
+            if smallest is None or min(m.in_features, out) < smallest[0]:
+                where = f"{name} (part {k + 1} of {len(parts)} of its fused output)" if len(parts) > 1 else name
+                smallest = (min(m.in_features, out), where, m.in_features, out)
+    if smallest is not None and config.rank > smallest[0]:
+        size, where, n_in, n_out = smallest
+        raise FinetuneError(f"--lora-rank {config.rank} is larger than a layer it would wrap: {where} has {n_in} "
+                            f"inputs and {n_out} outputs, so a rank above {size} adds nothing; choose --lora-rank "
+                            f"<= {size} (the smallest layer --train targets)")
+
+
+def learning_rate(step: int, args: FinetuneConfig, total: int) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup, then the schedule over the rest."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
+    if args.schedule == "cosine":
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    if args.schedule == "linear":
+        return args.lr * (1 - progress)
+    return args.lr
 
 

@@ -1,21 +1,32 @@
-"""What a fine-tuning run keeps on disk and reads back: checkpoints and the loss log (no pickle).
+"""What a fine-tuning run keeps on disk and reads back: checkpoints and the loss log (no pickle),
+the rule for its output folder, its lock, and how signals stop it.
 
 OUT/checkpoints/step-00000N/, each folder published atomically (written into a hidden sibling,
-renamed when complete; a Ctrl-C during the write waits until it is done):
+renamed when complete; a Ctrl-C, SIGTERM or SIGHUP during the write waits until it is done):
     trainable.safetensors   the trained tensors: LoRA adapters (glm4v_core.transforms.lora's adapter file) or,
                             for a full fine-tune, every trained parameter under its model name
     optimizer.safetensors   AdamW state as `<parameter name>.<exp_avg | exp_avg_sq | step>`
     rng.safetensors         torch RNG states `cpu` (and `cuda`): dropout continues where it stopped
     trainer.json            step, total steps, the run's arguments, the optimizer's param groups
-OUT/loss.jsonl: one JSON line per step and per evaluation; OUT/loss.png: its plot.
+OUT/loss.jsonl: one strict JSON line per step and per evaluation (a non-finite number is written
+as the string "nan", "inf" or "-inf"); OUT/loss.png: its plot.
+
+The rule for OUT (check_out, before anything is written, and again under the lock): OUT is a
+folder or does not exist yet (not a file, not a dangling link), on a file system that stores
+files, and this process may write in it and in the folder above it (where its lock file goes).
+It holds none of a run's files (RUN_FILES) unless --resume continues the run kept in OUT itself.
+Other files in OUT are allowed and never touched. While a run lives it holds OUT's lock
+(glm4v_conversion.atomic.destination_lock, the converter's: `.OUT.lock` beside OUT, with its
+pid), so a second run, or a glm4v-convert, on the same folder is refused, naming the process.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,14 +34,25 @@ from safetensors import safe_open
 
 from glm4v_conversion.atomic import staged_file, staging
 from glm4v_core.errors import GLM4VError
+from glm4v_core.training.config import FinetuneConfig
 from glm4v_core.transforms.dtensor import whole
 from glm4v_core.transforms.lora import atomic_save_file
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock to probe (destination_lock takes none either)
+    fcntl = None
 
 CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 # Arguments that must not change on --resume: they shape the model, the data or the curve.
 RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_shared_fused", "train", "lr", "weight_decay",
                 "warmup_steps", "schedule", "epochs", "max_steps", "batch_size", "grad_accum", "max_grad_norm",
                 "dtype", "seed", "train_on", "max_length", "shuffle")
+
+
+# What a run writes in OUT, and what each must be when a resumed run writes it again.
+RUN_FILES = {"loss.jsonl": "file", "loss.png": "file", "checkpoints": "folder", "adapter.safetensors": "file",
+             "merged": "checkpoint", "model": "checkpoint"}
 
 
 class ResumeError(GLM4VError):
@@ -103,22 +125,77 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], tensors: 
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is (see stop_signals), so that `glm4v finetune`
+    stops as on Ctrl-C: a checkpoint saved, exit status 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Stopped inside the block (once: later ones are ignored while the
+    run saves). A signal ignored on entry stays ignored (nohup's SIGHUP)."""
+    def stop(signum, frame):
+        for s in names:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    names = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+    try:
+        saved = {s: signal.signal(s, stop) for s in names}
+    except ValueError:  # not the main thread: signals cannot be caught here
+        saved = {}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+DEFERRED = (signal.SIGINT, *STOP_SIGNALS)
+
+
 class deferred_interrupt:
-    """Hold a Ctrl-C that arrives inside the block and raise it when the block ends."""
+    """Hold a Ctrl-C (SIGINT), and a SIGTERM / SIGHUP that stop_signals turns into an exception,
+    that arrives inside the block; deliver the first one when the block ends. An ignored signal
+    stays ignored, and one left to its default action (it ends the process) is not held."""
 
     def __enter__(self):
-        self.pending = False
-        try:
-            self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "pending", True))
-        except ValueError:  # not the main thread: signals cannot be caught here anyway
-            self.previous = None
+        self.pending: int | None = None
+        self.previous: dict[int, object] = {}
+        for s in DEFERRED:
+            current = signal.getsignal(s)
+            if current in (signal.SIG_IGN, None) or (s != signal.SIGINT and not callable(current)):
+                continue
+            try:
+                self.previous[s] = signal.signal(s, self._hold)
+            except ValueError:  # not the main thread: signals cannot be caught here anyway
+                break
         return self
 
+    def _hold(self, signum, frame) -> None:
+        if self.pending is None:
+            self.pending = signum
+
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.pending and exc[0] is None:
-            raise KeyboardInterrupt
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        if self.pending is not None and exc[0] is None:
+            handler = self.previous[self.pending]
+            if callable(handler):
+                handler(self.pending, None)  # Python's SIGINT handler raises KeyboardInterrupt; stop_signals' Stopped
+            elif self.pending == signal.SIGINT:
+                raise KeyboardInterrupt
         return False
 
 
@@ -139,13 +216,37 @@ def find_resume(path: Path) -> Path:
     return folder
 
 
-def check_resume_args(folder: Path, args: argparse.Namespace) -> None:
+def check_resume_args(folder: Path, args: FinetuneConfig) -> None:
     saved = json.loads((folder / "trainer.json").read_text())["args"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
                if saved.get(k) != getattr(args, k)]
     if changed:
         raise ResumeError(f"--resume {folder}: these arguments differ from the interrupted run, so the "
                             f"curve could not continue: {', '.join(changed)}")
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def json_line(record: dict) -> str:
+    """One strict JSON line: a non-finite float becomes the string "nan", "inf" or "-inf"."""
+    def strict(v):
+        if not isinstance(v, float) or math.isfinite(v):
+            return v
+        return "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+    return json.dumps({k: strict(v) for k, v in record.items()}, allow_nan=False) + "\n"
+
+
+NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def keep_log_until(source: Path, dst: Path, step: int) -> None:
@@ -159,8 +260,9 @@ def keep_log_until(source: Path, dst: Path, step: int) -> None:
 
 
 def read_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of a loss.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """(training records, evaluation records) of a loss.jsonl; "nan" / "inf" / "-inf" read as floats."""
+    records = [{k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
+               for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 

@@ -1,48 +1,13 @@
-"""`glm4v finetune`: LoRA or full fine-tuning on a JSONL of image conversations, resumable.
-
-    glm4v finetune --data train.jsonl --out runs/cat [--checkpoint DIR] [--lora-rank 8]
-                   [--train decoder,projector] [--max-steps 100] [--resume runs/cat] [--fsdp N]
-
-Each optimizer step runs --grad-accum micro-batches of --batch-size samples; each micro-batch's
-loss is weighted by its share of the step's counted tokens, so the step's loss is the mean over
-every counted token of the step, whatever the split. The learning rate warms up linearly over
---warmup-steps, then follows --schedule (cosine to 10% of --lr, linear to 0, or constant).
-
-The output folder OUT:
-    loss.jsonl                  one JSON line per step (step, epoch, loss, lr, tokens, tokens_per_s)
-                                and per evaluation (step, eval_loss)
-    loss.png                    the loss curve (needs matplotlib; skipped with a note otherwise)
-    checkpoints/step-00000N/    every --save-every steps, at the end and on Ctrl-C: trained
-                                tensors, AdamW state, RNG states, step (glm4v_core.training.state)
-    adapter.safetensors         the final adapters (LoRA runs)
-    merged/ or model/           with --save-merged (LoRA: adapters merged) or after a full
-                                fine-tune: a checkpoint folder written by save_model (HF layout)
-
---resume OUT (or a checkpoint folder) reloads the latest checkpoint and continues: the data order
-is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
-uninterrupted run gives, bit for bit on CPU (same thread count; on CUDA up to the nondeterminism
-of its attention backward kernels). No pickle anywhere.
-
---fsdp N trains on N ranks (N GPUs with NCCL; N CPU processes with gloo without CUDA), spawned
-here or started by `torchrun --nproc-per-node N` (with --fsdp N): the model is sharded with FSDP2
-(glm4v_core.transforms.distributed.fsdp; LoRA adapters and frozen base weights share the units). --batch-size
-stays the *global* micro-batch: rank r takes samples r, r+N, ... of each one and the step's loss
-is still the mean over every counted token of the step, so the curve, the checkpoints and the
-adapters are the one-process run's (within float rounding), N may change on --resume, and the
-files are the one-process format. Rank 0 alone logs and writes (the tensors gathered whole first).
-A rank whose share of a micro-batch is empty, or has no image when others have one, runs one
-sample of the batch with no counted token: every rank must run the same blocks (FSDP gathers a
-block's weights with a collective when it runs). Ctrl-C under --fsdp stops without saving: the
-ranks are not at one step; resume from the last --save-every checkpoint. With dropout, a resumed
-sharded run restores rank 0's random state on every rank (the curve then differs slightly).
-"""
+"""The fine-tuning loop: model, data, optimizer, the token-weighted step, evaluation, checkpoints
+and resume (what `glm4v finetune` runs; the options are training/config.py:FinetuneConfig)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,14 +19,16 @@ from glm4v_core.config import GLM4VConfig
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.model.loss import IGNORE_INDEX
 from glm4v_core.processing.tokenizer import Tokenizer
-from glm4v_core.training.config import PARTS, FinetuneConfig, FinetuneError
+from glm4v_core.training.config import PARTS, FinetuneConfig, FinetuneError, check_lora_rank, learning_rate
 from glm4v_core.training.data import Sample, collate, micro_batches, read_samples
+from glm4v_core.training.output import check_out, out_lock
 from glm4v_core.training.state import (
+    Stopped,
     check_resume_args,
     deferred_interrupt,
     find_resume,
+    json_line,
     keep_log_until,
-    latest_checkpoint,
     on_device,
     optimizer_tensors,
     plot_loss,
@@ -72,16 +39,13 @@ from glm4v_core.transforms import lora
 from glm4v_core.transforms.dtensor import whole
 
 
-def learning_rate(step: int, args: FinetuneConfig, total: int) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup, then the schedule over the rest."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-    if args.schedule == "cosine":
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    if args.schedule == "linear":
-        return args.lr * (1 - progress)
-    return args.lr
+class NonFiniteStep(Exception):  # internal: train() turns it into a FinetuneError
+    """A training step whose loss or gradient norm is not finite (not applied); train() saves the
+    state before it and raises FinetuneError naming the step and the checkpoint."""
+
+
+
+
 
 
 class Trainer:
@@ -94,12 +58,13 @@ class Trainer:
         args = options
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        self.last_saved: Path | None = None  # the checkpoint this run wrote last
         self.resume_dir = find_resume(args.resume) if args.resume else None
         if self.resume_dir:
             check_resume_args(self.resume_dir, args)
-        elif latest_checkpoint(args.out) is not None:
-            raise FinetuneError(f"--out {args.out} already holds a run's checkpoints; continue it with "
-                                f"--resume {args.out}, or choose another --out")
+        # first of all: nothing is written before run() takes OUT's lock. Only rank 0 asks who holds
+        # the lock: under FSDP it may be rank 0 itself already
+        check_out(args, self.resume_dir, probe_lock=self.rank0)
         self.checkpoint = resolve_checkpoint(args.checkpoint)
         self.config = GLM4VConfig.from_json(self.checkpoint / "config.json")
         self.tokenizer: Tokenizer = resolve_tokenizer(args.tokenizer, self.checkpoint, self.config)
@@ -131,6 +96,7 @@ class Trainer:
         if a.lora_rank > 0:
             config = lora.LoRAConfig.from_presets(parts, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
                                                   split_fused=not a.lora_shared_fused)
+            check_lora_rank(model, config)
             lora.add_lora(model, config, seed=a.seed)
         else:
             for part in parts:
@@ -144,6 +110,35 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Train to the end (0), or until Ctrl-C (130), SIGTERM / SIGHUP (128 + the signal) with a
+        checkpoint saved; a step that is not finite raises FinetuneError after saving the state
+        before it. OUT's lock is held throughout."""
+        with self.holding_out():
+            return self.train()
+
+    @contextlib.contextmanager
+    def holding_out(self) -> Iterator[None]:
+        """OUT's lock (rank 0 takes it, every rank learns whether it could) and the --out rule
+        again under it: another run may have written there since __init__."""
+        a = self.options
+        with contextlib.ExitStack() as stack:
+            refusal = None
+            if self.rank0:
+                try:
+                    stack.enter_context(out_lock(a.out))
+                    check_out(a, self.resume_dir, probe_lock=False)
+                except FinetuneError as e:
+                    refusal = e
+            if self.world > 1:
+                box = [str(refusal) if refusal is not None else None]
+                dist.broadcast_object_list(box, src=0)
+                if refusal is None and box[0] is not None:
+                    refusal = FinetuneError(box[0])
+            if refusal is not None:
+                raise refusal
+            yield
+
+    def train(self) -> int:
         a = self.options
         a.out.mkdir(parents=True, exist_ok=True)
         if self.resume_dir:
@@ -152,26 +147,34 @@ class Trainer:
         source_log = self.resume_dir.parent.parent / "loss.jsonl" if self.resume_dir else self.log_path
         if self.rank0:
             keep_log_until(source_log, self.log_path, self.step)
-        interrupted = False
+        stopped: KeyboardInterrupt | Stopped | None = None
         bar = make_progress(self.total_steps, self.step, a.progress and self.rank0)
         try:
             while self.step < self.total_steps:
-                record = self.train_step()
-                self.log(record)
+                record = self.train_step()  # logged by train_step, with the update
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if a.save_every and self.step % a.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
                     self.evaluate()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped) as e:
             if self.world > 1:  # the ranks stopped at different points: no common step to save
                 raise
-            interrupted = True
+            stopped = e
+        except NonFiniteStep as e:
+            saved = self.last_saved  # this step's state, if this run saved it already
+            path = saved if saved is not None and saved.name == f"step-{self.step:06d}" else self.save_checkpoint()
+            raise FinetuneError(f"{e}; the last finite state is saved in {path} (step {self.step}): resume it with "
+                                f"--resume {a.out}, or start a new run (e.g. with a lower --lr)") from None
         finally:
             bar.close()
         path = self.save_checkpoint()
-        if interrupted:
+        if isinstance(stopped, Stopped):
+            self.report(f"\nstopped by {stopped.name} at step {self.step}: saved {path}; continue with "
+                        f"--resume {a.out}")
+            return 128 + stopped.signum
+        if stopped is not None:
             self.report(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume {a.out}")
             return 130
         self.evaluate()
@@ -201,18 +204,30 @@ class Trainer:
         if self.world > 1:  # the step's loss: the sum of every rank's share
             total = total.to(self.device)
             dist.all_reduce(total)
-        if a.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(self.params.values(), a.max_grad_norm)
-        with deferred_interrupt():  # never a half-updated model
+        # the gradients' norm (a DTensor under FSDP), clipped to --max-grad-norm; with 0 (off) only
+        # measured: clipping to inf multiplies the gradients by exactly 1.0
+        norm = float(whole(nn.utils.clip_grad_norm_(self.params.values(), a.max_grad_norm or math.inf)))
+        loss = float(total)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if math.isfinite(loss):
+                what = f"the gradient norm is {norm} (the loss {loss:.4f})"
+            else:
+                what = f"the training loss is {loss}"
+            raise NonFiniteStep(f"step {self.step + 1}: {what}, not finite; the step was not applied and the run "
+                                "stopped")
+        tokens = sum(s.length for samples in micro for s in samples)
+        with deferred_interrupt():  # never a half-updated model, nor an update without its log line
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.step_rng = None
-        seconds = time.perf_counter() - start
-        tokens = sum(s.length for samples in micro for s in samples)
-        epoch = (self.step * a.grad_accum - 1) // self.micro_per_epoch
-        return {"step": self.step, "epoch": epoch, "loss": float(total), "lr": lr, "counted_tokens": counted,
-                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+            seconds = time.perf_counter() - start
+            epoch = (self.step * a.grad_accum - 1) // self.micro_per_epoch
+            record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "counted_tokens": counted,
+                      "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+            self.log(record)
+        return record
 
     def micro_samples(self, index: int) -> list[Sample]:
         """Micro-batch number `index` of the whole run (epochs laid end to end), all ranks' samples."""
@@ -259,7 +274,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.rank0:
             with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record))  # strict JSON: a non-finite number as a string
 
     def report(self, line: str) -> None:
         if self.rank0:
@@ -326,6 +341,7 @@ class Trainer:
         if self.rank0:
             write_checkpoint(dst, write_trained, optimizer, rng, state)
         self.barrier()
+        self.last_saved = dst
         return dst
 
     def rng_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,146 @@
+"""The output folder of `glm4v finetune`: checked completely before anything is written (a previous
+run's files are refused unless --resume continues them; other files are never touched), and held
+with the destination lock for the whole run.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from glm4v_conversion.atomic import destination_lock
+from glm4v_conversion.errors import ConversionError
+from glm4v_core.training.config import FinetuneConfig, FinetuneError
+from glm4v_core.training.state import RUN_FILES, latest_checkpoint
+
+
+def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = True) -> None:
+    """The rule for --out (this module's docstring), read-only: nothing is created or changed.
+    `resume_dir` is the checkpoint --resume names (find_resume), if any."""
+    out = a.out
+    if out.is_symlink() and not out.exists():
+        raise FinetuneError(f"--out {out} is a dangling symbolic link (to {os.readlink(out)}); point it at a folder "
+                            "or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} is a file, not a folder; choose a folder (a new one, or one without a "
+                            "previous run's files)")
+    try:
+        target = out.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise FinetuneError(f"--out {out} cannot be resolved: {e}") from None
+    if target.name == "":
+        raise FinetuneError(f"--out {out} is the root folder; name a folder inside it")
+    place = target.parent
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        raise FinetuneError(f"--out {out}: {place} is a file, so it cannot hold the output folder")
+    if hasattr(os, "statvfs"):
+        fs = os.statvfs(place)
+        if fs.f_flag & getattr(os, "ST_RDONLY", 1):
+            raise FinetuneError(f"--out {out} cannot be written: {place} is on a read-only file system")
+        if fs.f_blocks == 0:
+            raise FinetuneError(f"--out {out} cannot be written: {place} is on a virtual file system with no "
+                                "storage (such as /proc or /sys)")
+    for folder in (place, target) if target.exists() else (place,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FinetuneError(f"--out {out}: no permission to write in {folder} (the run writes OUT and its lock "
+                                "file beside it)")
+    if probe_lock:
+        holder = lock_holder(target)
+        if holder is not None:
+            raise FinetuneError(in_use(out, holder))
+    found = [n for n in RUN_FILES if (target / n).exists() or (target / n).is_symlink()] if target.exists() else []
+    names = ", ".join(f"{n}/" if (target / n).is_dir() else n for n in found)
+    continues = resume_dir is not None and resume_dir.resolve().parent.parent == target
+    if found and not continues:
+        if resume_dir is not None:
+            raise FinetuneError(f"--out {out} holds another run's files ({names}), and --resume {a.resume} continues "
+                                f"the run in {resume_dir.parent.parent}: resume into that folder, or into an --out "
+                                "without a previous run's files (nothing was changed)")
+        hint = (f"continue it with --resume {out}" if latest_checkpoint(target) is not None
+                else "it has no checkpoint to resume")
+        raise FinetuneError(f"--out {out} already holds a previous run's files ({names}); {hint}, or choose another "
+                            "--out (nothing was changed)")
+    writes = {"loss.jsonl", "loss.png", "checkpoints"}
+    writes |= {"adapter.safetensors"} if a.lora_rank > 0 else {"model"}
+    writes |= {"merged"} if a.save_merged else set()
+    for name in found:
+        path, kind = target / name, RUN_FILES[name]
+        if name not in writes:
+            continue
+        if kind == "file":
+            fits = path.is_file()
+        else:
+            fits = path.is_dir() and (kind == "folder" or (path / "config.json").exists() or not any(path.iterdir()))
+        if not fits:
+            what = {"file": "a file", "folder": "a folder", "checkpoint": "a checkpoint folder (with config.json)"}
+            raise FinetuneError(f"--out {out}: {path} is not what this run writes there ({what[kind]}); move it "
+                                "away, then resume (nothing was changed)")
+
+
+def lock_file(target: Path) -> Path:
+    """destination_lock's lock file for `target` (a resolved path)."""
+    return target.parent / f".{target.name}.lock"
+
+
+def lock_holder(target: Path) -> str | None:
+    """Who holds `target`'s lock ("pid N: its command line"), or None; reads only."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_file(target), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # none (or unreadable: taking the lock will say so)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return describe_process(os.pread(fd, 64, 0).decode(errors="replace").strip())
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_process(pid: str) -> str:
+    """"pid N: its command line" (Linux), or "pid N"."""
+    pid = pid or "unknown"
+    try:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+        command = " ".join(a.decode(errors="replace") for a in argv if a)
+    except (OSError, ValueError):
+        command = ""
+    if len(command) > 120:
+        command = command[:117] + "..."
+    return f"pid {pid}: {command}" if command else f"pid {pid}"
+
+
+def in_use(out: Path, holder: str) -> str:
+    return (f"--out {out} is in use by another process ({holder}), which holds its lock "
+            f"{lock_file(out.resolve())}: one run writes to a folder at a time; wait for it to finish, or choose "
+            "another --out")
+
+
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold --out's destination lock (the converter's) for the block; FinetuneError if another
+    process holds it (naming it) or the place cannot be written."""
+    target = out.resolve()
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(destination_lock(target))
+        except ConversionError as e:
+            if str(lock_file(target)) in str(e):  # the message of a lock held by a live process
+                pid = re.search(r"pid (\S+?)[;)]", str(e))
+                raise FinetuneError(in_use(out, describe_process(pid.group(1) if pid else ""))) from None
+            raise FinetuneError(f"--out {out}: {e}") from None
+        yield
+
+
