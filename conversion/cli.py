@@ -15,7 +15,7 @@ from . import __version__
 from .convert import ConversionError, convert
 from .files import human_size, os_reason
 from .quantize import GROUP_SIZES, METHODS, SCHEMES, quantize_checkpoint, quantized_scheme_of
-from .streams import WriteCounter, quiet_broken_pipe
+from .streams import WriteCounter, named_stdout_failures
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -79,7 +79,7 @@ class Stopped(BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
-    with quiet_broken_pipe() as stdout:
+    with named_stdout_failures("glm4v-convert") as stdout:  # `>&-`, `> /dev/full`: named; `| head`: quiet
         return _main(argv, stdout)
 
 
@@ -94,12 +94,9 @@ def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
               "converted back: convert the float checkpoint it was made from", file=sys.stderr)
         return 1
 
-    def work():
-        with warnings.catch_warnings():  # restores the default printer on exit
-            warnings.showwarning = _print_warning
-            return convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
-                           max_shard_size=args.max_shard_size, force=args.force, progress=not args.no_progress)
-    result = _run(work, args.dst)
+    result = _run(lambda: convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
+                                  max_shard_size=args.max_shard_size, force=args.force,
+                                  progress=not args.no_progress), args.dst)
     if isinstance(result, int):
         return result
     rate = result.bytes_written / max(result.seconds, 1e-9)
@@ -135,7 +132,8 @@ def _run(work, dst):
     """work()'s result, or the exit code after a one-line message: 1 for refused input or a write
     error, 130 for Ctrl-C, 128 + signal for SIGTERM/SIGHUP. The unfinished output is always removed."""
     try:
-        with stop_signals():
+        with stop_signals(), warnings.catch_warnings():  # catch_warnings restores the default printer on exit
+            warnings.showwarning = _print_warning  # a lossy cast, a killed run's leftovers removed: one line each
             return work()
     except ConversionError as e:  # the base of every error glm4v_conversion raises for a refused input
         print(f"glm4v-convert: error: {e}", file=sys.stderr)

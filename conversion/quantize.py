@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import staging
+from .atomic import destination_lock, staging
 from .checkpoint import (
     CONFIG_FILE,
     FLOAT_DTYPES,
@@ -237,11 +237,11 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     """Write a quantized native folder from an HF or (float) native folder `src`.
 
     Returns (dst, file names, bytes of tensor data written, seconds)."""
-    from .convert import _check_destination, pack_shards  # the float converter's checks and shard packing
+    from .convert import _check_destination, _real_destination, pack_shards  # the float converter's checks
     start = time.perf_counter()
-    src, dst = Path(src), Path(dst)
     check_request(scheme, group_size, method)
-    _check_destination(src, dst, force)
+    src, dst = Path(src), _real_destination(Path(dst), force)
+    _check_destination(src, dst, force)  # early, before reading SRC; again below under the lock
     config = read_config(src)
     ckpt = open_checkpoint(src)
     if ckpt.provenance and "quantization" in ckpt.provenance:
@@ -265,23 +265,27 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                 "quantization": scheme, "group_size": str(group_size or ""), "tool": f"glm4v-convert {__version__}"}
     weight_map = {o: f for f, group in zip(files, groups, strict=True) for n in group for o in out_names[n]}
-    mapped = MappedFiles()
-    with staging(dst) as tmp:
-        with tqdm(total=len(ordered), unit="tensor", file=sys.stderr, disable=not progress,
-                  desc=f"quantize {scheme}") as bar:
-            for file, group in zip(files, groups, strict=True):
-                tensors: dict[str, torch.Tensor] = {}
-                for n in group:
-                    t = mapped.tensor(ckpt.tensors[n])
-                    tensors.update(quantize_weight(t, n, scheme, group_size, method) if n in layers else {n: t})
-                    bar.update(1)
-                write_file(tmp / file, tensors, metadata)
-        texts = {CONFIG_FILE: (src / CONFIG_FILE).read_text(),
-                 PROVENANCE_FILE: _provenance(ckpt, dtype, scheme, group_size, method, layers)}
-        if len(files) > 1:
-            texts[INDEX_FILE] = index_json(weight_map, sum(tensor_nbytes(s, d) for d, s in layout.values()))
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
+    # one writer per destination, the float converter's lock: a second run is refused naming this one,
+    # and the staging folder a killed run left beside `dst` is removed (with a LeftoversWarning)
+    with destination_lock(dst):
+        _check_destination(src, dst, force)
+        mapped = MappedFiles()
+        with staging(dst) as tmp:
+            with tqdm(total=len(ordered), unit="tensor", file=sys.stderr, disable=not progress,
+                      desc=f"quantize {scheme}") as bar:
+                for file, group in zip(files, groups, strict=True):
+                    tensors: dict[str, torch.Tensor] = {}
+                    for n in group:
+                        t = mapped.tensor(ckpt.tensors[n])
+                        tensors.update(quantize_weight(t, n, scheme, group_size, method) if n in layers else {n: t})
+                        bar.update(1)
+                    write_file(tmp / file, tensors, metadata)
+            texts = {CONFIG_FILE: (src / CONFIG_FILE).read_text(),
+                     PROVENANCE_FILE: _provenance(ckpt, dtype, scheme, group_size, method, layers)}
+            if len(files) > 1:
+                texts[INDEX_FILE] = index_json(weight_map, sum(tensor_nbytes(s, d) for d, s in layout.values()))
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
     data = sum(tensor_nbytes(s, d) for d, s in layout.values())
     return dst, files + list(texts), data, time.perf_counter() - start
 

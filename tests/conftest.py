@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,20 @@ def consecutive_image_positions(monkeypatch) -> None:
         return spliced
 
     monkeypatch.setattr(model_glm4v, "splice_images", consecutive)
+
+
+@pytest.fixture(scope="module")
+def hf_modules(tmp_path_factory):
+    """transformers copies remote code into its modules cache: keep it inside the test's temp folder.
+    Everything is local: the hub is never asked (CI may be offline)."""
+    cache = tmp_path_factory.mktemp("hf_modules")
+    loaded = sys.modules.get("transformers_modules")
+    if loaded is not None:  # imported by another test module: its cache is where Python finds that package
+        cache = Path(list(loaded.__path__)[0]).parent
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_MODULES_CACHE", str(cache))
+    import transformers.dynamic_module_utils as dmu
+    mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
+    yield cache
+    mp.undo()

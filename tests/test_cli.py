@@ -196,3 +196,22 @@ def test_chat_turn_error_keeps_the_session(capsys, monkeypatch):
     rc, out, err = run(capsys, ["chat"], stdin="too long\nshort\n", monkeypatch=monkeypatch)
     assert rc == 0 and out == "fine\n" and "exceeds the model's context" in err
     assert len(turns[1]) < len(turns[0])  # the failed turn did not stay in the history
+
+
+def test_the_torch_free_choices_are_the_librarys():
+    """The command modules name the choices without importing torch; they must stay the library's."""
+    from glm4v_core.training import cli as training_cli
+    from glm4v_core.training import config as training_config
+    from glm4v_core.training import data as training_data
+    assert cli.DTYPE_NAMES == tuple(checkpoint.DTYPES)
+    assert training_cli.SCHEDULES == training_config.SCHEDULES
+    assert training_cli.DTYPE_CHOICES == training_config.DTYPE_CHOICES
+    assert training_cli.TRAIN_ON == training_data.TRAIN_ON
+    assert training_cli.ON_BAD_RECORD == training_data.ON_BAD_RECORD
+
+
+def test_chat_help_command_and_unknown_command_reach_no_model(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "stream_text", lambda *a, **k: iter(["never"]))
+    rc, out, err = run(capsys, ["chat"], stdin="/help\n/nope\n", monkeypatch=monkeypatch)
+    assert rc == 0 and out == ""
+    assert "/image PATH" in err and "glm4v: unknown command /nope; /help lists them" in err

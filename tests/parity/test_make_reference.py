@@ -32,23 +32,6 @@ IMAGE = FIXTURES / "images" / "gradient_rgb_97x61.png"
 PROMPTS = ["What is in this picture?", "Write one line about the sea, please."]
 
 
-@pytest.fixture(scope="module")
-def hf_modules(tmp_path_factory):
-    """transformers copies remote code into its modules cache: keep it inside the test's temp folder.
-    Everything is local: the hub is never asked (CI may be offline)."""
-    cache = tmp_path_factory.mktemp("hf_modules")
-    loaded = sys.modules.get("transformers_modules")
-    if loaded is not None:  # imported by another test module: its cache is where Python finds that package
-        cache = Path(list(loaded.__path__)[0]).parent
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_MODULES_CACHE", str(cache))
-    import transformers.dynamic_module_utils as dmu
-    mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
-    yield cache
-    mp.undo()
-
-
 def standin_checkpoint(folder: Path, fixtures_dir: Path, edit: tuple[str, str, str] | None = None) -> Path:
     """The tiny fixture (config.json with auto_map, bf16 weights) plus the stand-in remote code.
     `edit` = (file, old, new) perturbs the code: every `old` of that file (which must hold it) becomes

@@ -225,6 +225,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, caps
         wait_for(out / "checkpoints" / "step-000010", first, "the first run's checkpoint")
         lock = tmp_path / ".out.lock"
         assert lock.read_text().strip() == str(first.pid)  # held for the whole run, not only while saving
+        first.send_signal(signal.SIGSTOP)  # paused (still holding the lock): its own writes must not race the snapshot
     else:
         first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
         assert first.stdout.readline().strip() == "locked"
@@ -235,6 +236,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, caps
         assert f"pid {first.pid}" in line and "another process" in line and "--out" in line, line
         assert snapshot(out) == before
     finally:
+        first.send_signal(signal.SIGCONT)
         first.terminate()
         first.communicate(timeout=WAIT_S)
     if holder == "a running glm4v finetune":

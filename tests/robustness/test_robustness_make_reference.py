@@ -31,22 +31,6 @@ REMOTE_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "visual.py")
 PREFIX = "glm4v make-reference: "
 
 
-@pytest.fixture(scope="module")
-def hf_modules(tmp_path_factory):
-    """transformers copies remote code into its modules cache: keep it in the test's temp folder; never the hub."""
-    cache = tmp_path_factory.mktemp("hf_modules")
-    loaded = sys.modules.get("transformers_modules")
-    if loaded is not None:  # imported by another test module: its cache is where Python finds that package
-        cache = Path(list(loaded.__path__)[0]).parent
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_MODULES_CACHE", str(cache))
-    import transformers.dynamic_module_utils as dmu
-    mp.setattr(dmu, "HF_MODULES_CACHE", str(cache))
-    yield cache
-    mp.undo()
-
-
 def standin(folder: Path) -> Path:
     """The tiny fixture checkpoint plus the stand-in remote code (tests/reference_standin/)."""
     shutil.copytree(FIXTURES / "tiny", folder)

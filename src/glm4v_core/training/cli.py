@@ -51,60 +51,87 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from glm4v_conversion import __version__
 
-from glm4v_core.errors import REFUSED
-from glm4v_core.training.config import SCHEDULES, FinetuneConfig
-from glm4v_core.training.data import ON_BAD_RECORD, TRAIN_ON
-from glm4v_core.training.state import Stopped, latest_checkpoint, stop_signals
-from glm4v_core.training.trainer import Trainer
+if TYPE_CHECKING:
+    from glm4v_core.training.config import FinetuneConfig
+
+# torch and the trainer are imported in `main`, after the parse: --help, --version and a usage error answer
+# at once. The choices are the library's (glm4v_core.training.config / .data; tests/test_cli.py checks).
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+TRAIN_ON = ("assistant", "all")
+ON_BAD_RECORD = ("skip", "error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glm4v finetune", description="LoRA / full fine-tuning of GLM-4V on a "
-                                "JSONL of conversations (see glm4v_core.training.data for the format).")
+                                "JSONL of conversations (see glm4v_core.training.data for the format).",
+                                epilog="exit status: 0 done; 1 a refused input or a non-finite step; 2 a usage "
+                                       "error; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when "
+                                       "training had started).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint folder (default: the bundled "
                    "tiny fixture)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: as glm4v generate)")
-    p.add_argument("--data", type=Path, required=True, help="training JSONL")
-    p.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL: its loss is reported")
-    p.add_argument("--out", type=Path, required=True, help="output folder (log, curve, checkpoints)")
+    p.add_argument("--data", type=Path, required=True, help="training JSONL (required)")
+    p.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL: its loss is reported "
+                   "(default: none)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (log, curve, checkpoints) (required)")
     p.add_argument("--resume", type=Path, default=None, help="an output folder (its latest checkpoint) or one "
-                   "checkpoints/step-N folder to continue from")
-    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 = full fine-tune")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter update scale is alpha / rank")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+                   "checkpoints/step-N folder to continue from (default: none, a fresh run)")
+    p.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 = full fine-tune "
+                   "(default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="adapter update scale is alpha / rank "
+                   "(default: %(default)s)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter inputs, in [0, 1) "
+                   "(default: %(default)s)")
     p.add_argument("--lora-shared-fused", action="store_true", help="one adapter over each fused qkv / gate_up "
-                   "layer instead of one per part (q, k, v / gate, up)")
+                   "layer instead of one per part (q, k, v / gate, up) (default: off)")
     p.add_argument("--train", default="decoder", help="comma-separated parts to train: vision, projector, "
-                   "decoder (LoRA: where adapters go; full: which weights train)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    p.add_argument("--epochs", type=int, default=1)
+                   "decoder (LoRA: where adapters go; full: which weights train) (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warm-up to --lr "
+                   "(default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="learning rate after the warm-up: "
+                   "cosine to 10%% of --lr, linear to 0, or constant (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over --data (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs worth)")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="base model dtype (adapters stay float32); auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=1, help="samples per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step "
+                   "(default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0 = off) "
+                   "(default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="base model dtype (adapters stay float32); auto = bfloat16 on CUDA, float32 on CPU "
+                        "(default: %(default)s)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N", help="train on N ranks sharded with FSDP2: N GPUs "
                    "(NCCL), or N CPU processes (gloo) without CUDA; spawned here or the ranks of torchrun. "
-                   "N must divide --batch-size (the global micro-batch)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order")
-    p.add_argument("--train-on", choices=TRAIN_ON, default="assistant", help="which tokens carry labels")
+                   "N must divide --batch-size (the global micro-batch) (default: %(default)s, one process)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward "
+                   "(default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order, the adapters' initialisation "
+                   "and dropout (default: %(default)s)")
+    p.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the file order "
+                   "(default: shuffled each epoch)")
+    p.add_argument("--train-on", choices=TRAIN_ON, default="assistant", help="which tokens carry labels "
+                   "(default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None, help="refuse longer samples (decoder rows after "
-                   "the image splice; default: the config's seq_length)")
-    p.add_argument("--on-bad-record", choices=ON_BAD_RECORD, default="skip")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (0: only at the end)")
-    p.add_argument("--save-merged", action="store_true", help="LoRA: also write OUT/merged, a full checkpoint")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                   "the image splice) (default: the config's seq_length)")
+    p.add_argument("--on-bad-record", choices=ON_BAD_RECORD, default="skip", help="a record that cannot be "
+                   "used: skip it (counted, and named in a warning) or stop with an error (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: %(default)s, "
+                   "only at the end)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default: "
+                   "%(default)s, only at the end)")
+    p.add_argument("--save-merged", action="store_true", help="LoRA: also write OUT/merged, a full checkpoint "
+                   "(default: off)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar "
+                   "(default: a progress bar)")
     return p
 
 
@@ -112,6 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done; 1 a refused input or a non-finite step (one line); 2 a usage error;
     130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when the run had started training)."""
     args = build_parser().parse_args(argv)
+    import torch  # lazy, as the library: not for --help, --version or a usage error
+
+    from glm4v_core.errors import REFUSED
+    from glm4v_core.training.config import FinetuneConfig
+    from glm4v_core.training.state import Stopped, latest_checkpoint, stop_signals
+    from glm4v_core.training.trainer import Trainer
     try:
         with stop_signals():  # SIGTERM / SIGHUP raise Stopped, which the loop takes as it takes Ctrl-C
             options = FinetuneConfig(**vars(args))  # the library takes the dataclass, never the Namespace
@@ -135,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_on_rank(options: FinetuneConfig) -> int:
     """One rank of `glm4v finetune --fsdp N`."""
+    from glm4v_core.training.trainer import Trainer
     return Trainer(options).run()
 
 

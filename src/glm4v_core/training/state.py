@@ -30,11 +30,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from glm4v_conversion.atomic import staged_file, staging
-from glm4v_core.errors import GLM4VError
 from glm4v_core.training.config import FinetuneConfig
+from glm4v_core.training.resume import (
+    ResumeError,
+    check_groups,
+    check_optimizer,
+    check_rng,
+    check_tensor,
+    read_state,
+    read_tensors,
+)
 from glm4v_core.transforms.dtensor import whole
 from glm4v_core.transforms.lora import atomic_save_file
 
@@ -53,10 +61,6 @@ RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_shared_fused", 
 # What a run writes in OUT, and what each must be when a resumed run writes it again.
 RUN_FILES = {"loss.jsonl": "file", "loss.png": "file", "checkpoints": "folder", "adapter.safetensors": "file",
              "merged": "checkpoint", "model": "checkpoint"}
-
-
-class ResumeError(GLM4VError):
-    """A checkpoint that cannot be resumed by this run; the message says which file or argument."""
 
 
 def write_checkpoint(dst: Path, write_trained: Callable[[Path], None], optimizer: tuple[dict, list[dict]],
@@ -82,21 +86,34 @@ def read_checkpoint(folder: Path, trained: dict[str, torch.Tensor], optimizer: t
                     names: list[str], place: Place = on_device) -> tuple[dict, dict[str, torch.Tensor]]:
     """Fill `trained` (name -> tensor, in place) and the optimizer from a checkpoint folder;
     returns (trainer.json's contents, the RNG states). `place` turns a stored (whole) tensor into
-    the layout of the tensor it fills: moved to its device, or this rank's shard of it (FSDP)."""
-    state = json.loads((folder / "trainer.json").read_text())
-    with safe_open(str(folder / "trainable.safetensors"), framework="pt") as f:
+    the layout of the tensor it fills: moved to its device, or this rank's shard of it (FSDP).
+    Everything is checked first (glm4v_core.training.resume): a damaged file is a ResumeError."""
+    state = read_state(folder)
+    groups = check_groups(folder / "trainer.json", state["param_groups"], optimizer)
+    rng = read_tensors(folder / "rng.safetensors")
+    check_rng(folder / "rng.safetensors", rng)
+    path = folder / "optimizer.safetensors"
+    tensors = read_tensors(path)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # in `names` order
+    check_optimizer(path, tensors, names, params)
+    path = folder / "trainable.safetensors"
+    try:
+        f = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ResumeError(f"{path} is not a readable safetensors file (truncated or replaced?): {e}") from None
+    with f, torch.no_grad():
         stored = set(f.keys())
         if stored != set(trained):
             mismatched = sorted(stored ^ set(trained))
-            raise ResumeError(f"{folder}: trained tensors do not fit this run (e.g. {mismatched[:3]})")
-        with torch.no_grad():
-            for name, t in trained.items():
-                t.copy_(place(f.get_tensor(name), t))
-    with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
-        tensors = {n: f.get_tensor(n) for n in f.keys()}
-    load_optimizer(optimizer, names, tensors, state["param_groups"], place)
-    with safe_open(str(folder / "rng.safetensors"), framework="pt") as f:
-        rng = {n: f.get_tensor(n) for n in f.keys()}
+            raise ResumeError(f"{path}: trained tensors do not fit this run (e.g. {mismatched[:3]})")
+        for name, t in trained.items():  # one at a time: a full fine-tune's tensors may be large
+            try:
+                value = f.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ResumeError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+            check_tensor(path, name, value, t)
+            t.copy_(place(value, t))
+    load_optimizer(optimizer, names, tensors, groups, place)
     return state, rng
 
 
@@ -217,7 +234,7 @@ def find_resume(path: Path) -> Path:
 
 
 def check_resume_args(folder: Path, args: FinetuneConfig) -> None:
-    saved = json.loads((folder / "trainer.json").read_text())["args"]
+    saved = read_state(folder)["args"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
                if saved.get(k) != getattr(args, k)]
     if changed:

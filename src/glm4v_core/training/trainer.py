@@ -22,6 +22,7 @@ from glm4v_core.processing.tokenizer import Tokenizer
 from glm4v_core.training.config import PARTS, FinetuneConfig, FinetuneError, check_lora_rank, learning_rate
 from glm4v_core.training.data import Sample, collate, micro_batches, read_samples
 from glm4v_core.training.output import check_out, out_lock
+from glm4v_core.training.resume import check_sources, restore_rng, sources
 from glm4v_core.training.state import (
     Stopped,
     check_resume_args,
@@ -67,6 +68,9 @@ class Trainer:
         check_out(args, self.resume_dir, probe_lock=self.rank0)
         self.checkpoint = resolve_checkpoint(args.checkpoint)
         self.config = GLM4VConfig.from_json(self.checkpoint / "config.json")
+        self.sources = sources(self.checkpoint, args.data, args.eval_data)  # what a resume must find again
+        if self.resume_dir:
+            check_sources(self.resume_dir, self.sources, args)
         self.tokenizer: Tokenizer = resolve_tokenizer(args.tokenizer, self.checkpoint, self.config)
         read = dict(max_length=args.max_length, train_on=args.train_on, on_bad=args.on_bad_record, report=self.report)
         self.samples = read_samples(args.data, self.tokenizer, self.config, **read)
@@ -335,7 +339,7 @@ class Trainer:
         else:
             def write_trained(path: Path) -> None:
                 lora.atomic_save_file(trained, path, {"format": "glm4v-finetune"})
-        state = {"step": self.step, "total_steps": self.total_steps,
+        state = {"step": self.step, "total_steps": self.total_steps, "sources": self.sources,
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.options).items()}}
         rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from
         if self.rank0:
@@ -357,9 +361,7 @@ class Trainer:
             from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             place = distributed.shard_like  # the files hold whole tensors; each rank keeps its shard
         state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), place)
-        torch.set_rng_state(rng["cpu"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(rng, self.device, folder)
         self.step = state["step"]
 
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -275,41 +275,110 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+CONFIG_FIELDS = {"rank": "an integer >= 1", "alpha": "a finite number > 0", "dropout": "a number in [0, 1)",
+                 "targets": "a non-empty list of module-name patterns", "split_fused": "true or false"}
+
+
 def read_adapter_config(path: str | Path) -> LoRAConfig:
-    """The LoRA config stored in an adapter file's metadata."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """The LoRA config stored in an adapter file's metadata, checked field by field."""
+    meta = _open_adapter_file(path, lambda f: f.metadata() or {})
     if meta.get("format") != ADAPTER_FORMAT:
         raise LoRAError(f"{path} is not a glm4v-core adapter file (metadata format {meta.get('format')!r}, "
                         f"expected {ADAPTER_FORMAT!r})")
     if meta.get("format_version") != ADAPTER_FORMAT_VERSION:
         raise LoRAError(f"{path}: adapter format_version {meta.get('format_version')!r}, this code reads "
                         f"{ADAPTER_FORMAT_VERSION!r}")
-    return LoRAConfig.from_json(meta["lora_config"])
+    if "lora_config" not in meta:
+        raise LoRAError(f"{path}: metadata key 'lora_config' is missing (a JSON object with {list(CONFIG_FIELDS)})")
+    try:
+        fields = json.loads(meta["lora_config"])  # NaN / Infinity read as floats, refused below
+    except ValueError as e:
+        raise LoRAError(f"{path}: metadata 'lora_config' is not JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise LoRAError(f"{path}: metadata 'lora_config' is not a JSON object (keys {list(CONFIG_FIELDS)})")
+    unknown = sorted(set(fields) - set(CONFIG_FIELDS))
+    if unknown:
+        raise LoRAError(f"{path}: metadata 'lora_config' has unknown key(s) {unknown}; accepted: {list(CONFIG_FIELDS)}")
+    missing = [k for k in CONFIG_FIELDS if k not in fields]
+    if missing:
+        raise LoRAError(f"{path}: metadata 'lora_config' lacks key(s) {missing} ({list(CONFIG_FIELDS)} are required)")
+    for key, value in fields.items():
+        good = {"rank": lambda v: type(v) is int and v >= 1,
+                "alpha": lambda v: _number(v) and math.isfinite(v) and v > 0,
+                "dropout": lambda v: _number(v) and 0 <= v < 1,
+                "targets": lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v),
+                "split_fused": lambda v: isinstance(v, bool)}[key](value)
+        if not good:
+            raise LoRAError(f"{path}: metadata 'lora_config' key {key!r} is {value!r}, expected {CONFIG_FIELDS[key]}")
+    return LoRAConfig(**fields)
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _open_adapter_file(path, read):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return read(f)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise LoRAError(f"{path} is not a readable safetensors file (truncated or not safetensors?): {e}") from None
+
+
+def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
+    """{<module name>.lora_A / .lora_B: shape} that add_lora(model, config) would create (or the
+    model's adapters already have), computed without touching the model."""
+    existing = adapters_of(model)
+    if existing:
+        return {k: tuple(v.shape) for k, v in adapter_state(model).items()}
+    linears = {name: m for name, m in model.named_modules() if is_linear(m)}
+    for pattern in config.targets:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
+            raise LoRAError(f"LoRA target {pattern!r} matches no Linear layer of the model "
+                            f"(examples of names: {sorted(linears)[:3]})")
+    shapes = {}
+    for name, linear in linears.items():
+        if any(fnmatch.fnmatchcase(name, p) for p in config.targets):
+            parts = (getattr(linear, "parts", None) if config.split_fused else None) or (linear.out_features,)
+            shapes[f"{name}.lora_A"] = (len(parts) * config.rank, linear.in_features)
+            shapes[f"{name}.lora_B"] = (linear.out_features, config.rank)
+    return shapes
 
 
 def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
-    """Add the file's adapters to a base model (or refill existing ones of the same config)."""
+    """Add the file's adapters to a base model (or refill existing ones of the same config).
+
+    Everything is checked before the model is touched (a refused file leaves it as it was): the
+    metadata (read_adapter_config), the tensor names, and each tensor's shape (what the config's
+    rank gives), dtype (floating point) and values (finite)."""
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"adapter file {path} does not exist")
     config = read_adapter_config(path)
-    if not adapters_of(model):
-        add_lora(model, config)
-    elif getattr(model, "lora_config", None) != config:
+    existing = adapters_of(model)
+    if existing and getattr(model, "lora_config", None) != config:
         raise LoRAError(f"{path} holds adapters of {config}, the model has {getattr(model, 'lora_config', None)}")
-    expected = adapter_state(model)
-    with safe_open(str(path), framework="pt") as f:
-        names = set(f.keys())
-        if names != set(expected):
-            missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-            raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, "
-                            f"unexpected {extra[:3]}")
-        with torch.no_grad():
-            for name, target in expected.items():
-                t = f.get_tensor(name)
-                if t.shape != target.shape:
-                    raise LoRAError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model's adapter "
-                                    f"{tuple(target.shape)}")
-                target.copy_(t)
+    if any(a.merged for a in existing.values()):
+        raise LoRAError(f"{path}: the model's adapters are merged into its weights; unmerge(model) before loading")
+    expected = expected_adapter_shapes(model, config)
+    tensors = _open_adapter_file(path, lambda f: {n: f.get_tensor(n) for n in f.keys()})
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise LoRAError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model's adapter of rank "
+                            f"{config.rank} (metadata 'lora_config') has {shape}")
+        if not t.is_floating_point():
+            raise LoRAError(f"{path}: tensor {name} has dtype {t.dtype}, expected floating point (the file format "
+                            "writes float32)")
+        if not bool(torch.isfinite(t).all()):
+            raise LoRAError(f"{path}: tensor {name} holds non-finite values")
+    if not existing:
+        add_lora(model, config)
+    with torch.no_grad():
+        for name, target in adapter_state(model).items():
+            target.copy_(tensors[name])
     return adapters_of(model)
