@@ -27,11 +27,11 @@ from pathlib import Path
 
 from glm4v_conversion import __version__
 from glm4v_conversion.streams import STDOUT_CLOSED, WriteCounter, named_stdout_failures
-from glm4v_core.chat_commands import CHAT_COMMANDS
 from glm4v_core.config import BUNDLED_CHECKPOINT
 from glm4v_core.errors import REFUSED, CLIError
+from glm4v_core.generation.chat_commands import CHAT_COMMANDS
 
-# torch and the model: imported by the commands that run one (session_cli), never for --help, --version
+# torch and the model: imported by the commands that run one (generation/cli.py), never for --help, --version
 # or a usage error. The names stay reachable here (`cli.load_model`, `cli.stream_text`: tests replace them).
 LIBRARY = {"torch": "torch", "load_model": "glm4v_core.checkpoint", "stream_text": "glm4v_core.generation.streaming"}
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # glm4v_core.checkpoint.DTYPES's keys (a test checks)
@@ -143,7 +143,9 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
         if stdout.stream is None:  # `>&-`: say so now, not after loading the weights
             raise CLIError(STDOUT_CLOSED)
         check_arguments(args)
-        from glm4v_core import session_cli  # lazy: torch and the model load only for a command that runs one
+        from glm4v_core.generation import (
+            cli as session_cli,  # lazy: torch and the model load only for a command that runs one
+        )
         library = sys.modules[__name__]  # torch, load_model, stream_text as named here (tests replace them)
         if args.command == "generate" and args.tp > 1:  # spawned here, or under torchrun (N processes)
             from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms

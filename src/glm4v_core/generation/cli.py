@@ -16,10 +16,10 @@ from typing import TextIO
 
 import torch
 
-from glm4v_core.chat_commands import BANNER, CHAT_COMMANDS, COMMAND, EXIT_WORDS
 from glm4v_core.checkpoint import DTYPES, check_device, load_model, resolve_checkpoint
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.errors import REFUSED, CLIError
+from glm4v_core.generation.chat_commands import BANNER, CHAT_COMMANDS, COMMAND, EXIT_WORDS
 from glm4v_core.generation.sampling import Sampling
 from glm4v_core.generation.streaming import GenerationStats, TextDeltas, stream_text
 from glm4v_core.model.splice import ImageBlock, spliced_length

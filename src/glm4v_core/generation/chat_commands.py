@@ -1,5 +1,5 @@
 """The in-chat commands of `glm4v chat` as text and patterns, without torch: `glm4v chat --help` shows them
-(glm4v_core.cli), the chat loop obeys them (glm4v_core.session_cli)."""
+(glm4v_core.cli), the chat loop obeys them (glm4v_core.generation.cli)."""
 import re
 
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
