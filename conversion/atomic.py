@@ -52,7 +52,7 @@ def destination_lock(dst: Path) -> Iterator[None]:
     Folders above `dst` are created here (so the lock has a place) and removed again if the
     block fails and they are still empty. A destination that cannot be written (read-only or
     virtual file system, no permission) is a ConversionError saying which."""
-    lock = dst.parent / f".{dst.name}.lock"
+    lock = lock_file(dst)
     created: list[Path] = []
     try:
         try:
@@ -76,19 +76,62 @@ def destination_lock(dst: Path) -> Iterator[None]:
         raise
 
 
-def _check_writable_file_system(dst: Path) -> None:
-    """Name a read-only or virtual (/proc, /sys: no storage blocks) file system before trying to write."""
+def lock_file(dst: Path) -> Path:
+    """The lock file destination_lock holds for `dst`."""
+    return dst.parent / f".{dst.name}.lock"
+
+
+class DestinationBusyError(ConversionError):
+    """A live process holds the destination's lock; `owner` is its pid as the lock file records it."""
+
+    def __init__(self, dst: Path, lock: Path, owner: str):
+        super().__init__(f"{dst} is being written by another glm4v-convert (pid {owner}; lock file {lock}); "
+                         "wait for it to finish")
+        self.lock, self.owner = lock, owner
+
+
+def lock_owner(dst: Path) -> str | None:
+    """The pid recorded by a live holder of `dst`'s lock, or None (no lock, a stale one, or unreadable:
+    taking it will say so). Reads only; takes nothing."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_file(dst), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def unwritable_file_system(dst: Path) -> str | None:
+    """Why `dst` cannot be written because of its file system (read-only, or virtual like /proc and
+    /sys: no storage blocks), checked on the nearest existing folder above it; None if it can."""
     place = dst.parent
     while not place.exists():
         place = place.parent
     if not hasattr(os, "statvfs"):
-        return
+        return None
     fs = os.statvfs(place)
     if fs.f_flag & getattr(os, "ST_RDONLY", 1):
-        raise ConversionError(f"cannot write {dst}: {place} is on a read-only file system")
+        return f"{place} is on a read-only file system"
     if fs.f_blocks == 0:
-        raise ConversionError(f"cannot write {dst}: {place} is on a virtual file system with no storage "
-                              "(such as /proc or /sys)")
+        return f"{place} is on a virtual file system with no storage (such as /proc or /sys)"
+    return None
+
+
+def _check_writable_file_system(dst: Path) -> None:
+    reason = unwritable_file_system(dst)
+    if reason is not None:
+        raise ConversionError(f"cannot write {dst}: {reason}")
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -113,8 +156,7 @@ def _take_lock(lock: Path, dst: Path) -> int:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise ConversionError(f"{dst} is being written by another glm4v-convert (pid {owner}; lock file {lock}); "
-                                  "wait for it to finish") from None
+            raise DestinationBusyError(dst, lock, owner) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:

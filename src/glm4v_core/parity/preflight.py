@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.atomic import destination_lock
+from glm4v_conversion.atomic import DestinationBusyError, destination_lock
 from glm4v_conversion.errors import ConversionError
 from glm4v_conversion.files import file_kind, os_reason, parse_json, read_text
 from glm4v_conversion.safetensors_io import list_tensors, read_header
@@ -32,8 +32,11 @@ def writer_lock(out: Path) -> Iterator[None]:
     lock = destination_lock(out)
     try:
         lock.__enter__()
-    except ConversionError as e:  # its text names glm4v-convert, the lock's first user; any glm4v writer holds it
-        raise CaptureError(str(e).replace("another glm4v-convert", "another glm4v-convert or make-reference")) from None
+    except DestinationBusyError as e:  # the lock is shared by every glm4v writer, not only glm4v-convert
+        raise CaptureError(f"{out} is being written by another glm4v-convert or make-reference (pid {e.owner}; "
+                           f"lock file {e.lock}); wait for it to finish") from None
+    except ConversionError as e:
+        raise CaptureError(str(e)) from None
     with contextlib.ExitStack() as stack:
         stack.push(lock)
         yield

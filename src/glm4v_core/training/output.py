@@ -4,15 +4,18 @@ with the destination lock for the whole run.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from glm4v_conversion.atomic import destination_lock
+from glm4v_conversion.atomic import (
+    DestinationBusyError,
+    destination_lock,
+    lock_file,
+    lock_owner,
+    unwritable_file_system,
+)
 from glm4v_conversion.errors import ConversionError
 from glm4v_core.training.config import FinetuneConfig, FinetuneError
 from glm4v_core.training.state import RUN_FILES, latest_checkpoint
@@ -39,13 +42,9 @@ def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = Tru
         place = place.parent
     if not place.is_dir():
         raise FinetuneError(f"--out {out}: {place} is a file, so it cannot hold the output folder")
-    if hasattr(os, "statvfs"):
-        fs = os.statvfs(place)
-        if fs.f_flag & getattr(os, "ST_RDONLY", 1):
-            raise FinetuneError(f"--out {out} cannot be written: {place} is on a read-only file system")
-        if fs.f_blocks == 0:
-            raise FinetuneError(f"--out {out} cannot be written: {place} is on a virtual file system with no "
-                                "storage (such as /proc or /sys)")
+    reason = unwritable_file_system(target)
+    if reason is not None:
+        raise FinetuneError(f"--out {out} cannot be written: {reason}")
     for folder in (place, target) if target.exists() else (place,):
         if not os.access(folder, os.W_OK | os.X_OK):
             raise FinetuneError(f"--out {out}: no permission to write in {folder} (the run writes OUT and its lock "
@@ -83,30 +82,10 @@ def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = Tru
                                 "away, then resume (nothing was changed)")
 
 
-def lock_file(target: Path) -> Path:
-    """destination_lock's lock file for `target` (a resolved path)."""
-    return target.parent / f".{target.name}.lock"
-
-
 def lock_holder(target: Path) -> str | None:
-    """Who holds `target`'s lock ("pid N: its command line"), or None; reads only."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(lock_file(target), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:  # none (or unreadable: taking the lock will say so)
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                return describe_process(os.pread(fd, 64, 0).decode(errors="replace").strip())
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    """Who holds `target`'s destination lock ("pid N: its command line"), or None; reads only."""
+    owner = lock_owner(target)
+    return None if owner is None else describe_process(owner)
 
 
 def describe_process(pid: str) -> str:
@@ -136,10 +115,9 @@ def out_lock(out: Path) -> Iterator[None]:
     with ExitStack() as stack:
         try:
             stack.enter_context(destination_lock(target))
+        except DestinationBusyError as e:
+            raise FinetuneError(in_use(out, describe_process(e.owner))) from None
         except ConversionError as e:
-            if str(lock_file(target)) in str(e):  # the message of a lock held by a live process
-                pid = re.search(r"pid (\S+?)[;)]", str(e))
-                raise FinetuneError(in_use(out, describe_process(pid.group(1) if pid else ""))) from None
             raise FinetuneError(f"--out {out}: {e}") from None
         yield
 
