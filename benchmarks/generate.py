@@ -9,7 +9,8 @@
 Every row is timed eager and with `compile=True` (torch.compile of the whole-token decode step,
 replayed from a CUDA graph on CUDA) in one process, interleaved (eager, compiled, eager, ...), so
 that a busy machine slows both alike; medians, min/max, and the median of the per-pair ratios. The
-one-time compile is reported apart (GenerationStats.compile_s). Everything goes through
+one-time compile and warm-up are reported apart (GenerationStats.compile_s) and the decode rates
+count only the warm steps after them (GenerationStats.warm_s). Everything goes through
 glm4v_core.generation.loop.stream_tokens, the loop the library uses; each step ends with a host sync (the
 loop reads how many rows are done), so wall time per step is honest. `step_ms` times the step
 function alone (same inputs, no loop) at batch 1: the rest of decode_ms_per_step is the loop.
@@ -91,16 +92,14 @@ clock = time.perf_counter
 
 
 def run_once(model, ids, pixels, new_tokens, compile: bool) -> tuple[float, float, float]:
-    """(time to first token, mean seconds per decode step after the first, compile seconds) of one
-    generation. The first decode step is left out: it may carry the compile."""
-    stats = GenerationStats()
-    start = clock()
-    times = []
+    """(time to first token, mean seconds per warm decode step, compile + warm-up seconds) of one
+    generation, as GenerationStats counts them: the warm steps come after the first compiled step
+    and after any step during which dynamo recompiled, so no compile sits inside the rate."""
+    stats = GenerationStats(clock=clock)
     for step in stream_tokens(model, ids, pixels, max_new_tokens=new_tokens, stop_ids=[], compile=compile,
                               stats=stats):
         step.tokens.cpu()  # the token is on the host: what a user would see
-        times.append(clock() - start)
-    return times[0], (times[-1] - times[1]) / (len(times) - 2), stats.compile_s
+    return stats.time_to_first_token_s, stats.warm_s / max(stats.warm_tokens, 1), stats.compile_s
 
 
 def step_only(model, ids, pixels, compile: bool, calls: int = 20, repeat: int = 5) -> float:
@@ -139,7 +138,7 @@ def measure(model, n_text: int, batch: int, image: bool, new_tokens: int, repeat
     row = {"prompt_tokens": ids.shape[1], "cache_slots": slots, "image": image, "batch": batch,
            "new_tokens": new_tokens}
     modes = {"eager": False, "compiled": True}
-    compile_s = run_once(model, ids, pixels, 3, compile=True)[2]  # this shape's compile (0 when already made)
+    compile_s = run_once(model, ids, pixels, 3, compile=True)[2]  # this shape's compile + warm-up step
     run_once(model, ids, pixels, 3, compile=False)
     runs = {mode: [] for mode in modes}
     # CPU: the copy bandwidth is measured before the first run and after every run; a run's own

@@ -6,6 +6,10 @@ removes the sibling, so readers never see a half-written folder. An existing des
 converter's --force) is swapped out with Linux's renameat2(RENAME_EXCHANGE) where available,
 else by two renames that put it back on failure.
 
+`check_free_space` refuses a write the destination's file system has no room for, before it starts;
+`no_space_named` turns a write that still runs out of room midway (ENOSPC, EDQUOT) into a named error.
+Both are for every glm4v writer, so the words are the same everywhere.
+
 `destination_lock` keeps two writers off one destination: a lock file beside it, held with
 flock (the kernel drops it when its process dies, even by SIGKILL) and holding the owner's pid
 for the message the second writer gets. Whoever takes the lock removes the hidden siblings a
@@ -25,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConversionError
-from .files import os_reason
+from .files import human_size, os_reason
 
 try:
     import fcntl
@@ -112,12 +116,18 @@ def lock_owner(dst: Path) -> str | None:
         os.close(fd)
 
 
+def existing_folder(dst: Path) -> Path:
+    """The nearest existing folder above `dst`: the file system the folders still to be made will be on."""
+    place = Path(dst).parent
+    while not place.exists():
+        place = place.parent
+    return place
+
+
 def unwritable_file_system(dst: Path) -> str | None:
     """Why `dst` cannot be written because of its file system (read-only, or virtual like /proc and
     /sys: no storage blocks), checked on the nearest existing folder above it; None if it can."""
-    place = dst.parent
-    while not place.exists():
-        place = place.parent
+    place = existing_folder(dst)
     if not hasattr(os, "statvfs"):
         return None
     fs = os.statvfs(place)
@@ -126,6 +136,42 @@ def unwritable_file_system(dst: Path) -> str | None:
     if fs.f_blocks == 0:
         return f"{place} is on a virtual file system with no storage (such as /proc or /sys)"
     return None
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota used up
+
+
+class DiskSpaceError(ConversionError):
+    """Too little room for a destination: found up front (bytes needed vs free), or a write that
+    failed midway with ENOSPC / EDQUOT (the unfinished output is removed by then)."""
+
+
+def free_space(dst: Path) -> tuple[Path, int]:
+    """(the folder measured, its free bytes) for writing `dst`, which need not exist yet."""
+    place = existing_folder(dst)
+    return place, shutil.disk_usage(place).free
+
+
+def check_free_space(dst: Path, needed: int, what: str = "the output", error: type[Exception] = DiskSpaceError,
+                     hint: str = "free some space or choose another destination") -> None:
+    """Refuse (as `error`) to start writing `needed` bytes for `dst` where fewer are free."""
+    place, free = free_space(dst)
+    if free < needed:
+        raise error(f"not enough free disk space in {place} for {dst}: {what} needs {human_size(needed)}, only "
+                    f"{human_size(free)} are free ({needed} vs {free} bytes); {hint}")
+
+
+@contextmanager
+def no_space_named(dst: Path, error: type[Exception] = DiskSpaceError) -> Iterator[None]:
+    """An ENOSPC / EDQUOT raised in the block becomes `error` naming `dst`. Wrap the whole write,
+    staging included: by the time the error arrives here the unfinished output is gone."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise error(f"cannot write {dst}: {os_reason(e)} midway through the write; {dst} was not written and "
+                    "nothing partial is left") from None
 
 
 def _check_writable_file_system(dst: Path) -> None:

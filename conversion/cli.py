@@ -9,15 +9,18 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from . import __version__
-from .convert import ConversionError, convert
+from .errors import ConversionError
 from .files import human_size, os_reason
-from .quantize import GROUP_SIZES, METHODS, SCHEMES, quantize_checkpoint, quantized_scheme_of
 from .streams import WriteCounter, named_stdout_failures
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# torch (and .convert / .quantize, which import it) load inside main, after the parse: --help and a usage
+# error stay instant, and a Ctrl-C during `import torch` reaches main's handler. So the choices are
+# spelled here; a test checks them against quantize.py's and torch's.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+SCHEMES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "mse")
 
 DESCRIPTION = """\
 Convert a GLM-4V-9B checkpoint folder between the Hugging Face layout (model-0000k-of-0000n.safetensors
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", metavar="DST", help="folder to create; it must not exist unless --force")
     p.add_argument("--to", choices=["native", "hf"], default="native",
                    help="layout to write (default: native; SRC must be the other layout)")
-    p.add_argument("--dtype", choices=list(DTYPES),
+    p.add_argument("--dtype", choices=DTYPE_NAMES,
                    help="cast every tensor to this dtype (default: keep the stored one); warns when the cast "
                         "loses precision or range (anything but a cast to float32)")
     p.add_argument("--max-shard-size", type=_size, metavar="SIZE",
@@ -79,8 +82,12 @@ class Stopped(BaseException):
 
 
 def main(argv: list[str] | None = None) -> int:
-    with named_stdout_failures("glm4v-convert") as stdout:  # `>&-`, `> /dev/full`: named; `| head`: quiet
-        return _main(argv, stdout)
+    try:
+        with named_stdout_failures("glm4v-convert") as stdout:  # `>&-`, `> /dev/full`: named; `| head`: quiet
+            return _main(argv, stdout)
+    except KeyboardInterrupt:  # outside the writing (_run says what was not written): importing torch, reading
+        print("\nglm4v-convert: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
@@ -88,13 +95,15 @@ def _main(argv: list[str] | None, stdout: WriteCounter) -> int:
     args = parser.parse_args(argv)
     if args.quantize is not None:
         return _quantize(args, parser, stdout)
+    from .convert import convert  # lazy: imports torch (see DTYPE_NAMES)
+    from .quantize import quantized_scheme_of
     scheme = quantized_scheme_of(args.src)
     if scheme is not None:  # packed weights have no HF (or other native) form
         print(f"glm4v-convert: error: {args.src} is a weight-only quantized folder ({scheme}); it cannot be "
               "converted back: convert the float checkpoint it was made from", file=sys.stderr)
         return 1
 
-    result = _run(lambda: convert(args.src, args.dst, to=args.to, dtype=DTYPES.get(args.dtype),
+    result = _run(lambda: convert(args.src, args.dst, to=args.to, dtype=_torch_dtype(args.dtype),
                                   max_shard_size=args.max_shard_size, force=args.force,
                                   progress=not args.no_progress), args.dst)
     if isinstance(result, int):
@@ -117,6 +126,7 @@ def _quantize(args: argparse.Namespace, parser: argparse.ArgumentParser, stdout:
         parser.error("--quantize writes a native folder in the source dtype: it cannot be combined with "
                      "--to hf or --dtype")
     group_size = args.group_size or (128 if args.quantize == "int4" else None)
+    from .quantize import quantize_checkpoint  # lazy: imports torch (see DTYPE_NAMES)
     result = _run(lambda: quantize_checkpoint(
         args.src, args.dst, args.quantize, group_size, method=args.int4_method, max_shard_size=args.max_shard_size,
         force=args.force, progress=not args.no_progress), args.dst)
@@ -165,6 +175,11 @@ def stop_signals() -> Iterator[None]:
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def _torch_dtype(name: str | None):
+    import torch
+    return None if name is None else getattr(torch, name)
 
 
 def _size(text: str) -> int:

@@ -1,4 +1,5 @@
-"""The one check of a GLM-4V `config.json` dict, shared by the converter and the loader.
+"""The one check of a GLM-4 `config.json` dict (GLM-4V-9B, or the text-only glm-4-9b-chat family),
+shared by the converter and the loader.
 
 It works on the plain HF dict (this layer imports nothing of glm4v_core and not torch), so the
 converter refuses exactly the configs the loader refuses and never writes a folder that cannot
@@ -6,7 +7,10 @@ be loaded. `check_config` names the key at fault and what would be accepted: unk
 missing keys, wrong types, switches this implementation does not model (e.g. `rmsnorm: false`),
 non-positive sizes, sizes that do not divide, epsilons that are not finite and positive, a
 rope ratio <= 0, an image size that is not a multiple of the patch size, token ids outside the
-vocabulary.
+vocabulary, a `model_type` of another GLM layout.
+
+A config without `vision_config` is a text-only GLM-4 (glm-4-9b-chat, glm-4-9b-chat-1m): the same
+decoder with other values; it has no `boi_token_id` / `eoi_token_id` and no vision tower.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ TEXT_KEYS = {
     "padded_vocab_size": "int", "hidden_size": "int", "num_layers": "int", "num_attention_heads": "int",
     "multi_query_group_num": "int", "kv_channels": "int", "ffn_hidden_size": "int", "layernorm_epsilon": "float",
     "rope_ratio": "float", "seq_length": "int", "eos_token_id": "ids", "pad_token_id": "int",
-    "boi_token_id": "int", "eoi_token_id": "int", "vision_config": "object",
 }
+# Only a vision-language config has these (a text-only GLM-4 has none of them).
+IMAGE_KEYS = {"boi_token_id": "int", "eoi_token_id": "int", "vision_config": "object"}
 VISION_KEYS = {
     "hidden_size": "int", "num_hidden_layers": "int", "num_heads": "int", "intermediate_size": "int",
     "layer_norm_eps": "float", "image_size": "int", "patch_size": "int", "in_channels": "int",
@@ -34,6 +39,15 @@ VISION_KEYS = {
 }
 MAX_SIZE = 2**31 - 1  # larger sizes overflow torch's layer constructors long before they could be real
 DEFAULTS = {"rope_ratio": 1.0}  # the real glm-4v-9b config.json has no rope_ratio
+# The text configs repeat num_layers as num_hidden_layers (transformers' generic name); it must agree.
+ALIASES = {"num_hidden_layers": "num_layers"}
+# Other GLM checkpoints that are not this ChatGLM layout, and what they are.
+OTHER_LAYOUTS = {
+    "glm": "the transformers-native layout of glm-4-9b-chat (glm-4-9b-chat-hf: other tensor names); use the "
+           "ChatGLM remote-code checkpoint THUDM/glm-4-9b-chat instead",
+    "glm4": "a GLM-4-0414 model, another architecture (extra norms in every block)",
+    "glm4v": "a GLM-4.1V model, another architecture",
+}
 # HF keys that carry no information for the forward pass (bookkeeping, training-only dropout).
 IGNORED_KEYS = {
     "_name_or_path", "model_type", "architectures", "auto_map", "torch_dtype",
@@ -54,11 +68,23 @@ def check_config(hf: Any) -> dict[str, Any]:
     """Validate an HF config dict; returns it with defaults filled in and eos_token_id as a list."""
     if not isinstance(hf, dict):
         raise ConfigError(f"config must be a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type", "chatglm")
+    if model_type != "chatglm":
+        what = OTHER_LAYOUTS.get(model_type, "not a ChatGLM checkpoint")
+        raise ConfigError(f"config: model_type {model_type!r} is {what}; this implementation reads model_type "
+                          "'chatglm' (glm-4v-9b, glm-4-9b-chat, glm-4-9b-chat-1m)")
     vision = hf.get("vision_config")
-    if not isinstance(vision, dict):
-        raise ConfigError("config: missing or malformed 'vision_config' object")
-    _check_keys(vision, "vision_config", VISION_KEYS, FIXED_VISION, {})
-    _check_keys(hf, "config", TEXT_KEYS, FIXED_TEXT, DEFAULTS)
+    if vision is not None:
+        if not isinstance(vision, dict):
+            raise ConfigError(f"config: vision_config must be an object, got {vision!r}")
+        _check_keys(vision, "vision_config", VISION_KEYS, FIXED_VISION, {})
+    image_keys = IMAGE_KEYS if vision is not None else {}  # text-only: boi/eoi ids are neither needed nor read
+    _check_keys(hf, "config", {**TEXT_KEYS, **image_keys}, FIXED_TEXT, DEFAULTS,
+                allowed=(*ALIASES, *IMAGE_KEYS))
+    for alias, key in ALIASES.items():
+        if alias in hf and hf[alias] != hf[key]:
+            raise ConfigError(f"config: {alias} ({hf[alias]!r}) must equal {key} ({hf[key]!r}): both name the "
+                              "number of decoder layers")
     hf = {**DEFAULTS, **hf}
     eos = hf["eos_token_id"]
     hf["eos_token_id"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -66,8 +92,11 @@ def check_config(hf: Any) -> dict[str, Any]:
     return hf
 
 
-def _check_keys(raw: dict, where: str, keys: dict[str, str], fixed: dict, defaults: dict) -> None:
-    unknown = sorted(set(raw) - set(keys) - set(fixed) - IGNORED_KEYS)
+def _check_keys(raw: dict, where: str, keys: dict[str, str], fixed: dict, defaults: dict,
+                allowed: tuple[str, ...] = ()) -> None:
+    """Unknown keys, fixed switches and the required `keys` with their types; `allowed` keys may be
+    present without being required (their values are checked by the caller)."""
+    unknown = sorted(set(raw) - set(keys) - set(fixed) - IGNORED_KEYS - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}")
     for key, want in fixed.items():
@@ -87,19 +116,21 @@ def _check_keys(raw: dict, where: str, keys: dict[str, str], fixed: dict, defaul
             raise ConfigError(f"{where}: {key} must be {want}, got {value!r}")
 
 
-def _check_values(hf: dict, v: dict) -> None:
+def _check_values(hf: dict, v: dict | None) -> None:
     sizes = [("config", hf, ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                             "multi_query_group_num", "kv_channels", "ffn_hidden_size", "seq_length")),
-             ("vision_config", v, ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
-                                   "image_size", "patch_size", "in_channels", "num_positions"))]
+                             "multi_query_group_num", "kv_channels", "ffn_hidden_size", "seq_length"))]
+    if v is not None:
+        sizes.append(("vision_config", v, ("hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
+                                           "image_size", "patch_size", "in_channels", "num_positions")))
     for where, raw, keys in sizes:
         for key in keys:
             if not 0 < raw[key] <= MAX_SIZE:
                 raise ConfigError(f"{where}: {key} must be a positive integer below 2**31, got {raw[key]!r}")
-    for where, key, value in (("config", "layernorm_epsilon", hf["layernorm_epsilon"]),
-                              ("vision_config", "layer_norm_eps", v["layer_norm_eps"]),
-                              ("config", "rope_ratio", hf["rope_ratio"]),
-                              ("vision_config", "scaling_factor", v["scaling_factor"])):
+    positive = [("config", "layernorm_epsilon", hf["layernorm_epsilon"]), ("config", "rope_ratio", hf["rope_ratio"])]
+    if v is not None:
+        positive += [("vision_config", "layer_norm_eps", v["layer_norm_eps"]),
+                     ("vision_config", "scaling_factor", v["scaling_factor"])]
+    for where, key, value in positive:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{where}: {key} must be a finite number > 0, got {value!r}")
     heads, groups = hf["num_attention_heads"], hf["multi_query_group_num"]
@@ -109,6 +140,19 @@ def _check_values(hf: dict, v: dict) -> None:
     if hf["kv_channels"] % 4:
         raise ConfigError(f"config: kv_channels ({hf['kv_channels']}) must be a multiple of 4 "
                           "(half the head rotates, in pairs)")
+    if v is not None:
+        _check_vision_values(v)
+    vocab = hf["padded_vocab_size"]
+    ids = [("pad_token_id", hf["pad_token_id"]), *(("eos_token_id", i) for i in hf["eos_token_id"]),
+           *((key, hf[key]) for key in ("boi_token_id", "eoi_token_id") if key in hf)]
+    for name, value in ids:
+        if not _is_int(value):
+            raise ConfigError(f"config: {name} must be an integer, got {value!r}")
+        if not 0 <= value < vocab:
+            raise ConfigError(f"config: {name} {value!r} is not a token id in the vocabulary [0, {vocab})")
+
+
+def _check_vision_values(v: dict) -> None:
     if v["hidden_size"] % v["num_heads"]:
         raise ConfigError(f"vision_config: hidden_size ({v['hidden_size']}) is not a multiple of num_heads "
                           f"({v['num_heads']})")
@@ -121,12 +165,6 @@ def _check_values(hf: dict, v: dict) -> None:
     if v["num_positions"] != grid ** 2 + 1:
         raise ConfigError(f"vision_config: num_positions is {v['num_positions']}, expected (image_size/patch_size)^2 "
                           f"+ 1 = {grid ** 2 + 1}")
-    vocab = hf["padded_vocab_size"]
-    ids = [("pad_token_id", hf["pad_token_id"]), ("boi_token_id", hf["boi_token_id"]),
-           ("eoi_token_id", hf["eoi_token_id"]), *(("eos_token_id", i) for i in hf["eos_token_id"])]
-    for name, value in ids:
-        if not 0 <= value < vocab:
-            raise ConfigError(f"config: {name} {value!r} is not a token id in the vocabulary [0, {vocab})")
 
 
 def _is_int(value: Any) -> bool:

@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import ConversionError, destination_lock, staging
+from .atomic import ConversionError, check_free_space, destination_lock, no_space_named, staging
 from .checkpoint import (
     CONFIG_FILE,
     NATIVE_FORMAT,
@@ -42,7 +41,7 @@ from .checkpoint import (
     open_checkpoint,
     read_config,
 )
-from .files import human_size, os_reason
+from .files import os_reason
 from .names import HF_IGNORED_BUFFERS, native_to_hf
 from .safetensors_io import (
     DTYPE_NAMES,
@@ -108,9 +107,11 @@ def convert(src: str | Path, dst: str | Path, *, to: str = "native", dtype: torc
     data = sum(file_size(_layout(f, out_dtype), f.metadata) for f in files)
     provenance_slack = 200 * len(ckpt.tensors) + 4096  # glm4v_native.json: the weight_map plus a few hashes
 
-    with destination_lock(dst):  # one writer per destination; a killed run's leftovers are removed
+    # one writer per destination (a killed run's leftovers are removed); a disk that fills up anyway
+    # (the estimate was short, or someone took the space meanwhile) is named, with nothing left behind
+    with no_space_named(dst), destination_lock(dst):
         _check_destination(src, dst, force)
-        _check_disk_space(dst, data + sum(len(t.encode()) for t in texts.values()) + provenance_slack)
+        check_free_space(dst, data + sum(len(t.encode()) for t in texts.values()) + provenance_slack)
         return _write(ckpt, dst, to, files, texts, data, out_dtype, max_shard_size, progress, start)
 
 
@@ -200,16 +201,6 @@ def _output_dtype(ckpt: Checkpoint, dtype: torch.dtype | None) -> torch.dtype:
         warnings.warn(f"casting {', '.join(narrowed)} to {dtype} loses precision or range; the result will not "
                       "convert back to the original bytes", LossyCastWarning, stacklevel=3)
     return dtype
-
-
-def _check_disk_space(dst: Path, needed: int) -> None:
-    place = dst.parent
-    while not place.exists():  # the folders above dst are created later, on the same disk as this one
-        place = place.parent
-    free = shutil.disk_usage(place).free
-    if free < needed:
-        raise ConversionError(f"not enough free disk space in {place}: the output needs {human_size(needed)}, "
-                              f"only {human_size(free)} are free")
 
 
 # --- plans: which tensor goes to which file, under which name ---------------------------------

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .atomic import destination_lock, staging
+from .atomic import check_free_space, destination_lock, no_space_named, staging
 from .checkpoint import (
     CONFIG_FILE,
     FLOAT_DTYPES,
@@ -58,6 +58,7 @@ from .safetensors_io import (
     INDEX_FILE,
     CheckpointError,
     MappedFiles,
+    file_size,
     index_json,
     sha256_file,
     shard_names,
@@ -265,10 +266,18 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
     metadata = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "dtype": dtype_name(dtype),
                 "quantization": scheme, "group_size": str(group_size or ""), "tool": f"glm4v-convert {__version__}"}
     weight_map = {o: f for f, group in zip(files, groups, strict=True) for n in group for o in out_names[n]}
+    texts = {CONFIG_FILE: (src / CONFIG_FILE).read_text()}
+    if len(files) > 1:
+        texts[INDEX_FILE] = index_json(weight_map, sum(tensor_nbytes(s, d) for d, s in layout.values()))
+    # every shard's exact size from the layout; glm4v_native.json (its layer table and source hashes) estimated
+    needed = (sum(file_size({o: layout[o] for n in group for o in out_names[n]}, metadata) for group in groups)
+              + sum(len(t.encode()) for t in texts.values()) + 200 * len(layout) + 4096)
     # one writer per destination, the float converter's lock: a second run is refused naming this one,
-    # and the staging folder a killed run left beside `dst` is removed (with a LeftoversWarning)
-    with destination_lock(dst):
+    # and the staging folder a killed run left beside `dst` is removed (with a LeftoversWarning);
+    # a disk that fills up anyway is named, with nothing partial left
+    with no_space_named(dst), destination_lock(dst):
         _check_destination(src, dst, force)
+        check_free_space(dst, needed)
         mapped = MappedFiles()
         with staging(dst) as tmp:
             with tqdm(total=len(ordered), unit="tensor", file=sys.stderr, disable=not progress,
@@ -280,10 +289,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, group_siz
                         tensors.update(quantize_weight(t, n, scheme, group_size, method) if n in layers else {n: t})
                         bar.update(1)
                     write_file(tmp / file, tensors, metadata)
-            texts = {CONFIG_FILE: (src / CONFIG_FILE).read_text(),
-                     PROVENANCE_FILE: _provenance(ckpt, dtype, scheme, group_size, method, layers)}
-            if len(files) > 1:
-                texts[INDEX_FILE] = index_json(weight_map, sum(tensor_nbytes(s, d) for d, s in layout.values()))
+            texts[PROVENANCE_FILE] = _provenance(ckpt, dtype, scheme, group_size, method, layers)
             for name, text in texts.items():
                 (tmp / name).write_text(text)
     data = sum(tensor_nbytes(s, d) for d, s in layout.values())

@@ -14,16 +14,23 @@ Shape = tuple[int, ...]
 
 
 def expected_shapes(hf_config: dict[str, Any]) -> dict[str, Shape]:
-    """Native name -> shape for the model `hf_config` (an HF config.json dict) describes."""
+    """Native name -> shape for the model `hf_config` (an HF config.json dict) describes: the decoder's
+    tensors, and the ViT's and the projector's when the config has a vision_config."""
     c = _sizes(hf_config)
-    H, V, Hv, P, F = c["hidden_size"], c["padded_vocab_size"], c["v_hidden"], c["v_patch"], c["ffn_hidden_size"]
+    shapes = _vision_shapes(c) if "v_layers" in c else {}
+    shapes.update(_text_shapes(c))
+    return shapes
+
+
+def _text_shapes(c: dict[str, int]) -> dict[str, Shape]:
+    H, V, F = c["hidden_size"], c["padded_vocab_size"], c["ffn_hidden_size"]
     qkv = (c["num_attention_heads"] + 2 * c["multi_query_group_num"]) * c["kv_channels"]
-    text = {
+    shapes = {
         "text.embed.weight": (V, H),
         "text.final_norm.weight": (H,),
         "text.lm_head.weight": (V, H),
     }
-    text_layer = {
+    layer = {
         "attn_norm.weight": (H,),
         "attn.qkv.weight": (qkv, H),
         "attn.qkv.bias": (qkv,),
@@ -32,21 +39,18 @@ def expected_shapes(hf_config: dict[str, Any]) -> dict[str, Shape]:
         "mlp.gate_up.weight": (2 * F, H),  # silu(a) * b, a and b stacked
         "mlp.down.weight": (H, F),
     }
-    vision = {
+    for i in range(c["num_layers"]):
+        shapes.update({f"text.layers.{i}.{k}": v for k, v in layer.items()})
+    return shapes
+
+
+def _vision_shapes(c: dict[str, int]) -> dict[str, Shape]:
+    H, F, Hv, P, M = c["hidden_size"], c["ffn_hidden_size"], c["v_hidden"], c["v_patch"], c["v_mlp"]
+    shapes = {
         "vision.patch.proj.weight": (Hv, c["v_channels"], P, P),
         "vision.patch.proj.bias": (Hv,),
         "vision.patch.cls": (1, Hv),
         "vision.patch.pos.weight": (c["v_positions"], Hv),
-    }
-    vision_layer = {
-        "attn.qkv.weight": (3 * Hv, Hv), "attn.qkv.bias": (3 * Hv,),
-        "attn.out.weight": (Hv, Hv), "attn.out.bias": (Hv,),
-        "attn_norm.weight": (Hv,), "attn_norm.bias": (Hv,),
-        "mlp.fc1.weight": (c["v_mlp"], Hv), "mlp.fc1.bias": (c["v_mlp"],),
-        "mlp.fc2.weight": (Hv, c["v_mlp"]), "mlp.fc2.bias": (Hv,),
-        "mlp_norm.weight": (Hv,), "mlp_norm.bias": (Hv,),
-    }
-    projector = {
         "projector.conv.weight": (H, Hv, 2, 2),  # 2x2 stride-2 conv from the ViT grid to the text width
         "projector.conv.bias": (H,),
         "projector.glu.proj.weight": (H, H),
@@ -56,11 +60,16 @@ def expected_shapes(hf_config: dict[str, Any]) -> dict[str, Shape]:
         "projector.glu.down.weight": (H, F),
         "projector.boi": (1, 1, H), "projector.eoi": (1, 1, H),
     }
-    shapes = {**vision, **projector, **text}
+    layer = {
+        "attn.qkv.weight": (3 * Hv, Hv), "attn.qkv.bias": (3 * Hv,),
+        "attn.out.weight": (Hv, Hv), "attn.out.bias": (Hv,),
+        "attn_norm.weight": (Hv,), "attn_norm.bias": (Hv,),
+        "mlp.fc1.weight": (M, Hv), "mlp.fc1.bias": (M,),
+        "mlp.fc2.weight": (Hv, M), "mlp.fc2.bias": (Hv,),
+        "mlp_norm.weight": (Hv,), "mlp_norm.bias": (Hv,),
+    }
     for i in range(c["v_layers"]):
-        shapes.update({f"vision.layers.{i}.{k}": v for k, v in vision_layer.items()})
-    for i in range(c["num_layers"]):
-        shapes.update({f"text.layers.{i}.{k}": v for k, v in text_layer.items()})
+        shapes.update({f"vision.layers.{i}.{k}": v for k, v in layer.items()})
     return shapes
 
 
@@ -73,7 +82,8 @@ _VISION_KEYS = {"v_hidden": "hidden_size", "v_layers": "num_hidden_layers", "v_m
 def _sizes(hf_config: dict[str, Any]) -> dict[str, int]:
     """The integer sizes the shapes depend on, after the one config check (it names a bad key)."""
     hf_config = check_config(hf_config)
-    vision = hf_config["vision_config"]
+    vision = hf_config.get("vision_config")
     sizes = {k: hf_config[k] for k in _TEXT_KEYS}
-    sizes.update({k: vision[v] for k, v in _VISION_KEYS.items()})
+    if vision is not None:
+        sizes.update({k: vision[v] for k, v in _VISION_KEYS.items()})
     return sizes

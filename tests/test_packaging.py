@@ -9,7 +9,7 @@ import zipfile
 import pytest
 from helpers.paths import ROOT
 
-ROOMS = ("model", "processing", "generation", "transforms", "training", "parity")
+ROOMS = ("model", "processing", "generation", "transforms", "training", "parity", "serving")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ The package is in rooms, one job each (docs/architecture.md has the map and the 
     transforms/   what is applied to a built model: quantization, LoRA, tensor parallel / FSDP2
     training/     `glm4v finetune`: its config, trainer, data and resumable state
     parity/       `glm4v parity` and `glm4v make-reference`: comparison against the HF reference
+    serving/      `glm4v serve`: an OpenAI-compatible HTTP endpoint over the generation runtime (the [serve] extra)
 
 The public names below are imported on first use (a module-level __getattr__), so that
 `import glm4v_core.config` or `glm4v_core.processing.tokenizer` does not pull in torch and triton.
@@ -44,6 +45,7 @@ _WHERE = {
     "SaveError": "checkpoint", "LoRAError": "transforms.lora", "DistributedError": "transforms.distributed",
     "FinetuneError": "training.config", "DataError": "training.data", "ResumeError": "training.state",
     "ReferenceFileError": "parity.reference", "ReportError": "parity.report",
+    "RequestError": "serving.protocol", "QueueFullError": "serving.batcher", "ServerClosingError": "serving.batcher",
     "CaptureError": "parity.capture", "SamplingError": "generation.sampling", "CheckpointError": "checkpoint",
 }
 

@@ -19,10 +19,12 @@ vocabulary), so the special tokens land at the fixture's ids (vocab - 223 + offs
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from glm4v_conversion import __version__
@@ -36,6 +38,9 @@ from glm4v_core.generation.chat_commands import CHAT_COMMANDS
 LIBRARY = {"torch": "torch", "load_model": "glm4v_core.checkpoint", "stream_text": "glm4v_core.generation.streaming"}
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # glm4v_core.checkpoint.DTYPES's keys (a test checks)
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+# mirrors, so that --help needs no torch (a test checks each against the library)
+CHAT_TEMPLATE_NAMES = ("glm4v", "glm4-chat")  # glm4v_core.processing.chat_template.TEMPLATES
+PREFILL_CHUNK = 2048  # glm4v_core.model.glm4v.PREFILL_CHUNK
 
 
 def __getattr__(name: str):
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "message says which), 2 for a usage error, 130 on Ctrl-C.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{generate,chat,parity,make-reference,finetune}")
+                                     metavar="{generate,chat,parity,make-reference,finetune,serve}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text",
                               description="Answer one prompt; the text streams to stdout, the timings to stderr.")
     gen.add_argument("prompt", help="the user message")
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(see glm4v make-reference --help)")
     commands.add_parser("finetune", help="LoRA / full fine-tuning on a JSONL (see glm4v finetune --help)",
                         add_help=False)
+    commands.add_parser("serve", help="an OpenAI-compatible chat endpoint (see glm4v serve --help; the [serve] extra)",
+                        add_help=False)
     return parser
 
 
@@ -86,16 +93,44 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "without one, the repository's GLM-4 vocabulary cut to the fixture's size)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="an image for the (first) user message; repeat for several, in order "
-                        "(in chat, `/image PATH` attaches one to the next message) (default: none)")
+                        "(in chat, `/image PATH` attaches one to the next message); GLM-4V checkpoints only, "
+                        "a text-only GLM-4 refuses it (default: none)")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 on CPU decodes on "
-                        "oneDNN-packed weights, up to about 2x faster) (default: %(default)s)")
+                   help="model (compute) dtype; auto = bfloat16 on CUDA, float32 on CPU but bfloat16 for a "
+                        "quantized folder (its packed CPU kernels are fast with bf16 only); bfloat16 on CPU decodes "
+                        "on oneDNN-packed weights, up to about 2x faster (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="tokens to generate at most per answer (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; a CUDA graph on CUDA): faster decoding after "
-                        "a one-time compile, reported separately (default: off)")
+                        "a one-time compile; the compile and warm-up time is reported apart and the decode rate "
+                        "counts only the warm steps after it (default: off)")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR|FILE",
+                   help="LoRA adapters to apply to the loaded model: a glm4v finetune --out folder (its "
+                        "adapter.safetensors) or the adapter file itself (default: none)")
+    p.add_argument("--chat-template", choices=["auto", *CHAT_TEMPLATE_NAMES], default="auto",
+                   help="how messages become ids (docs/chat_templates.md); auto = the checkpoint's own: glm4v for "
+                        "GLM-4V, glm4-chat for a text-only GLM-4 such as glm-4-9b-chat (default: %(default)s)")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="a system message before the first user message (default: none)")
+    p.add_argument("--tools", type=Path, default=None, metavar="FILE.json",
+                   help="tool definitions for the system message: a JSON list in the glm-4-9b-chat format "
+                        "(docs/chat_templates.md); glm4-chat template only (default: none)")
+    p.add_argument("--prefill-chunk", type=non_negative_int, default=PREFILL_CHUNK, metavar="N",
+                   help="prompt slots per prefill pass (bounds the prefill's activations; the tokens are the same); "
+                        "0 = the whole prompt in one pass (default: %(default)s)")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for --prefill-chunk: a bad value is a usage error (exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0 (prompt slots per pass; 0 = one pass), got {text!r}")
+    return value
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,14 +153,34 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = f"glm4v {argv[0]}" if argv[:1] in (["parity"], ["make-reference"], ["finetune"]) else "glm4v"
+    prog = f"glm4v {argv[0]}" if argv[:1] in (["parity"], ["make-reference"], ["finetune"], ["serve"]) else "glm4v"
     try:
-        with named_stdout_failures(prog) as stdout:  # a closed or failing stdout: one line, exit 1
+        # a closed or failing stdout: one line, exit 1; our own warnings: one line each
+        with named_stdout_failures(prog) as stdout, one_line_warnings(prog):
             return _main(argv, stdout)
     except SystemExit as e:  # the output was lost (named or a reader that left): the status, returned
         if e.code == 1:
             return 1
         raise
+    except KeyboardInterrupt:  # every command's net: during the lazy imports (torch) or outside its own handler
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """glm4v-core's own warnings (e.g. quantized layers on a slower path) as one `prog: warning: ...` line
+    each; any other warning as Python prints it."""
+    with warnings.catch_warnings():  # restores the printer on exit
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if category.__module__.startswith(("glm4v_core", "glm4v_conversion")):
+                print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                default(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        yield
 
 
 def _main(argv: list[str], stdout: WriteCounter) -> int:
@@ -138,6 +193,9 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
     if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
         from glm4v_core.training import cli as finetune
         return finetune.main(argv[1:])
+    if argv[:1] == ["serve"]:  # likewise; the ASGI stack is imported only inside this command
+        from glm4v_core.serving import cli as serve
+        return serve.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if stdout.stream is None:  # `>&-`: say so now, not after loading the weights

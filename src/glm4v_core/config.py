@@ -1,4 +1,5 @@
-"""Model configuration: frozen dataclasses read from the HF `config.json` of GLM-4V-9B.
+"""Model configuration: frozen dataclasses read from the HF `config.json` of GLM-4V-9B, or of a
+text-only GLM-4 (glm-4-9b-chat, glm-4-9b-chat-1m: the same decoder, no `vision_config`).
 
 `from_hf` runs the converter's own check of the dict (glm4v_conversion.config_check: unknown and
 missing keys, types, unsupported switches such as `rmsnorm: false`, sizes that are not positive
@@ -67,15 +68,27 @@ class GLM4VConfig:
     seq_length: int           # the HF config's nominal context; positions are not capped at it
     eos_token_ids: tuple[int, ...]  # generation stops on any of these
     pad_token_id: int         # left padding, and the image placeholder between boi and eoi
-    boi_token_id: int         # <|begin_of_image|>
-    eoi_token_id: int         # <|end_of_image|>
-    vision: VisionConfig
+    boi_token_id: int | None  # <|begin_of_image|> (None: a text-only GLM-4)
+    eoi_token_id: int | None  # <|end_of_image|>
+    vision: VisionConfig | None  # None: a text-only GLM-4, no vision tower
+    num_hidden_layers: int | None = None  # the text configs' copy of num_layers, kept to write it back
 
     _HF_NAMES = {
         "vocab_size": "padded_vocab_size", "num_heads": "num_attention_heads",
         "num_kv_groups": "multi_query_group_num", "head_dim": "kv_channels",
         "eos_token_ids": "eos_token_id", "vision": "vision_config",
     }
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def context_length(self) -> int:
+        """Cache slots and rotary positions a prompt plus its answer may use: the config's seq_length
+        (131072 for glm-4-9b-chat, 1048576 for -1m), and at least the 8K the GLM-4V-9B model card
+        promises (its config says 8192; the test fixtures say less)."""
+        return max(self.seq_length, 8192)
 
     @property
     def rotary_dim(self) -> int:
@@ -89,7 +102,8 @@ class GLM4VConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GLM4VConfig:
         hf = check_config(hf)
-        vision = _build(VisionConfig, hf["vision_config"])
+        vision = hf.get("vision_config")
+        vision = None if vision is None else _build(VisionConfig, vision)
         return _build(cls, {**hf, "vision_config": vision, "eos_token_id": tuple(hf["eos_token_id"])})
 
     @classmethod
@@ -104,14 +118,20 @@ class GLM4VConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict (what `from_hf` reads back), fixed switches included."""
         out = _to_hf(self, FIXED_TEXT)
-        out["vision_config"] = _to_hf(self.vision, FIXED_VISION)
+        if self.vision is None:  # a text-only GLM-4 writes none of the image keys
+            for key in ("vision_config", "boi_token_id", "eoi_token_id"):
+                del out[key]
+        else:
+            out["vision_config"] = _to_hf(self.vision, FIXED_VISION)
+        if self.num_hidden_layers is None:
+            del out["num_hidden_layers"]
         out["eos_token_id"] = list(self.eos_token_ids)
         return {"model_type": "chatglm", "architectures": ["ChatGLMModel"], **out}
 
 
 def _build(cls, hf: dict[str, Any]):
     """Dataclass `cls` from an already checked HF dict (field names mapped from the HF keys)."""
-    return cls(**{f.name: hf[cls._HF_NAMES.get(f.name, f.name)] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: hf.get(cls._HF_NAMES.get(f.name, f.name)) for f in dataclasses.fields(cls)})
 
 
 def _to_hf(obj, fixed: dict[str, Any]) -> dict[str, Any]:

@@ -187,8 +187,9 @@ def test_compiled_decode_keeps_the_packed_products(fixtures_dir, monkeypatch, im
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_cli_generation_runs_on_packed_weights(capsys, monkeypatch, compile):
     """`glm4v generate --dtype bfloat16` on CPU loads packed weights, eager or compiled, and its answer
-    is the unpacked library's."""
-    pass
+    is the unpacked library's; compiled, the stats line gives the compile and the warm rate apart."""
+    import re
+
     from glm4v_core.generation.streaming import stream_text
 
     loaded = []
@@ -196,7 +197,9 @@ def test_bf16_cli_generation_runs_on_packed_weights(capsys, monkeypatch, compile
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
     argv = ["generate", "--dtype", "bfloat16", "--device", "cpu", "--max-new-tokens", "6", "Hello"]
     assert cli.main(argv + ["--compile"] * compile) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    warm = re.search(r"compile \+ warm-up \d+\.\d\d s, decode \d+\.\d tok/s \(warm\)", err)
+    assert bool(warm) == compile, err
     layers = [m for m in loaded[0].modules() if isinstance(m, model_ops.Linear)]
     assert layers and all(m.packed is not None for m in layers)
     plain = load_model(config.BUNDLED_CHECKPOINT, dtype=torch.bfloat16)
@@ -204,3 +207,54 @@ def test_bf16_cli_generation_runs_on_packed_weights(capsys, monkeypatch, compile
     ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
                                                       add_generation_prompt=True)])
     assert out == "".join(stream_text(plain, tokenizer, ids, max_new_tokens=6)) + "\n"
+
+
+# -- quantized folders on CPU -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def int4_folders(tmp_path_factory):
+    """The demo quantized int4 with groups of 128 (its 64-wide ViT inputs fall back to int8) and of 32."""
+    from glm4v_conversion.quantize import quantize_checkpoint
+    root = tmp_path_factory.mktemp("quantized")
+    for group in (32, 128):
+        quantize_checkpoint(config.BUNDLED_CHECKPOINT, root / f"g{group}", "int4", group)
+    return root
+
+
+def test_generate_on_a_quantized_folder_defaults_to_bf16_and_the_packed_kernels(int4_folders, capsys, monkeypatch):
+    loaded, packed_calls = [], []
+    original, kernel = checkpoint.load_model, torch._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: packed_calls.append(1) or kernel(*a))
+    assert cli.main(["generate", "--checkpoint", str(int4_folders / "g32"), "--device", "cpu",
+                     "--max-new-tokens", "4", "Hello"]) == 0
+    from glm4v_core.transforms.quant import quantized_linears
+    layers = quantized_linears(loaded[0]).values()
+    assert all(q.compute_dtype == torch.bfloat16 and q._cpu_int4 is not None for q in layers)
+    assert len(packed_calls) >= 4 * sum(1 for _ in loaded[0].text.modules() if _ in layers)  # every decoder product
+    assert "warning" not in capsys.readouterr().err  # every layer int4 on the fast kernel: nothing to say
+
+
+def test_int4_layers_stored_int8_are_named_in_one_warning(int4_folders, capsys):
+    from glm4v_core.transforms.quant import QuantFallbackWarning
+    with pytest.warns(QuantFallbackWarning) as records:
+        load_model(int4_folders / "g128")
+    assert len(records) == 1
+    message = str(records[0].message)
+    assert "stored int8, not int4 (input width not a multiple of the group size 128)" in message
+    assert "vision.layers.*.attn.qkv (2), vision.layers.*.attn.out (2), vision.layers.*.mlp.fc1 (2)" in message
+    assert "fc2" not in message and "text." not in message  # 128-wide inputs stay int4
+    assert cli.main(["generate", "--checkpoint", str(int4_folders / "g128"), "--device", "cpu",
+                     "--max-new-tokens", "2", "Hello"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("glm4v: warning: ") and "(2)" in warnings[0], warnings
+
+
+def test_int4_layers_without_the_packed_cpu_kernel_are_named():
+    """PyTorch's int4 CPU kernel needs out_features % 16 == 0: a 40-wide layer runs the reference."""
+    from glm4v_core.transforms.quant import quantize_model, slower_layers
+    model = quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 48)), "int4", 32)
+    reasons = slower_layers(model, "int4", 32)
+    assert reasons == {"int4 without PyTorch's packed CPU kernel, dequantized at every call (out_features not a "
+                       "multiple of 16)": ["0"],
+                       "stored int8, not int4 (input width not a multiple of the group size 32)": ["1"]}

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 import torch
 from helpers.paths import FIXTURES
-from PIL import Image
+from PIL import Image, ImageFile
 from safetensors.torch import load_file
 
 from glm4v_core.processing import image as processing_image
@@ -192,3 +193,70 @@ def test_bad_input_type():
         load_image(np.zeros((4, 4, 3), dtype=np.uint8), 4)
     with pytest.raises(ImageError, match="non-empty list"):
         preprocess([], 4)
+
+
+def png_with_text_bomb() -> bytes:
+    """A valid 4x4 PNG with a 20 kB zTXt chunk that inflates to 20 MB, past Pillow's MAX_TEXT_CHUNK."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    data = png_bytes(4, 4)
+    return data[:33] + chunk(b"zTXt", b"comment\0\0" + zlib.compress(b"\0" * (20 << 20), 9)) + data[33:]
+
+
+def test_text_chunk_bomb_and_bad_header_values(tmp_path):
+    # Pillow raises a bare ValueError for both, which Image.open lets through
+    (tmp_path / "bomb.png").write_bytes(png_with_text_bomb())
+    with pytest.raises(ImageError, match="cannot read image .*bomb.png: Decompressed data too large"):
+        load_image(tmp_path / "bomb.png", 56)
+    (tmp_path / "bad.ppm").write_bytes(b"P6\n4o 4\n255\n" + bytes(48))
+    with pytest.raises(ImageError, match="cannot read image .*bad.ppm: invalid literal"):
+        load_image(tmp_path / "bad.ppm", 56)
+
+
+def test_pillow_bomb_warning_is_an_error_under_any_warning_filter(tmp_path, monkeypatch):
+    monkeypatch.setattr(processing_image, "MAX_IMAGE_PIXELS", 10**9)  # only Pillow's 89M warning is left
+    (tmp_path / "big.png").write_bytes(png_header_only(10000, 10000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageError, match="decompression-bomb limit"):
+            load_image(tmp_path / "big.png", 56)
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 5), (7, 0)])
+def test_an_image_without_pixels_is_refused(size):
+    # PIL resizes these to an all-black input without a word
+    with pytest.raises(ImageError, match=f"is {size[0]}x{size[1]}: an image with no pixels"):
+        load_image(Image.new("RGB", size), 4)
+
+
+def test_nul_byte_in_a_path():
+    with pytest.raises(ImageError, match="holds a NUL byte"):
+        load_image("cat\0.png", 56)
+
+
+def test_verify_image_decodes_like_load_image(tmp_path):
+    assert processing_image.verify_image(IMAGES / "gradient_rgb_97x61.png") == (97, 61)
+    data = png_bytes(64, 64)
+    bad = {"cut.png": data[:-200],  # header intact: only a full decode finds it
+           "notes.png": b"not a picture", "bomb.png": png_header_only(9000, 9000), "text.png": png_with_text_bomb()}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ImageError) as loaded:
+            load_image(tmp_path / name, 56)
+        with pytest.raises(ImageError) as verified:
+            processing_image.verify_image(tmp_path / name)
+        assert str(verified.value) == str(loaded.value) and name in str(loaded.value)
+    with pytest.raises(ImageError, match="expected a file path, got Image"):
+        processing_image.verify_image(Image.new("RGB", (4, 4)))
+
+
+@pytest.mark.parametrize("error", [EOFError("no more data"), struct.error("unpack requires 4 bytes"),
+                                   IndexError("list index out of range")])
+def test_any_kind_of_decoder_failure_is_an_image_error(tmp_path, monkeypatch, error):
+    # Pillow's readers fail with these too on damaged data; what they raise differs by format
+    (tmp_path / "ok.png").write_bytes(png_bytes(8, 8))
+    def fail(self):
+        raise error
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    with pytest.raises(ImageError, match=f"cannot decode .*ok.png.*{error}"):
+        load_image(tmp_path / "ok.png", 8)

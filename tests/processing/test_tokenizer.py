@@ -129,6 +129,8 @@ def test_special_ids_follow_a_toy_vocabulary(tmp_path):
     toy = Tokenizer.from_checkpoint(tmp_path)
     assert {k: toy.special_ids[k] for k in reference} == reference
     assert toy.decode(toy.encode("ab<|user|>")) == "ab<|user|>"
+    assert toy.chat_template == "glm4v"  # no tokenizer_config.json: the GLM-4V template, as before
+    assert Tokenizer({bytes([i]): i for i in range(256)}).chat_template == "glm4v"  # built from ranks too
 
 
 def write_vocab(path: Path, tokens: list[bytes]) -> Path:
@@ -154,6 +156,9 @@ def test_chat_template_matches_reference(tok, case):
     )
     assert ids == case["ids"]
     assert tok.decode(ids) == case["text_equivalent"]
+    rendered = tok.render_chat(with_images(case["conversation"]), case["add_generation_prompt"],
+                               case["add_special_tokens"])
+    assert rendered == case["text_equivalent"]
 
 
 def test_chat_template_accepts_image_path(tok):
@@ -183,6 +188,17 @@ def test_metadata_and_newline_are_one_bpe_string(tok, raw):
     assert bpe("tool \n") != bpe("tool ") + bpe("\n")  # so this test tells the two apart
     messages = [{"role": "observation", "metadata": "tool ", "content": "ok"}]
     assert tok.apply_chat_template(messages, add_special_tokens=False) == [151338, *bpe("tool \n"), *bpe("ok")]
+
+
+def test_special_text_in_content_is_text_unless_parsed(tok, raw):
+    """The reference GLM-4V template encodes content as plain text; "parse" opts into control tokens."""
+    messages = [{"role": "user", "content": "a<|assistant|>b"}]
+    assert tok.apply_chat_template(messages) == [151331, 151333, 151336, *raw.encode_ordinary("\n"),
+                                                 *raw.encode_ordinary("a<|assistant|>b")]
+    parsed = tok.apply_chat_template(messages, special_tokens_in_content="parse")
+    assert parsed == [151331, 151333, 151336, *raw.encode_ordinary("\n"), *raw.encode_ordinary("a"), 151337,
+                      *raw.encode_ordinary("b")]
+    assert tok.chat_roles == ("system", "user", "assistant", "observation")
 
 
 def test_missing_or_none_content_is_empty(tok):

@@ -2,6 +2,8 @@
 
 A transformers config class found through `auto_map` in config.json, as the real checkpoint's
 is. It keeps every key of config.json as an attribute (transformers does that for unknown keys).
+A config.json without vision_config (a text-only GLM-4) gets an empty one: the model then builds no
+vision tower (test plumbing for make-reference on a text checkpoint).
 """
 from transformers import PretrainedConfig
 

@@ -8,7 +8,9 @@ table, which the model then indexes with the position ids), `transformer.encoder
 `transformer.vision`; the forward signature (`images=`, `position_ids`, `past_key_values` as
 per-layer `(k, v)` tuples, `use_cache`, `output_hidden_states`, `return_dict`,
 `return_last_logit`); the image splice (the 3 placeholder tokens replaced by the image rows, every
-patch row taking the placeholder's position).
+patch row taking the placeholder's position). Without a `vision_config` in config.json (a text-only
+GLM-4, glm-4-9b-chat) it builds no `transformer.vision` and, as glm-4-9b-chat's forward has no
+`images` argument, a call that passes `images=` at all is a TypeError: make-reference must leave it out.
 
 What it does not mirror: the math is glm4v_core's own (its RMSNorm, rotary and attention ops), and
 left padding is not supported. It tests the plumbing (hooks, recording, file format, the round
@@ -26,6 +28,17 @@ from glm4v_core.model.decoder import apply_rotary
 
 from .configuration_chatglm import ChatGLMConfig
 from .visual import EVA2CLIPModel
+
+NOT_GIVEN = object()  # `images` left out of the call (a text-only checkpoint's forward has no such argument)
+
+
+def take_images(config, images):
+    """The images of a call, or None; passing `images=` to a text-only model is refused as glm-4-9b-chat would."""
+    if not config.vision_config:
+        if images is not NOT_GIVEN:
+            raise TypeError("forward() got an unexpected keyword argument 'images' (a text-only GLM-4 has no vision)")
+        return None
+    return None if images is NOT_GIVEN else images
 
 
 class RotaryEmbedding(nn.Module):
@@ -158,14 +171,15 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                               dtype=config.torch_dtype)
         self.encoder = GLMTransformer(config)
         self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-        self.vision = EVA2CLIPModel(config)
+        self.vision = EVA2CLIPModel(config) if config.vision_config else None  # glm-4-9b-chat: no tower
         self.post_init()  # the transformers convention (transformers 5 relies on it)
 
-    def forward(self, input_ids=None, images=None, position_ids=None, attention_mask=None,
+    def forward(self, input_ids=None, images=NOT_GIVEN, position_ids=None, attention_mask=None,
                 full_attention_mask=None, past_key_values=None, inputs_embeds=None, use_cache=None,
                 output_hidden_states=None, return_dict=None):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise NotImplementedError("the stand-in reference does not support padding")
+        images = take_images(self.config, images)
         inputs_embeds = self.embedding(input_ids)
         if position_ids is None:
             position_ids = self.get_position_ids(input_ids, device=input_ids.device)
@@ -194,12 +208,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
         self.transformer = ChatGLMModel(config)
         self.post_init()
 
-    def forward(self, input_ids=None, images=None, position_ids=None, attention_mask=None,
+    def forward(self, input_ids=None, images=NOT_GIVEN, position_ids=None, attention_mask=None,
                 past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None,
                 return_last_logit: bool | None = False):
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        out = self.transformer(input_ids=input_ids, images=images, position_ids=position_ids,
+        images = take_images(self.config, images)
+        out = self.transformer(input_ids=input_ids, **({} if images is None else {"images": images}),
+                               position_ids=position_ids,
                                attention_mask=attention_mask, past_key_values=past_key_values,
                                use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = out[0][:, -1:] if return_last_logit else out[0]

@@ -10,12 +10,18 @@
   step, keeps the last finite state as a checkpoint, and loss.jsonl stays strict JSON.
 - SIGTERM and SIGHUP stop the command as Ctrl-C does (checkpoint saved, exit 143 / 129), with
   real processes, and --resume continues from there.
+- Any other error during training (out of memory, a named error, in a step or the held-out
+  evaluation) saves the last completed step first, when the state in memory is one, and is one
+  line naming that checkpoint; --resume continues the curve exactly.
+- What a SIGKILLed write leaves (a hidden staging folder or file) is removed and reported by the
+  next run on that folder, never a look-alike of the user's; --resume never picks it.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +34,7 @@ import torch
 from helpers.paths import FIXTURES, ROOT
 from safetensors.torch import load_file
 
+from glm4v_core.errors import GLM4VError
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.training import cli as training_cli
 from glm4v_core.training import trainer as training_trainer
@@ -395,3 +402,149 @@ def test_sighup_stays_ignored_under_nohup(tmp_path):
         proc.wait(timeout=2)  # still running: the hangup was ignored, as nohup asked
     rc, err = stop(proc, signal.SIGTERM)
     assert rc == 143, err
+
+
+# -- 5. any other error during training keeps the last completed step -----------------------------
+
+class Refused(GLM4VError):
+    """Stands for any named error a step can meet (a label, a file, a device)."""
+
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has a total capacity of 79.1 GiB"
+ARGS = ["--max-steps", "4", "--lr", "1e-2", "--eval-data", str(EVAL)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    """The reference curve: the same run with nothing going wrong."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert finetune(out, *ARGS) == 0
+    return strict_json_lines(out / "loss.jsonl")
+
+
+def fail_collate(monkeypatch, at_call: int, error: Exception) -> None:
+    """The trainer's `at_call`-th batch (one per step here; the held-out set is one more) raises."""
+    real, calls = training_trainer.collate, []
+
+    def collate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training_trainer, "collate", collate)
+
+
+def fail_update(monkeypatch, at_call: int) -> None:
+    real, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise RuntimeError(OOM)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+ERRORS = {  # case: (make it fail, extra args, words in the line, the checkpoints left, the log's steps)
+    "out of memory in step 3": (lambda mp: fail_collate(mp, 3, RuntimeError(OOM)), [],
+                                ["step 3 failed: RuntimeError: CUDA out of memory", "saved the last completed step 2",
+                                 "step-000002"], ["step-000002"], [1, 2]),
+    "a named error in step 2, step 1 saved": (lambda mp: fail_collate(mp, 2, Refused("bad label in record 7")),
+                                              ["--save-every", "1"],
+                                              ["step 2 failed: Refused: bad label in record 7", "step-000001"],
+                                              ["step-000001"], [1]),
+    "the held-out evaluation": (lambda mp: fail_collate(mp, 3, RuntimeError(OOM)), ["--eval-every", "2"],
+                                ["held-out evaluation at step 2 failed: RuntimeError", "step-000002"],
+                                ["step-000002"], [1, 2]),
+    "step 1: nothing to save": (lambda mp: fail_collate(mp, 1, RuntimeError(OOM)), [],
+                                ["step 1 failed", "no step had completed, so no checkpoint was written"], [], []),
+    "the update of step 2": (lambda mp: fail_update(mp, 2), ["--save-every", "1"],
+                             ["applying step 2 failed", "no checkpoint was written", "not a whole step",
+                              "the latest is", "step-000001"], ["step-000001"], [1]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_an_error_during_training_saves_the_last_completed_step(tmp_path, capsys, monkeypatch, uninterrupted, case):
+    make, extra, words, kept, steps = ERRORS[case]
+    out = tmp_path / "out"
+    make(monkeypatch)
+    assert finetune(out, *ARGS, *extra) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert all(w in line for w in words), line
+    assert [r["step"] for r in strict_json_lines(out / "loss.jsonl") if "loss" in r] == steps
+    found = sorted(p.name for p in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+    assert found == kept
+    assert not (out / "adapter.safetensors").exists()
+    monkeypatch.undo()
+    if not kept:
+        return
+    assert f"--resume {out}" in line, line
+    assert finetune(out, *ARGS, *extra, "--resume", str(out)) == 0  # the cause gone, the run continues
+    resumed = [r for r in strict_json_lines(out / "loss.jsonl") if "loss" in r]
+    reference = [r for r in uninterrupted if "loss" in r]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]  # bit for bit on CPU
+
+
+# -- 6. a killed checkpoint write is cleaned up by the next run -------------------------------------
+
+# `glm4v finetune` that SIGKILLs itself while it writes the file whose path matches argv[1]: half of
+# the file written, then no clean-up can run (what a power cut or the OOM killer leaves).
+KILLED_WRITE = textwrap.dedent("""
+    import os, re, signal, sys
+    from glm4v_core.transforms import lora
+    from glm4v_core.training.cli import main
+    real = lora.save_file
+    def save_file(tensors, filename, metadata=None):
+        if re.search(sys.argv[1], str(filename)):
+            with open(filename, "wb") as f:
+                f.write(b"half a safetensors file")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(tensors, filename, metadata=metadata)
+    lora.save_file = save_file
+    sys.exit(main(sys.argv[2:]))
+""")
+
+KILLS = {  # case: (the file being written when killed, what is left, the step a resume continues from)
+    "mid checkpoint": (r"\.step-000002\.partial-[0-9a-f]{8}/\.optimizer", r"checkpoints/\.step-000002\.partial-", 1),
+    "mid adapter file": (r"/\.adapter\.safetensors\.[0-9a-f]{8}\.tmp$", r"\.adapter\.safetensors\.[0-9a-f]{8}\.tmp", 3),
+    "mid first checkpoint": (r"\.step-000001\.partial-", r"checkpoints/\.step-000001\.partial-", None),
+}
+
+
+def run_killed(out: Path, pattern: str, *args: str) -> None:
+    argv = [sys.executable, "-c", KILLED_WRITE, pattern, "--data", str(DATA), "--out", str(out), "--no-progress", *args]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_run(tmp_path, capsys, case):
+    pattern, left, resumes_at = KILLS[case]
+    out = tmp_path / "out"
+    args = ["--max-steps", "3", "--save-every", "1", "--lr", "1e-2"]
+    run_killed(out, pattern, *args)
+    leftovers = [str(p.relative_to(out)) for p in out.rglob(".*")]
+    assert any(re.fullmatch(left + ".*", n) for n in leftovers), leftovers
+    # what looks like ours but is not: kept
+    (out / "checkpoints" / ".step-000009.partial-deadbeef").mkdir()
+    (out / "checkpoints" / ".step-000009.partial-deadbeef" / "photo.jpg").write_bytes(b"mine")
+    (out / ".notes.0123abcd.tmp").write_text("mine")
+    mine = snapshot(out / "checkpoints" / ".step-000009.partial-deadbeef") | snapshot(out / ".notes.0123abcd.tmp")
+    code = finetune(out, *args, "--resume", str(out))
+    err = capsys.readouterr().err
+    if resumes_at is None:  # nothing complete to resume: refused, naming the unfinished write
+        assert code == 1
+        line = one_error_line(err)
+        assert "no checkpoint there" in line and ".step-000001.partial-" in line and "killed" in line, line
+        return
+    assert code == 0, err
+    removed = [line for line in err.splitlines() if line.startswith("removed ")]
+    assert len(removed) == 1 and "earlier run that was killed" in removed[0] and re.search(left, removed[0]), err
+    assert f"resumed from {out / 'checkpoints' / f'step-{resumes_at:06d}'} at step {resumes_at}" in err, err
+    hidden = sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+    assert hidden == [".notes.0123abcd.tmp", "checkpoints/.step-000009.partial-deadbeef"], hidden
+    assert snapshot(out / "checkpoints" / ".step-000009.partial-deadbeef") | snapshot(out / ".notes.0123abcd.tmp") \
+        == mine
+    assert [r["step"] for r in strict_json_lines(out / "loss.jsonl")] == [1, 2, 3]
+    assert (out / "adapter.safetensors").is_file()

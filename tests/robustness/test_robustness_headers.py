@@ -144,7 +144,11 @@ BAD_CONFIGS = {
     "eos outside the vocabulary": (_t(eos_token_id=[801, 5000]), r"eos_token_id 5000 is not a token id"),
     "negative pad id": (_t(pad_token_id=-1), "pad_token_id -1 is not a token id"),
     "unsupported switch": (_t(rmsnorm=False), "rmsnorm=False is not supported"),
-    "vision_config missing": (lambda c: {k: v for k, v in c.items() if k != "vision_config"}, "vision_config"),
+    "num_hidden_layers disagrees": (_t(num_hidden_layers=99), r"num_hidden_layers \(99\) must equal num_layers"),
+    "transformers-native layout": (_t(model_type="glm"), "glm-4-9b-chat-hf"),
+    "GLM-4-0414": (_t(model_type="glm4"), "GLM-4-0414"),
+    "image ids without vision_config": (lambda c: {k: v for k, v in c.items() if k != "vision_config"} | {
+        "boi_token_id": "x"}, "boi_token_id must be an integer"),
     "vision_config not an object": (_t(vision_config=[1]), "vision_config"),
     "size past 2**31": (_t(ffn_hidden_size=2**40), "ffn_hidden_size must be a positive integer below 2"),
     "vocabulary past 2**31": (_t(padded_vocab_size=10**30), "padded_vocab_size must be a positive integer below 2"),
@@ -188,11 +192,11 @@ def test_config_dataclasses_and_validator_agree_on_the_keys(tiny_config):
     """The dataclasses are built from the validated dict: every field's HF key is a checked key."""
     import dataclasses
 
-    from glm4v_conversion.config_check import TEXT_KEYS, VISION_KEYS
+    from glm4v_conversion.config_check import ALIASES, IMAGE_KEYS, TEXT_KEYS, VISION_KEYS
     from glm4v_core.config import VisionConfig
     text = {GLM4VConfig._HF_NAMES.get(f.name, f.name) for f in dataclasses.fields(GLM4VConfig)}
     vision = {VisionConfig._HF_NAMES.get(f.name, f.name) for f in dataclasses.fields(VisionConfig)}
-    assert text == set(TEXT_KEYS) and vision == set(VISION_KEYS)
+    assert text == set(TEXT_KEYS) | set(IMAGE_KEYS) | set(ALIASES) and vision == set(VISION_KEYS)
 
 
 # --- provenance (glm4v_native.json) edited by hand ------------------------------------------------------

@@ -5,7 +5,7 @@ import re
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
 BANNER = "glm4v chat: one message per line; /image PATH attaches an image, /help lists the commands, /exit ends"
 CHAT_COMMANDS = """in-chat commands (typed as a message):
-  /image PATH        attach an image to your next message (repeat for several)
+  /image PATH        attach an image to your next message (repeat for several; GLM-4V checkpoints only)
   /help              list these commands
   /exit, /quit       end the session (so do exit, quit, an empty line and end of input)
   Ctrl-C             during an answer: cancel it (the session goes on); at the prompt: quit

@@ -17,13 +17,13 @@ also leave the batch (KVCache.keep_rows), so later steps compute only the rows s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from glm4v_core.generation.sampling import NonFiniteLogitsError, Sampling, TokenRule, uniform_draws
-from glm4v_core.generation.step import COMPILE_CACHE_MULTIPLE, decode_step_runner
+from glm4v_core.generation.step import COMPILE_CACHE_MULTIPLE, compiled_graphs, decode_step_runner
 from glm4v_core.model.glm4v import GLM4V, Prompt
 from glm4v_core.model.splice import InputError
 
@@ -34,10 +34,6 @@ class Step:
     tokens: torch.Tensor      # (B,) chosen ids; pad_token_id for rows stopped at an earlier step
     logits: torch.Tensor      # (B, V) the model's raw logits that chose them (NaN: rows stopped earlier)
     finished: torch.Tensor    # (B,) bool: the row has produced a stop id (at this step or before)
-
-
-
-
 
 
 def generate(model: GLM4V, input_ids: torch.Tensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -72,7 +68,8 @@ def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
     compute; the model runs as the iterator is consumed.
 
     vocab_limit: only ids below it can be chosen (a tokenizer's vocabulary; the embedding has
-    padding rows past it that decode to nothing). stats: compile time is recorded there."""
+    padding rows past it that decode to nothing). stats: the time to first token, the compile and
+    warm-up time and the warm decode rate are recorded there (see GenerationStats)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(sampling, Sampling):
@@ -86,6 +83,9 @@ def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
 def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sampling, stops: torch.Tensor,
                  generator: torch.Generator | None, vocab_limit: int | None, compile: bool,
                  stats: GenerationStats | None) -> Iterator[Step]:
+    stats = stats if stats is not None else GenerationStats()
+    clock, start = stats.clock, stats.clock()
+    step_start, stats.compile_s = start, 0.0
     device, batch, vocab = model.device, prompt.input_ids.shape[0], model.config.vocab_size
     unknown = None if vocab_limit is None else torch.arange(vocab, device=device) >= vocab_limit
     rule = TokenRule(sampling, stops.to(device), model.config.pad_token_id, unknown)
@@ -107,8 +107,18 @@ def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sa
     # The tensors above describe the running rows: all rows, unless eager decoding dropped some
     # (`alive`: their rows in the batch); compiled steps keep every row (fixed shapes).
     alive, step_fn = None, None
+    warmup = False  # the step just run compiled or captured something: it and all before it are not timed
     for i in range(max_new_tokens):
         n_done, n_bad = counts.tolist()  # the one host sync per step
+        ready = clock()
+        if i == 0:
+            stats.time_to_first_token_s = ready - start
+        if warmup:
+            stats.compile_s += ready - step_start
+        if i == 0 or warmup:  # the warm window starts anew after the prefill and after every warm-up step
+            warm_start, stats.warm_tokens, stats.warm_s = ready, 0, 0.0
+        else:
+            stats.warm_tokens, stats.warm_s = stats.warm_tokens + 1, ready - warm_start
         if n_bad:
             raise NonFiniteLogitsError(f"the model produced NaN/inf logits at new token {i}; "
                                        f"{first_non_finite_stage(model, prompt)}")
@@ -117,13 +127,12 @@ def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sa
                                                                                   logits, finished)
         if i + 1 == max_new_tokens or n_done == n_running:
             return
+        step_start = clock()
+        graphs = compiled_graphs() if compile else 0
         with torch.inference_mode():
             if step_fn is None:
-                start = time.perf_counter()
                 step_fn = decode_step_runner(model, rule, cache, (tokens, positions, slot, finished, seen, uniform),
                                              compile)
-                if stats is not None and compile:
-                    stats.compile_s = time.perf_counter() - start
             if not compile and n_done:  # drop stopped rows: later steps cost only the rest
                 keep = (~finished).nonzero()[:, 0]
                 cache.keep_rows(keep, int(slot))
@@ -133,6 +142,9 @@ def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sa
             uniform = uniform_draws(sampling, tokens.shape[0], generator, device)
             tokens, logits, finished, seen, counts, positions, slot = step_fn(tokens, positions, slot, finished, seen,
                                                                               uniform)
+        # the first compiled step (torch.compile, CUDA graph capture) and any later one during which
+        # dynamo (re)compiled a graph (a guard failed) are warm-up, not decoding
+        warmup = compile and (i == 0 or compiled_graphs() != graphs)
 
 
 def whole_batch(index: int, batch: int, alive: torch.Tensor, pad: int, tokens: torch.Tensor, logits: torch.Tensor,
@@ -141,16 +153,6 @@ def whole_batch(index: int, batch: int, alive: torch.Tensor, pad: int, tokens: t
     return Step(index, tokens.new_full((batch,), pad).index_copy(0, alive, tokens),
                 logits.new_full((batch, logits.shape[-1]), float("nan")).index_copy(0, alive, logits),
                 finished.new_ones(batch).index_copy(0, alive, finished))
-
-
-
-
-
-
-
-
-
-
 
 
 def first_non_finite_stage(model: GLM4V, prompt: Prompt) -> str:
@@ -203,24 +205,31 @@ def stack_images(model: GLM4V, pixel_values) -> torch.Tensor | None:
 
 @dataclass
 class GenerationStats:
-    """Filled in by stream_text: when the first token came, how many followed, and compile time."""
+    """Timings of one generation, filled in as its tokens arrive (stream_tokens / stream_text).
+
+    The decode rate counts only warm steps: those after the prefill and after every compile and
+    warm-up (the first compiled step, which compiles and on CUDA captures its graph, and any later
+    step during which dynamo recompiled). Those warm-up steps are summed in compile_s instead."""
 
     prompt_tokens: int = 0
     new_tokens: int = 0
     time_to_first_token_s: float = 0.0  # prefill (incl. the ViT) + the first sampling
-    compile_s: float = 0.0              # torch.compile + CUDA graph capture of the decode step (compile=True)
+    compile_s: float = 0.0              # compile and warm-up steps (compile=True; 0 in eager)
+    warm_tokens: int = 0                # tokens of the warm steps ...
+    warm_s: float = 0.0                 # ... and the seconds from the token before them to their last
     total_s: float = 0.0
+    clock: Callable[[], float] = field(default=time.perf_counter, repr=False, compare=False)  # tests pass a fake
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens after the first, per second of decoding (the prefill and the compile are not in it)."""
-        decode_s = self.total_s - self.time_to_first_token_s - self.compile_s
-        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+        """Tokens per second of the warm steps (0 when there were none)."""
+        return self.warm_tokens / self.warm_s if self.warm_tokens and self.warm_s > 0 else 0.0
 
     def summary(self) -> str:
-        compiled = f", compile {self.compile_s:.2f} s" if self.compile_s else ""
+        compiled = f", compile + warm-up {self.compile_s:.2f} s" if self.compile_s else ""
+        if not self.warm_tokens:
+            rate = "no warm decode step to time" if self.compile_s else "no decode step"
+        else:
+            rate = f"decode {self.decode_tokens_per_s:.1f} tok/s" + (" (warm)" if self.compile_s else "")
         return (f"{self.new_tokens} tokens in {self.total_s:.2f} s: time to first token "
-                f"{self.time_to_first_token_s:.3f} s{compiled}, decode {self.decode_tokens_per_s:.1f} tok/s "
-                f"(prompt {self.prompt_tokens} tokens)")
-
-
+                f"{self.time_to_first_token_s:.3f} s{compiled}, {rate} (prompt {self.prompt_tokens} tokens)")

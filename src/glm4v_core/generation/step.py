@@ -54,6 +54,12 @@ def decode_step_runner(model: GLM4V, rule: TokenRule, cache: KVCache, example: t
         return CUDAGraphStep(step, example)
 
 
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process: a decode step during which the count
+    grew recompiled (a new shape, a failed guard), so its time is warm-up, not decoding."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def cpu_compile_options() -> dict:
     """Inductor options of the compiled CPU step, each only where this torch version has it:
     - no size asserts: dynamo's guards already check every input's shape and strides, and the

@@ -15,9 +15,13 @@ from glm4v_core.model.cache import KVCache
 
 
 class KeyRange(NamedTuple):
-    """The keys row b may attend to: start[b] <= j < end[b], (B,) int32 (None: from 0 / to the last key)."""
+    """The keys row b may attend to: start[b] <= j < end[b], (B,) int32 (None: from 0 / to the last key).
+
+    stop: with a cache, read only its slots [0, stop) (a Python int: a prefill chunk knows its end,
+    so it never reads the unfilled rest of a long cache); None reads the whole buffer (decode)."""
     start: torch.Tensor | None
     end: torch.Tensor | None
+    stop: int | None = None
 
 
 def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, base: float,
@@ -25,16 +29,19 @@ def rotary_tables(position_ids: torch.Tensor, rotary_dim: int, base: float,
     """Rotation tables for the given positions, built once per forward for every layer:
     cos (B, 1, T, rotary_dim/2, 2) = (cos, cos) and the signed sin (B, 1, T, rotary_dim/2, 2) = (-sin, sin).
 
-    theta_i = base^(-2i/rotary_dim); angles in fp32. Like the reference, the table is rounded to
-    bf16/fp16 when the model runs in half precision (bf16 parity depends on it). cos is stored once
-    per element of a pair, not broadcast over the pair: a product whose operands both have a
+    theta_i = base^(-2i/rotary_dim) in fp32; angles in float64, tables in fp32. Like the reference,
+    the table is rounded to bf16/fp16 when the model runs in half precision (bf16 parity depends on
+    it). cos is stored once per element of a pair, not broadcast over the pair: a product whose operands both have a
     contiguous last dim runs vectorized, while broadcasting a size-1 last dim makes torch's bf16
     multiply fall back to a scalar loop (a bf16 prefill's rotary on CPU was 2.5x slower on one thread,
     7x on two).
     """
     theta = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=position_ids.device) / rotary_dim))
-    angles = position_ids.float()[..., None] * theta  # (B, T, rotary_dim/2)
-    cos, sin = torch.cos(angles), torch.sin(angles)
+    # The frequencies are fp32, as in the checkpoints' own code; the angles are taken in float64 and
+    # rounded once: an fp32 product position * theta is off by up to half an ulp of the angle, which
+    # is 0.03 rad at position 1M (glm-4-9b-chat-1m) and still 1e-4 at 3K.
+    angles = position_ids.double()[..., None] * theta.double()  # (B, T, rotary_dim/2)
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
     if dtype in (torch.bfloat16, torch.float16):
         cos, sin = cos.to(dtype), sin.to(dtype)
     return torch.stack((cos, cos), dim=-1)[:, None], torch.stack((-sin, sin), dim=-1)[:, None]
@@ -85,8 +92,8 @@ class Attention(nn.Module):
         v = rearrange(v, "b t (nkv hd) -> b nkv t hd", hd=self.head_dim)
         if cache is not None:  # the cache holds rotated k per KV group, never expanded
             k_all, v_all = cache.write(self.layer_idx, slots, k, v)
-            if keys.end is not None:  # decode: the whole buffer, valid up to keys.end (prefill: its own keys)
-                k, v = k_all, v_all
+            if keys.end is not None:  # decode, later prefill chunks: the buffer, valid up to keys.end
+                k, v = k_all[:, :, :keys.stop], v_all[:, :, :keys.stop]  # (the first chunk: its own keys)
         out = ops.attention(q, k, v, causal=True, key_start=keys.start, key_end=keys.end)  # (B, nh, T, hd)
         return self.out(rearrange(out, "b nh t hd -> b t (nh hd)"))
 

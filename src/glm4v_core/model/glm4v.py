@@ -3,6 +3,9 @@
 Each image's block `<|begin_of_image|> <|endoftext|> <|end_of_image|>` in a prompt is replaced by
 the image's (grid/2)^2 + 2 embeddings (splice.py, any number of blocks per row). Positions stay
 those of the unspliced token list: boi keeps p, every patch row shares p + 1, eoi keeps p + 2.
+
+A text-only config (glm-4-9b-chat, -1m) builds the decoder alone: `vision` and `projector` are None and
+images are refused; the image placeholder ids are then ordinary tokens, as in those checkpoints' own code.
 """
 from __future__ import annotations
 
@@ -17,14 +20,17 @@ from glm4v_core.model.decoder import KeyRange, TextDecoder
 from glm4v_core.model.init import init_parameters
 from glm4v_core.model.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, check_labels, splice_labels
 from glm4v_core.model.splice import (
-    MAX_CONTEXT,
     ImageBlock,
     InputError,
+    check_context,
     check_image_blocks,
     splice_images,
     spliced_length,
 )
 from glm4v_core.model.vision import Projector, VisionEncoder
+
+# Prompt slots per prefill pass: measured on CPU (benchmarks/prefill_chunk.py, results/prefill_chunk_cpu.json).
+PREFILL_CHUNK = 2048
 
 
 @dataclass
@@ -62,13 +68,14 @@ class GLM4V(nn.Module):
     `glm4v_core.load_model(path)` or `GLM4V.from_config(config, seed=...)`."""
 
     loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE  # vocabulary chunk of the training loss; None: plain
+    prefill_chunk: int | None = PREFILL_CHUNK  # prompt slots per prefill pass (bounds activations); None: one pass
 
     def __init__(self, config: GLM4VConfig):
         super().__init__()
         self.config = config
         with torch.device("meta"):  # never torch.empty memory that would compute garbage silently
-            self.vision = VisionEncoder(config.vision)
-            self.projector = Projector(config)
+            self.vision = VisionEncoder(config.vision) if config.has_vision else None
+            self.projector = Projector(config) if config.has_vision else None
             self.text = TextDecoder(config)
 
     @classmethod
@@ -81,7 +88,9 @@ class GLM4V(nn.Module):
 
     def gradient_checkpointing(self, enabled: bool = True) -> GLM4V:
         """Recompute each ViT and decoder block in backward instead of keeping its activations."""
-        self.vision.checkpoint_layers = self.text.checkpoint_layers = enabled
+        self.text.checkpoint_layers = enabled
+        if self.vision is not None:
+            self.vision.checkpoint_layers = enabled
         return self
 
     @property
@@ -105,13 +114,15 @@ class GLM4V(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-                labels: torch.Tensor | None = None, output_hidden_states: bool = False) -> ModelOutput:
+                labels: torch.Tensor | None = None, output_hidden_states: bool = False,
+                logits_to_keep: int | None = None) -> ModelOutput:
         """input_ids (B, L) -> logits (B, T, V) of the spliced sequence, no cache (parity, training).
 
         attention_mask (B, L): 1 for real tokens, left padding only. position_ids default to
         0..n-1 over each row's real tokens (0 on pads). labels (B, L): one per input token, -100 =
         not counted; the output then has `loss` (the mean next-token cross entropy, see
-        glm4v_core.model.loss) and no logits."""
+        glm4v_core.model.loss) and no logits. logits_to_keep N: logits of the last N slots only
+        (B, N, V): a long prompt's (T, V) logits would dwarf everything else."""
         prompt = self.check_prompt(input_ids, pixel_values, attention_mask, position_ids)
         if labels is not None:
             check_labels(labels, input_ids, self.config.vocab_size)
@@ -123,10 +134,18 @@ class GLM4V(nn.Module):
             weight = self.text.lm_head.dense_weight(x.dtype)  # the loss multiplies by it in vocabulary chunks
             loss = causal_lm_loss(x, weight, targets, self.loss_chunk_size)
             return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
+        if logits_to_keep is not None:
+            if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 1:
+                raise InputError(f"logits_to_keep must be a positive int (the last N slots), got {logits_to_keep!r}")
+            x = x[:, -logits_to_keep:]
         return ModelOutput(self.text.lm_head(x), positions, mask, hidden, image_embeds)
 
     def prefill(self, prompt: Prompt, cache_len: int) -> DecodeState:
-        """Run a checked prompt once, filling slots 0..T-1 of a new cache of cache_len >= T slots."""
+        """Run a checked prompt once, filling slots 0..T-1 of a new cache of cache_len >= T slots.
+
+        The decoder runs over `prefill_chunk` slots at a time: each chunk writes its keys to the cache
+        and attends to every key before it, so the logits are those of one pass, while the MLP and
+        attention working set is bounded by the chunk, not the prompt (no (T, T) tensor anywhere)."""
         if cache_len < prompt.spliced_length:
             raise InputError(f"cache_len {cache_len} < the prompt's {prompt.spliced_length} cache slots")
         embeds, positions, mask, *_ = self.embed(prompt)
@@ -136,7 +155,14 @@ class GLM4V(nn.Module):
         key_start = first_valid_key(mask)
         if key_start is not None:
             cache.key_start.copy_(key_start)
-        x = self.text(embeds, positions, KeyRange(key_start, None), cache, torch.arange(T, device=self.device))
+        chunk = check_prefill_chunk(self.prefill_chunk) or T
+        for first in range(0, T, chunk):
+            last = min(first + chunk, T)
+            # the first chunk attends to its own keys; later ones to the cache's slots [0, last)
+            keys = KeyRange(key_start, None) if first == 0 else \
+                KeyRange(key_start, torch.full((B,), last, dtype=torch.int32, device=self.device), last)
+            x = self.text(embeds[:, first:last], positions[:, first:last], keys, cache,
+                          torch.arange(first, last, device=self.device))
         logits = self.text.lm_head(x[:, -1])  # only the last slot chooses a token
         next_position = positions.max(dim=1, keepdim=True).values + 1  # not the slot count
         return DecodeState(cache, logits, next_position, torch.tensor([T], device=self.device))
@@ -184,9 +210,10 @@ class GLM4V(nn.Module):
         if pixel_values is not None and pixel_values.shape[0] == 0:
             pixel_values = None  # (0, 3, S, S): no image, nothing for the ViT
         longest = int(position_ids.max()) + 1  # rotary positions: an image counts as its 3 placeholder ids
-        if longest + max_new_tokens > MAX_CONTEXT:
+        context = self.config.context_length
+        if longest + max_new_tokens > context:
             raise InputError(f"prompt of {longest} positions + max_new_tokens {max_new_tokens} exceeds the model's "
-                             f"context of {MAX_CONTEXT} positions")
+                             f"context of {context} positions")
         spliced = L if pixel_values is None else spliced_length(input_ids, ImageBlock.from_config(self.config))
         device = self.device
 
@@ -208,13 +235,27 @@ class GLM4V(nn.Module):
             row, col = (int(i) for i in bad.nonzero()[0])
             raise InputError(f"input_ids[{row}, {col}] = {int(input_ids[row, col])} is outside the vocabulary "
                              f"[0, {c.vocab_size})")
+        if not c.has_vision:  # a text-only GLM-4: its image-block ids are plain tokens, and no images
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                raise InputError(f"pixel_values given ({pixel_values.shape[0]} image(s)), but this checkpoint is a "
+                                 "text-only GLM-4 (no vision_config, no vision tower): pass no images")
+            none = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            check_context(input_ids, none, None, attention_mask, max_new_tokens, c.context_length)
+            return none
         v = c.vision
         want = (v.in_channels, v.image_size, v.image_size)
         if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want):
             raise InputError(f"pixel_values must have shape (N, {want[0]}, {want[1]}, {want[2]}) for this model "
                              f"(vision_config.image_size = {v.image_size}), got {tuple(pixel_values.shape)}")
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        return check_image_blocks(input_ids, n_images, ImageBlock.from_config(c), attention_mask, max_new_tokens)
+        return check_image_blocks(input_ids, n_images, ImageBlock.from_config(c), attention_mask, max_new_tokens,
+                                  c.context_length)
+
+
+def check_prefill_chunk(chunk) -> int | None:
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise InputError(f"prefill_chunk must be a positive int (prompt slots per prefill pass) or None, got {chunk!r}")
+    return chunk
 
 
 def check_materialized(model: nn.Module) -> None:

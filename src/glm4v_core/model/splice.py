@@ -20,8 +20,9 @@ import torch
 
 from glm4v_core.errors import GLM4VError
 
-# The model card promises an 8K context: 8192 cache slots (an image takes 2 + num_image_tokens of
-# them, 1602 at 1120 px) and rotary positions 0..8191 (the config's seq_length is nominal).
+# The GLM-4V-9B model card promises an 8K context: 8192 cache slots (an image takes 2 + num_image_tokens
+# of them, 1602 at 1120 px) and rotary positions 0..8191. A model's own context is
+# GLM4VConfig.context_length (the text checkpoints' seq_length is larger).
 MAX_CONTEXT = 8192
 
 
@@ -96,16 +97,17 @@ def check_image_blocks(input_ids: torch.Tensor, num_images: int, block: ImageBlo
     return per_row
 
 
-def check_context(input_ids: torch.Tensor, blocks_per_row: torch.Tensor, block: ImageBlock,
+def check_context(input_ids: torch.Tensor, blocks_per_row: torch.Tensor, block: ImageBlock | None,
                   attention_mask: torch.Tensor | None, max_new_tokens: int, context: int) -> None:
     """Each row's real tokens, with every image counted as its `block.rows` cache slots instead of
-    its 3 placeholder tokens, plus max_new_tokens, must fit in `context` slots."""
+    its 3 placeholder tokens, plus max_new_tokens, must fit in `context` slots (block None: a
+    text-only model, blocks_per_row all 0)."""
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise InputError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                          f"{tuple(input_ids.shape)}")
     tokens = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if attention_mask is None \
         else attention_mask.long().sum(1)
-    slots = tokens + blocks_per_row * (block.rows - 3)  # (B,)
+    slots = tokens if block is None else tokens + blocks_per_row * (block.rows - 3)  # (B,)
     row = int((slots + max_new_tokens).argmax())
     need = int(slots[row]) + max_new_tokens
     if need <= context:

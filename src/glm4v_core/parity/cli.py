@@ -30,7 +30,7 @@ from glm4v_conversion import __version__
 from glm4v_conversion.atomic import write_file_atomically
 from glm4v_conversion.files import check_folder, file_kind, os_reason
 from glm4v_conversion.streams import quiet_broken_pipe
-from glm4v_core.checkpoint import DTYPES, check_device
+from glm4v_core.checkpoint import DTYPES, build_meta_model, check_device
 from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
 from glm4v_core.errors import REFUSED, CLIError
 from glm4v_core.parity.compare import CaseReport
@@ -50,6 +50,7 @@ from glm4v_core.parity.report import (
     to_json,
 )
 from glm4v_core.parity.run import run_parity
+from glm4v_core.transforms.lora import check_adapters, resolve_adapter
 
 # -- several images per prompt (multi_image.safetensors beside the checkpoint) ---------------------
 
@@ -135,6 +136,10 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel over N ranks (spawned here: gloo on CPU, NCCL on CUDA; or torchrun's)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N", help="with --grads: FSDP2 over N ranks (as --tp)")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR|FILE",
+                   help="apply these LoRA adapters (a glm4v finetune --out folder or its adapter.safetensors) "
+                        "before comparing; needs --reference, recorded on the adapted model (e.g. glm4v "
+                        "make-reference on the run's OUT/merged); float checkpoints, one process")
     add_arguments(p)
     return p
 
@@ -148,6 +153,11 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
             parser.error("--tp N goes with logit parity, --fsdp N with --grads")
         if args.grads and (args.plot is not None or args.html is not None):
             parser.error("--plot and --html draw the logit parity report; they do not go with --grads")
+        if args.adapter is not None and (args.grads or args.reference is None):
+            parser.error("--adapter compares against a reference recorded on the adapted model: give it with "
+                         "--reference (e.g. glm4v make-reference on the run's OUT/merged); not with --grads")
+        if args.adapter is not None and args.tp > 1:
+            parser.error("--adapter does not go with --tp N: tensor parallel shards plain Linears, not LoRA ones")
         checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
         try:
             check_ranks(args, checkpoint)
@@ -175,8 +185,9 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
                 raise ReferenceFileError(f"reference file {reference} not found (pass --reference)")
             check_reference(reference, config)
             check_device(args.device)
+            adapter = None if args.adapter is None else check_adapter(args, checkpoint, config)
             reports = run_parity(checkpoint, reference, DTYPES[args.dtype], args.device, args.baseline,
-                                 tp=args.tp > 1)
+                                 tp=args.tp > 1, adapter=adapter)
             if args.reference is not None:  # a recording of its own (make-reference): its cases only
                 pass
             elif args.dtype == "float32" and quantization_of(checkpoint) is None and args.tp <= 1:
@@ -198,6 +209,17 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
         if not write_requested(reports, args, f"{checkpoint} [{args.dtype}]", prog):
             return 1
         return 0 if all(r.ok for r in reports) else 1
+
+
+def check_adapter(args: argparse.Namespace, checkpoint: Path, config: GLM4VConfig) -> Path:
+    """--adapter: the adapter file, checked against the model's shapes before any weight is read. A quantized
+    checkpoint is refused: it is judged by budgets made from its plain-RTN baseline, which has no adapters."""
+    if quantization_of(checkpoint) is not None:
+        raise CLIError(f"--adapter: {checkpoint} is a quantized checkpoint, whose parity budgets come from an "
+                       "unadapted baseline; compare the float checkpoint with the adapters instead")
+    adapter = resolve_adapter(args.adapter)
+    check_adapters(build_meta_model(config), adapter)
+    return adapter
 
 
 def check_ranks(args: argparse.Namespace, checkpoint: Path) -> None:

@@ -49,7 +49,7 @@ def run_grad_case(model: GLM4V, grads: dict[str, torch.Tensor], pixels: dict[str
                   meta: dict, case: str) -> GradCaseReport:
     """One supervised sample: loss and every parameter's gradient vs the reference's."""
     from glm4v_conversion.names import native_to_hf
-    info = meta["cases"][case]
+    info = grad_cases(meta, grads)[case]
     device = model.device
     take = lambda name: grads[f"{name}_{case}"].to(device)  # noqa: E731
     pixel_values = pixels[info["image"]].to(device) if info.get("image") else None
@@ -91,6 +91,18 @@ def run_grad_parity(checkpoint: str | Path, device: str = "cpu", fsdp: bool = Fa
         from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
         model = distributed.fsdp(model, distributed.mesh(torch.device(device)))
     with reference_kernels(torch.float32):
-        return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(meta["cases"])]
+        return [run_grad_case(model, grads, pixels, meta, case) for case in sorted(grad_cases(meta, grads))]
+
+
+def grad_cases(meta: dict, grads: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Case name -> its record (desc, image, loss, grad_norm, grad_maxabs, params_without_grad).
+
+    grads.json lists them under `cases`; a one-case recording (the text fixtures) keeps that case's
+    record at the top level instead, with its loss as `loss_<case>` (the case named by grads.safetensors)."""
+    if "cases" in meta:
+        return meta["cases"]
+    names = [k[len("loss_"):] for k in grads if k.startswith("loss_")]
+    return {name: {"desc": meta.get("case", ""), "loss": meta[f"loss_{name}"], "grad_norm": meta["grad_norm"],
+                   "grad_maxabs": meta["grad_maxabs"]} for name in names}
 
 

@@ -17,7 +17,9 @@ stops. auto_map entries must name modules of the folder itself: code in another 
 (`org/repo--module.Class`), paths out of the folder and files that are not there are refused.
 
 Each prompt is one case (batch of one, no padding), with the image given at the same position
-among the --image flags (`none` for a text-only case). The output folder holds
+among the --image flags (`none` for a text-only case). A text-only GLM-4 checkpoint (glm-4-9b-chat:
+no vision_config) takes text-only cases only: its remote code's forward has no `images` argument,
+so `images=` is passed only for a case with an image, and no vision module is hooked. The output folder holds
 `reference.safetensors` + `reference.json` in the fixtures' format; stored tensors go to disk as
 they are captured and are assembled into the final file at the end, all inside a hidden staging
 folder beside `--out` that is renamed into place when complete (glm4v_conversion.atomic: its lock
@@ -42,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.atomic import staging
+from glm4v_conversion.atomic import no_space_named, staging
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.parity.capture import VISION_OUT, CaptureError, Hooks, SpillWriter
 from glm4v_core.parity.preflight import (
     GENERATOR,
     check_out,
+    disk_report,
     memory_report,
     remote_code_files,
     writer_lock,
@@ -56,14 +59,30 @@ from glm4v_core.processing.chat import build_inputs
 
 TRANSFORMERS_VERSION = "4.44.2"  # the version the GLM-4V remote code was written and checked against
 INSTALL_HINT = "pip install -e '.[reference]'  (transformers==" + TRANSFORMERS_VERSION + ")"
-DEFAULT_PROMPT = "Describe this image."
+DEFAULT_PROMPT = "Describe this image."  # an image case's default (and a text case's on a GLM-4V checkpoint)
+DEFAULT_TEXT_PROMPT = "Write one sentence about the sea."  # a text-only checkpoint's default
 
 
 @dataclass
 class Case:
     name: str
-    prompt: str
+    prompt: str | None  # None: the checkpoint's default (default_prompt)
     image: Path | None
+
+
+def default_prompt(config: GLM4VConfig) -> str:
+    """The prompt of a case given none: a text prompt for a text-only checkpoint."""
+    return DEFAULT_PROMPT if config.has_vision else DEFAULT_TEXT_PROMPT
+
+
+def resolve_cases(cases: list[Case], config: GLM4VConfig) -> list[Case]:
+    """`cases` with their default prompts filled in; an image on a text-only checkpoint is refused."""
+    if not config.has_vision:
+        with_image = [c.name for c in cases if c.image is not None]
+        if with_image:
+            raise CaptureError(f"case(s) {', '.join(with_image)} have an image, but the checkpoint is text-only "
+                               "(config.json has no vision_config): give --image none or no --image")
+    return [Case(c.name, default_prompt(config) if c.prompt is None else c.prompt, c.image) for c in cases]
 
 
 # ---------------------------------------------------------------- command line
@@ -102,6 +121,7 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     if with_bf16 and dtype != torch.float32:
         raise CaptureError("--with-bf16 adds a bf16 pass to a float32 recording; drop it or use --dtype float32")
     n_layers = config.num_layers if layers is None else layers
+    cases = resolve_cases(cases, config)
     code = remote_code_files(checkpoint, raw_config)
     if not trust_remote_code:
         raise CaptureError(f"make-reference runs the Python code of {checkpoint} through transformers: "
@@ -115,10 +135,12 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
     inputs = {c.name: prepare_case(c, tok, config, raw_config, max_new_tokens) for c in cases}
     transformers = import_transformers()  # before the slow part: a missing extra fails fast
     print(memory_report(checkpoint, config, dtype, device, inputs, force, with_bf16), file=sys.stderr)
+    print(disk_report(out, config, inputs, n_layers, max_new_tokens, with_bf16, force), file=sys.stderr)
 
     # one writer per --out (a lock beside it; whoever takes it removes a killed run's staging folders
-    # and says so); the spill lives inside the staging folder, so a killed run leaves nothing else
-    with writer_lock(out), staging(out) as final:
+    # and says so); the spill lives inside the staging folder, so a killed run leaves nothing else,
+    # and a disk that fills up anyway is a CaptureError naming --out, with the staging folder gone
+    with no_space_named(out, CaptureError), writer_lock(out), staging(out) as final:
         check_out(out, overwrite)
         start = time.perf_counter()
         model = load_reference(transformers, checkpoint, dtype, device)
@@ -140,7 +162,7 @@ def make_reference(checkpoint: Path, out: Path, cases: list[Case], dtype: torch.
                                              "desc": f"{kind}: {case.prompt[:60]}"}
                 meta["generation"][case.name] = tokens
             if with_bf16:
-                record_bf16(model, cases, inputs, spill, meta, max_new_tokens, device)
+                record_bf16(model, cases, inputs, spill, meta, max_new_tokens, device, config.has_vision)
         del model
         meta["seconds"] = {"load": round(loaded, 1), "run": round(time.perf_counter() - start - loaded, 1)}
         meta["tensors"] = spill.describe()
@@ -174,9 +196,10 @@ def write_json(path: Path, meta: dict) -> None:
 
 
 def record_bf16(model, cases: list[Case], inputs: dict, spill: SpillWriter, meta: dict, max_new_tokens: int,
-                device: str) -> None:
+                device: str, vision: bool = True) -> None:
     """Cast the reference to bf16 in place (the weights were bf16 in the checkpoint: no new rounding)
-    and record each case again; the largest errors become the recording's `tolerances_observed`."""
+    and record each case again; the largest errors become the recording's `tolerances_observed`
+    (without an image key for a text-only checkpoint: parity asks for one only of a reference with images)."""
     from glm4v_core.parity.exact_kernels import reference_kernels
     model.to(torch.bfloat16)
     errors = []
@@ -189,16 +212,19 @@ def record_bf16(model, cases: list[Case], inputs: dict, spill: SpillWriter, meta
             meta["generation"][f"{case.name}_bf16"] = tokens
             errors.append((logits_error, image_error))
     # the key names are the fixtures' (their case a); here: the largest over this recording's cases
-    meta["tolerances_observed"] = {"bf16_vs_fp32_logits_a_maxabs": max(e[0] for e in errors),
-                                   "bf16_vs_fp32_image_embeds_a_maxabs": max(e[1] for e in errors),
+    observed = {"bf16_vs_fp32_logits_a_maxabs": max(e[0] for e in errors)}
+    if vision:
+        observed["bf16_vs_fp32_image_embeds_a_maxabs"] = max(e[1] for e in errors)
+    meta["tolerances_observed"] = {**observed,
                                    "note": "largest over this recording's cases (key names as in the fixtures)"}
 
 
 def prepare_case(case: Case, tokenizer, config: GLM4VConfig, raw_config: dict,
                  max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Our token ids (1, L) and pixels (1, 3, S, S) or None, checked against the reference's limits."""
+    """Our token ids (1, L) and pixels (1, 3, S, S) or None, checked against the reference's limits
+    (the tokenizer's own chat template: glm4v or glm4-chat)."""
     message = {"role": "user", "content": case.prompt, **({"image": str(case.image)} if case.image else {})}
-    inputs = build_inputs(tokenizer, [message], config.vision.image_size)
+    inputs = build_inputs(tokenizer, [message], config.vision.image_size if config.has_vision else None)
     last_position = inputs.input_ids.shape[1] + max_new_tokens - 1  # positions are unspliced token indices
     seq_length = raw_config.get("seq_length")
     if seq_length is not None and last_position >= seq_length:
@@ -241,7 +267,7 @@ def record_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor 
         spill.add(f"pixel_values_{case}", pixels)
     hooks = Hooks(model, case, spill, n_layers, with_image=pixels is not None)
     try:
-        out = model(input_ids=ids, images=images, use_cache=True, return_dict=True)
+        out = model(input_ids=ids, **image_kwargs(images), use_cache=True, return_dict=True)
     finally:
         hooks.remove()
     hooks.check()
@@ -251,6 +277,11 @@ def record_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Tensor 
     spill.add(f"gen_tokens_{case}", torch.tensor([tokens]))
     spill.add(f"gen_step_logits_{case}", step_logits)
     return tokens
+
+
+def image_kwargs(images: torch.Tensor | None) -> dict:
+    """`images=` for a case with an image only: glm-4-9b-chat's forward has no such argument."""
+    return {} if images is None else {"images": images}
 
 
 def greedy(model, prefill, prompt_len: int, max_new_tokens: int, device: str) -> tuple[list[int], torch.Tensor]:
@@ -279,13 +310,16 @@ def record_bf16_case(model, case: str, input_ids: torch.Tensor, pixels: torch.Te
     its own fp32 logits and image embeddings (0 when there is no image): the bound parity's bf16
     criteria are built on."""
     captured = []
-    vision = model.get_submodule(VISION_OUT)
-    handle = vision.register_forward_hook(lambda _m, _a, output: captured.append(output))
+    handle = None
+    if pixels is not None:  # a text-only checkpoint's reference has no vision module
+        vision = model.get_submodule(VISION_OUT)
+        handle = vision.register_forward_hook(lambda _m, _a, output: captured.append(output))
     try:
-        out = model(input_ids=input_ids.to(device), images=None if pixels is None else pixels.to(device),
+        out = model(input_ids=input_ids.to(device), **image_kwargs(None if pixels is None else pixels.to(device)),
                     use_cache=True, return_dict=True)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     spill.add(f"logits_{case}_bf16", out.logits)
     logits_error = (out.logits.float().cpu() - spill.read(f"logits_{case}")).abs().max().item()
     image_error = 0.0

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from glm4v_conversion.atomic import LeftoversWarning
+from glm4v_conversion.files import os_reason
 from glm4v_core.checkpoint import DTYPES
 from glm4v_core.errors import REFUSED
 from glm4v_core.parity.capture import CaptureError
@@ -32,10 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the checkpoint folder's own Python code (the modules config.json's auto_map names and "
                         "what they import): required, as transformers' trust_remote_code; read that code first")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                   help="a user message; repeat for several cases (default: one 'Describe this image.' per image)")
+                   help="a user message; repeat for several cases (default: one 'Describe this image.' per image; "
+                        "a text prompt for a text-only checkpoint)")
     p.add_argument("--image", action="append", default=[], metavar="IMG",
                    help="image of the prompt at the same position; 'none' for a text-only case; "
-                        "prompts after the last --image are text-only")
+                        "prompts after the last --image are text-only (a text-only checkpoint takes 'none' only)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: CHECKPOINT/tokenizer.model)")
     p.add_argument("--dtype", choices=REFERENCE_DTYPES, default="float32",
                    help="reference dtype (default float32: parity judges fp32 within 1e-4; a bfloat16 recording "
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-bf16", action="store_true",
                    help="after the float32 pass, run the reference cast to bfloat16 too and record its logits, image "
                         "embeddings, greedy tokens and error: then `glm4v parity --dtype bfloat16` judges our bf16 run")
-    p.add_argument("--force", action="store_true", help="run even if the memory estimate exceeds what is available")
+    p.add_argument("--force", action="store_true",
+                   help="run even if the memory or disk-space estimate exceeds what is available")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output folder that make-reference wrote (reference.safetensors + "
                         "reference.json and nothing else) or an empty one; any other folder is refused")
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             except (*REFUSED, FileNotFoundError) as e:  # a refused input: exit 1, as every glm4v command
                 print(f"{PROG}: error: {e}", file=sys.stderr)
                 return 1
+            except OSError as e:  # an I/O error (a full disk is a CaptureError already); staging removed the rest
+                print(f"{PROG}: error: {e.filename or args.out}: {os_reason(e)}; nothing was written", file=sys.stderr)
+                return 1
             tensors = written / "reference.safetensors"
             print(f"wrote {tensors} ({size(tensors.stat().st_size)}) and {written / 'reference.json'}\n"
                   f"compare: glm4v parity --checkpoint {args.checkpoint} --reference {tensors}")
@@ -92,9 +98,12 @@ def _print_warning(default):
 
 
 def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
-    """Prompt i goes with image i ('none': no image); without prompts, one default prompt per image."""
-    if not prompts:
-        prompts = [DEFAULT_PROMPT] * max(1, len(images))
+    """Prompt i goes with image i ('none': no image); without prompts, one default prompt per image
+    (DEFAULT_PROMPT with an image; None without: make_reference then picks the checkpoint's default,
+    a text prompt for a text-only checkpoint)."""
+    defaulted = not prompts
+    if defaulted:
+        prompts = ["-"] * max(1, len(images))
     if len(images) > len(prompts):
         raise CaptureError(f"{len(images)} --image flags for {len(prompts)} --prompt flags: give one prompt per image "
                              "(use --image none for a text-only prompt among image prompts)")
@@ -106,7 +115,7 @@ def cases_from_args(prompts: list[str], images: list[str]) -> list[Case]:
         path = None if image.lower() == "none" else Path(image)
         if path is not None and not path.is_file():
             raise CaptureError(f"--image {image}: no such file")
-        cases.append(Case(f"p{i:02d}", prompt, path))
+        cases.append(Case(f"p{i:02d}", (DEFAULT_PROMPT if path else None) if defaulted else prompt, path))
     return cases
 
 

@@ -1,6 +1,6 @@
 """What `glm4v make-reference` checks before it runs anything of the checkpoint: consent and the
 auto_map rules for its remote code, the --out destination (only a reference is ever replaced) and its
-lock, and the memory the recording needs.
+lock, and the memory and disk space the recording needs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from glm4v_conversion.atomic import DestinationBusyError, destination_lock
+from glm4v_conversion.atomic import DestinationBusyError, check_free_space, destination_lock, free_space
 from glm4v_conversion.errors import ConversionError
 from glm4v_conversion.files import file_kind, os_reason, parse_json, read_text
 from glm4v_conversion.safetensors_io import list_tensors, read_header
@@ -182,13 +182,12 @@ def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, dev
     """What the run needs, said before loading; an error if clearly more than the machine has."""
     n_params = sum(math.prod(info.shape) for info in list_tensors(checkpoint).values())
     weights = n_params * dtype.itemsize
-    longest = max(ids.shape[1] - 3 + (config.vision.grid // 2) ** 2 + 2 if px is not None else ids.shape[1]
-                  for ids, px in inputs.values())
-    v = config.vision
+    longest = max(spliced_length(ids, px, config) for ids, px in inputs.values())
+    v = config.vision  # None for a text-only GLM-4: no ViT
     # the largest transients: the logits of every prompt position (kept in fp32 too), the ViT's
     # attention scores if the reference's SDPA falls back to its math path, one MLP activation
     activations = (longest * config.vocab_size * (dtype.itemsize + 4)
-                   + v.num_heads * v.num_positions ** 2 * dtype.itemsize
+                   + (v.num_heads * v.num_positions ** 2 * dtype.itemsize if v is not None else 0)
                    + longest * 2 * config.ffn_hidden_size * dtype.itemsize)
     need = weights + activations
     lines = [f"make-reference: {count(n_params)} parameters in {str(dtype).removeprefix('torch.')}: "
@@ -211,6 +210,53 @@ def memory_report(checkpoint: Path, config: GLM4VConfig, dtype: torch.dtype, dev
         raise CaptureError("\n".join(lines) + "\nnot enough memory for this run: use --dtype bfloat16, another "
                              "--device, or --force to try anyway")
     return "\n".join(lines)
+
+
+def spliced_length(ids: torch.Tensor, pixels: torch.Tensor | None, config: GLM4VConfig) -> int:
+    """Positions of one case in the reference's decoder: an image's boi, placeholder, eoi (3 tokens)
+    become boi, its image tokens, eoi."""
+    return ids.shape[1] - 3 + config.vision.num_image_tokens + 2 if pixels is not None else ids.shape[1]
+
+
+HEADER_BYTES_PER_TENSOR = 160  # its name, dtype, shape and offsets in the safetensors header (generous)
+
+
+def reference_bytes(config: GLM4VConfig, inputs: dict, n_layers: int, max_new_tokens: int, with_bf16: bool) -> int:
+    """The size of the reference.safetensors a recording writes, from the config and each case's
+    (input ids, pixels): what record_case and capture.Hooks store, floats as fp32, integers as int64
+    (config.vision is read only for a case with pixels: a text-only checkpoint has none)."""
+    H, V, N, v = config.hidden_size, config.vocab_size, max_new_tokens, config.vision
+    total = 1024  # the header's metadata and padding
+    for ids, pixels in inputs.values():
+        L, T = ids.shape[1], spliced_length(ids, pixels, config)
+        floats = (n_layers + 1) * T * H if n_layers else 0  # hidden states: the embeddings, then each layer
+        floats += T * H + T * V + N * V  # final norm, prompt logits, each greedy step's logits
+        ints, tensors = L + T + N, 6 + (n_layers > 0)  # input ids, position ids, greedy tokens
+        if pixels is not None:  # pixels, patch embeddings and ViT output, conv and GLU outputs, image embeddings
+            floats += pixels.numel() + 2 * v.num_positions * v.hidden_size + 2 * v.num_image_tokens * H
+            floats += (v.num_image_tokens + 2) * H
+            tensors += 6
+        if with_bf16:  # its logits, image embeddings and greedy tokens
+            floats += T * V + ((v.num_image_tokens + 2) * H if pixels is not None else 0)
+            ints, tensors = ints + N, tensors + 2 + (pixels is not None)
+        total += 4 * floats + 8 * ints + HEADER_BYTES_PER_TENSOR * tensors
+    return total
+
+
+def disk_report(out: Path, config: GLM4VConfig, inputs: dict, n_layers: int, max_new_tokens: int,
+                with_bf16: bool, force: bool) -> str:
+    """The disk space the recording needs beside `out`, said before loading; an error if the file
+    system has less free (unless `force`). At the end the capture spill and the final file exist
+    together, so the peak is twice the file, plus reference.json (an indented line per token id)."""
+    final = reference_bytes(config, inputs, n_layers, max_new_tokens, with_bf16)
+    tokens = sum(ids.shape[1] + 2 * max_new_tokens for ids, _ in inputs.values())
+    peak = 2 * final + 16 * tokens + 4096
+    if not force:
+        check_free_space(out, peak, "the recording (reference.safetensors, and the capture spill until it is "
+                         "written)", CaptureError, "fewer or shorter cases, --layers N, a smaller "
+                         "--max-new-tokens, another --out, or --force to try anyway")
+    place, free = free_space(out)
+    return f"  disk: ~{size(final)} of reference.safetensors, ~{size(peak)} at the peak; {size(free)} free in {place}"
 
 
 def count(n: int) -> str:

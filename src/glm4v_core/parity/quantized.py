@@ -12,8 +12,8 @@ import torch
 
 from glm4v_core.checkpoint import load_model
 from glm4v_core.model.glm4v import GLM4V
-from glm4v_core.parity.compare import CaseReport, compare
-from glm4v_core.parity.reference import ReferenceFileError, case_inputs, reference_cases
+from glm4v_core.parity.compare import CaseReport, compare, recorded_error
+from glm4v_core.parity.reference import ReferenceFileError, case_inputs, logits_key, reference_cases
 
 INT8_BUDGET_X_BF16 = 3.0     # int8 logits max-abs <= 3x the reference's own bf16-vs-fp32 error
 
@@ -48,10 +48,10 @@ class QuantBudget:
 def quant_budget(record: dict, meta: dict, ref: dict[str, torch.Tensor], baseline: Path | None,
                  dtype: torch.dtype, device: str) -> QuantBudget:
     if record["scheme"] == "int8":
-        bf16 = meta.get("tolerances_observed", {}).get("bf16_vs_fp32_logits_a_maxabs")
+        bf16 = recorded_error(meta.get("tolerances_observed", {}), "logits")
         if bf16 is None:
-            raise ReferenceFileError("an int8 parity run needs tolerances_observed.bf16_vs_fp32_logits_a_maxabs in the "
-                             "reference's .json")
+            raise ReferenceFileError("an int8 parity run needs tolerances_observed.bf16_vs_fp32_logits_<case>_maxabs "
+                                     "in the reference's .json")
         return QuantBudget("int8", INT8_BUDGET_X_BF16 * bf16, INT8_MIN_ARGMAX_AGREEMENT,
                            f"{INT8_BUDGET_X_BF16:g}x the reference's bf16-vs-fp32 error {bf16:.3g}")
     if baseline is None or not (Path(baseline) / "config.json").exists():
@@ -62,17 +62,21 @@ def quant_budget(record: dict, meta: dict, ref: dict[str, torch.Tensor], baselin
     worst = 0.0
     with use_backend("torch"), torch.no_grad():  # plain dequantize-then-matmul
         for case in reference_cases(ref):
-            logits, rows = _case_logits(rtn, ref, case)
-            worst = max(worst, compare("logits", logits, ref[f"logits_{case}"], None, rows).max_abs)
+            logits, rows, key = _case_logits(rtn, ref, case)
+            worst = max(worst, compare("logits", logits, ref[key], None, rows).max_abs)
     return QuantBudget("int4", INT4_BUDGET_X_RTN * worst, None,
                        f"{INT4_BUDGET_X_RTN:g}x plain round-to-nearest int4 (group {record['group_size']}) "
                        f"on {baseline}: {worst:.3g}")
 
 
-def _case_logits(model: GLM4V, ref: dict[str, torch.Tensor], case: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _case_logits(model: GLM4V, ref: dict[str, torch.Tensor], case: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Our logits of a case, the rows to compare (None: all) and the reference key they match."""
     inputs = {k: (v.to(model.device) if v is not None else None) for k, v in case_inputs(ref, case).items()}
+    key, last = logits_key(ref, case)
     rows = ref.get(f"attention_mask_expanded_{case}", ref.get(f"attention_mask_{case}"))
-    return model(**inputs).logits, rows.bool() if rows is not None else None
+    rows = None if rows is None else rows.bool()[:, -last:] if last else rows.bool()
+    return model(**inputs, logits_to_keep=last).logits, rows, key
 
 
 @torch.no_grad()
@@ -83,8 +87,8 @@ def run_quantized_parity(checkpoint: Path, ref: dict[str, torch.Tensor], meta: d
     model = load_model(checkpoint, dtype=dtype, device=device)
     reports = []
     for case in reference_cases(ref):
-        logits, rows = _case_logits(model, ref, case)
-        stage = compare("logits", logits, ref[f"logits_{case}"], budget.logits, rows, argmax_margin=float("inf"))
+        logits, rows, key = _case_logits(model, ref, case)
+        stage = compare("logits", logits, ref[key], budget.logits, rows, argmax_margin=float("inf"))
         if budget.min_argmax_agreement is not None:
             stage.ok = stage.ok and stage.argmax_agree >= budget.min_argmax_agreement
         agreement = f"; argmax agreement >= {budget.min_argmax_agreement:g}" if budget.min_argmax_agreement else ""

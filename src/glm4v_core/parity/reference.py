@@ -3,6 +3,7 @@ another model before anything is loaded.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -25,8 +26,28 @@ def case_inputs(ref: dict[str, torch.Tensor], case: str) -> dict[str, torch.Tens
             "attention_mask": mask, "position_ids": positions}
 
 
+# A long prompt's reference holds the logits of its last N positions only: logits_<case>_last<N>.
+LAST_LOGITS = re.compile(r"logits_(.+)_last(\d+)$")
+
+
 def reference_cases(ref: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k[len("logits_"):] for k in ref if k.startswith("logits_") and not k.endswith("_bf16"))
+    cases = set()
+    for key in ref:
+        if key.startswith("logits_") and not key.endswith("_bf16"):
+            last = LAST_LOGITS.match(key)
+            cases.add(last.group(1) if last else key[len("logits_"):])
+    return sorted(cases)
+
+
+def logits_key(ref: dict, case: str) -> tuple[str, int | None]:
+    """The key of a case's reference logits, and how many last positions they cover (None: all)."""
+    if f"logits_{case}" in ref:
+        return f"logits_{case}", None
+    for key in ref:
+        last = LAST_LOGITS.match(key)
+        if last and last.group(1) == case:
+            return key, int(last.group(2))
+    raise KeyError(case)
 
 
 def recorded_in_bf16(meta: dict) -> bool:
@@ -55,19 +76,28 @@ def check_reference(ref_path: Path, config: GLM4VConfig) -> None:
                                  "(see tests/fixtures/tiny/reference.safetensors)")
     v = config.vision
     want = [("logits", -1, config.vocab_size, "padded_vocab_size"),
-            ("pixel_values", 1, v.in_channels, "vision_config.in_channels"),
-            ("pixel_values", 2, v.image_size, "vision_config.image_size"),
-            ("pixel_values", 3, v.image_size, "vision_config.image_size"),
             ("hidden_states", -1, config.hidden_size, "hidden_size"),
-            ("final_norm_out", -1, config.hidden_size, "hidden_size"),
-            ("vision_patch_embed", -1, v.hidden_size, "vision_config.hidden_size")]
+            ("final_norm_out", -1, config.hidden_size, "hidden_size")]
+    if v is not None:
+        want += [("pixel_values", 1, v.in_channels, "vision_config.in_channels"),
+                 ("pixel_values", 2, v.image_size, "vision_config.image_size"),
+                 ("pixel_values", 3, v.image_size, "vision_config.image_size"),
+                 ("vision_patch_embed", -1, v.hidden_size, "vision_config.hidden_size")]
     for case in cases:
+        if v is None and f"pixel_values_{case}" in infos:
+            raise ReferenceFileError(f"{ref_path}: case {case!r} has images (pixel_values_{case}), but this "
+                                     "checkpoint is a text-only GLM-4 (no vision_config)")
+        key, last = logits_key(infos, case)
+        logits = infos[key]
+        if last is not None and (len(logits.shape) != 3 or logits.shape[1] != last):
+            raise ReferenceFileError(f"{ref_path}: {key} must hold (batch, {last}, vocab) logits, got "
+                                     f"{list(logits.shape)}")
         ids = infos.get(f"input_ids_{case}")
         if ids is None or len(ids.shape) != 2 or ids.dtype.is_floating_point:
             raise ReferenceFileError(f"{ref_path}: case {case!r} needs an integer input_ids_{case} of shape (batch, "
                                      f"tokens), got {None if ids is None else list(ids.shape)}")
         for stage, dim, size, what in want:
-            info = infos.get(f"{stage}_{case}")
+            info = infos.get(key if stage == "logits" else f"{stage}_{case}")
             if info is None:
                 continue
             rank_ok = len(info.shape) == 4 if stage == "pixel_values" else len(info.shape) > 0

@@ -16,7 +16,8 @@ from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.parity.compare import CaseReport, Stage, Tolerances, compare, exact
 from glm4v_core.parity.exact_kernels import reference_kernels
 from glm4v_core.parity.quantized import quantization_of, run_quantized_parity
-from glm4v_core.parity.reference import case_inputs, recorded_in_bf16, reference_cases
+from glm4v_core.parity.reference import case_inputs, logits_key, recorded_in_bf16, reference_cases
+from glm4v_core.transforms.lora import load_adapters
 
 
 @torch.no_grad()
@@ -37,7 +38,9 @@ def run_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str, 
                            ("vision.conv_out", conv), ("vision.glu_out", glu)):
             r = ref[f"{name.replace('.', '_')}_{case}"]
             stages.append(compare(name, ours, r, tol.vision(r)))
-    out = model(**inputs, output_hidden_states=True)
+    key, last = logits_key(ref, case)  # a long case holds the last positions' logits only
+    hidden_wanted = f"hidden_states_{case}" in ref or f"final_norm_out_{case}" in ref
+    out = model(**inputs, output_hidden_states=hidden_wanted, logits_to_keep=last)
     if out.image_embeds is not None and f"image_embeds_{case}" in ref:
         stages.append(compare("image_embeds", out.image_embeds, ref[f"image_embeds_{case}"], tol.image))
     if f"position_ids_{case}" in ref:
@@ -46,6 +49,8 @@ def run_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str, 
     if f"attention_mask_expanded_{case}" in ref and out.attention_mask is not None:
         stages.append(exact("attention_mask", out.attention_mask, rows))
     rows = rows.bool() if rows is not None else None
+    if rows is not None and last is not None:
+        rows = rows[:, -last:]
     if f"hidden_states_{case}" in ref:
         hs = ref[f"hidden_states_{case}"]  # (layers + 1, T, H), batch of one
         for i, ours in enumerate(out.hidden_states[:hs.shape[0]]):  # a recording may hold the first layers only
@@ -54,7 +59,8 @@ def run_case(model: GLM4V, ref: dict[str, torch.Tensor], meta: dict, case: str, 
     if f"final_norm_out_{case}" in ref:
         r = ref[f"final_norm_out_{case}"]
         stages.append(compare("final_norm", model.text.final_norm(out.hidden_states[-1]), r, tol.hidden()))
-    stages.append(compare("logits", out.logits, ref[f"logits_{case}"], tol.logits, rows, argmax_margin=tol.margin))
+    name = "logits" if last is None else f"logits (last {last})"
+    stages.append(compare(name, out.logits, ref[key], tol.logits, rows, argmax_margin=tol.margin))
     if f"logits_{case}_bf16" in ref and model.dtype == torch.bfloat16:  # informational: bit-exact?
         stages.append(compare("logits vs reference bf16", out.logits, ref[f"logits_{case}_bf16"], None, rows))
     greedy = greedy_stage(model, inputs, ref, case, tol)
@@ -93,8 +99,11 @@ def greedy_stage(model: GLM4V, inputs: dict, ref: dict[str, torch.Tensor], case:
 
 def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
                dtype: torch.dtype = torch.float32, device: str = "cpu",
-               baseline: str | Path | None = None, tp: bool = False) -> list[CaseReport]:
-    """tp: run as one rank of a tensor-parallel group (every rank of the group calls this)."""
+               baseline: str | Path | None = None, tp: bool = False,
+               adapter: str | Path | None = None) -> list[CaseReport]:
+    """tp: run as one rank of a tensor-parallel group (every rank of the group calls this). adapter: a
+    LoRA adapter file (load_adapters) applied to the loaded model; the reference must then be one
+    recorded on the adapted model (e.g. glm4v make-reference on `glm4v finetune --save-merged`'s OUT/merged)."""
     checkpoint = Path(checkpoint)
     ref_path = Path(reference) if reference else checkpoint / "reference.safetensors"
     meta_path = ref_path.with_suffix(".json")
@@ -105,8 +114,11 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     record = quantization_of(checkpoint)
     if record is not None:
         return run_quantized_parity(checkpoint, ref, meta, record, dtype, device, baseline or ref_path.parent)
-    tol = Tolerances(meta, torch.float32 if recorded_in_bf16(meta) else dtype)
+    tol = Tolerances(meta, torch.float32 if recorded_in_bf16(meta) else dtype,
+                     images=any(k.startswith("pixel_values_") for k in ref))
     model = load_model(checkpoint, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapters(model, adapter)
     if tp:
         from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
         model = distributed.tensor_parallel(model, distributed.mesh(torch.device(device)))

@@ -5,9 +5,17 @@ The reference (THUDM/glm-4v-9b `apply_chat_template`, after the demos' `convert(
 plus float32 `(x / 255 - mean) / std` reproduces it bit for bit (tests/fixtures/images); torch's
 bicubic `interpolate` does not (0.06-0.24 off), so the resize stays in PIL. Like the reference, no
 EXIF rotation is applied.
+
+Every bad file is an ImageError naming it: not a regular file, empty, not an image, over
+MAX_IMAGE_PIXELS (checked from the header, before any pixel is decoded), a decompression bomb by
+Pillow's own checks (its pixel-count warning is an error here, and so is a text chunk that inflates
+past its limit), truncated or corrupt data, or a mode with no RGB meaning. `verify_image` runs the
+same checks and the full decode once without keeping the pixels, so that a caller (the fine-tuning
+data reader) can refuse a file up front that `load_image` would refuse later.
 """
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +44,9 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # Modes with no agreed 8-bit meaning (value range unknown): the caller must convert them.
 UNSUPPORTED_MODES = ("I", "F")
+# What Pillow's readers raise on a damaged file: Image.open turns some of these into
+# UnidentifiedImageError itself, but not all (a ValueError from a PPM header or a PNG text chunk).
+PILLOW_FILE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error)
 
 
 def load_image(image: ImageInput, size: int) -> torch.Tensor:
@@ -45,9 +56,21 @@ def load_image(image: ImageInput, size: int) -> torch.Tensor:
         return _preprocess(_to_rgb(image, "PIL image"), size)
     if not isinstance(image, (str, Path)):
         raise ImageError(f"expected a file path or a PIL.Image.Image, got {type(image).__name__}")
-    path = Path(image)
+    path = _as_path(image)
     with _open(path) as img:
         return _preprocess(_to_rgb(img, str(path)), size)
+
+
+def verify_image(path: str | Path) -> tuple[int, int]:
+    """Decode the file once as load_image does and drop the pixels; its (width, height).
+
+    Raises the ImageError load_image would raise, so a file that passes here loads later."""
+    if not isinstance(path, (str, Path)):
+        raise ImageError(f"expected a file path, got {type(path).__name__}")
+    path = _as_path(path)
+    with _open(path) as img:
+        _to_rgb(img, str(path))  # the full decode; the RGB copy is dropped on return
+        return img.size
 
 
 def preprocess(images: Sequence[ImageInput], size: int) -> torch.Tensor:
@@ -61,6 +84,12 @@ def _check_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ImageError(f"image size must be a positive int (vision_config.image_size), got {size!r}")
     return size
+
+
+def _as_path(image: str | Path) -> Path:
+    if "\0" in str(image):  # os.stat would raise a bare ValueError
+        raise ImageError(f"image path {str(image)!r} holds a NUL byte: no file can have that name")
+    return Path(image)
 
 
 def _open(path: Path) -> Image.Image:
@@ -77,8 +106,8 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(f"image {path} is over Pillow's decompression-bomb limit: {e}") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{path} is not an image file Pillow can read") from e
-    except OSError as e:
-        raise ImageError(f"cannot read image {path}: {e.strerror or e}") from e
+    except PILLOW_FILE_ERRORS as e:
+        raise ImageError(f"cannot read image {path}: {getattr(e, 'strerror', None) or e}") from e
     try:
         _check_pixels(img, str(path))
     except ImageError:
@@ -89,6 +118,8 @@ def _open(path: Path) -> Image.Image:
 
 def _check_pixels(img: Image.Image, name: str) -> None:
     w, h = img.size
+    if w * h == 0:  # would resize to a silent all-black input
+        raise ImageError(f"{name} is {w}x{h}: an image with no pixels")
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(
             f"{name} is {w}x{h} = {w * h} pixels, over MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS} "
@@ -111,7 +142,7 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
             # Keep the top 8 bits: x * 257 (8-bit data stored as 16-bit) maps back to exactly x.
             img = Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
         return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data surfaces on decode
+    except PILLOW_FILE_ERRORS as e:  # truncated or corrupt data surfaces on decode
         raise ImageError(f"cannot decode {name} (mode {img.mode!r}): {e}") from e
 
 

@@ -1,8 +1,8 @@
-"""GLM-4 tokenizer: tiktoken byte-level BPE over `tokenizer.model`, 14 special tokens, chat template.
+"""GLM-4 tokenizer: tiktoken byte-level BPE over `tokenizer.model`, 14 special tokens, chat templates.
 
-Reproduces THUDM/glm-4v-9b `ChatGLM4Tokenizer` (every claim is pinned by
-tests/fixtures/tokenizer/cases.json) without transformers or jinja. The template is the
-`apply_chat_template` method below: that is the whole algorithm.
+Reproduces the `ChatGLM4Tokenizer` of THUDM/glm-4v-9b and glm-4-9b-chat without transformers or
+jinja (pinned by tests/fixtures/tokenizer/cases.json and chat_text_cases.json). The templates and
+the message checks live in chat_template.py; `apply_chat_template` here turns their pieces into ids.
 """
 from __future__ import annotations
 
@@ -10,18 +10,32 @@ import binascii
 import operator
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import tiktoken
 
 from glm4v_conversion.files import read_bytes
 from glm4v_core.config import BUNDLED_VOCABULARY, GLM4VConfig
-from glm4v_core.errors import CLIError, GLM4VError
+from glm4v_core.errors import CLIError
+from glm4v_core.processing.chat_template import (
+    IMAGE_PLACEHOLDER,
+    MESSAGE_KEYS,
+    PREFIX_TOKENS,
+    ROLES,
+    Message,
+    Special,
+    TokenizerError,
+    check_conversation,
+    check_message,
+    checkpoint_template,
+    conversation_images,
+    template_named,
+)
 
-
-class TokenizerError(GLM4VError):
-    """A bad vocabulary file, message or token id; the text says which and where."""
-
+# Message checks moved to chat_template.py; these names stay importable from here.
+__all__ = ["IMAGE_PLACEHOLDER", "MESSAGE_KEYS", "PAT_STR", "PREFIX_TOKENS", "ROLES", "SPECIAL_TOKENS", "STOP_TOKENS",
+           "Message", "Tokenizer", "TokenizerError", "check_conversation", "check_message", "check_tokenizer_fits",
+           "conversation_images", "load_ranks", "resolve_tokenizer", "truncated_tokenizer"]
 
 # GLM-4's pre-tokenizer split: OpenAI's original cl100k_base pattern (digits in runs of <= 3).
 PAT_STR = (
@@ -34,22 +48,7 @@ SPECIAL_TOKENS = (
     "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
     "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
 )
-ROLES = ("system", "user", "assistant", "observation")
 STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")  # generation ends on any of these
-PREFIX_TOKENS = ("[gMASK]", "<sop>")
-# <|endoftext|> doubles as the image slot; the model swaps these 3 embeddings for the image's 1602.
-# One block per image; the reference allows one image per conversation, we allow any number.
-IMAGE_PLACEHOLDER = ("<|begin_of_image|>", "<|endoftext|>", "<|end_of_image|>")
-MESSAGE_KEYS = ("role", "content", "metadata", "image")
-
-
-class Message(NamedTuple):
-    """One checked chat message; `images` holds what the caller passed (paths or PIL images), in order."""
-
-    role: str
-    content: str
-    metadata: str
-    images: tuple[Any, ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,70 +106,13 @@ def _raise_first_bad_line(path: Path, lines: list[bytes]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Messages
-
-def check_message(message: Any, index: int) -> Message:
-    """Validate one chat message dict; `index` only serves the error text."""
-    where = f"message {index}"
-    if not isinstance(message, Mapping):
-        raise TokenizerError(f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}")
-    unknown = sorted(set(message) - set(MESSAGE_KEYS))
-    if unknown:  # a typo such as 'images' would otherwise silently drop the image
-        raise TokenizerError(f"{where} has unsupported keys {unknown}; allowed: {list(MESSAGE_KEYS)}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise TokenizerError(f"{where} has unknown role {role!r}; expected one of {list(ROLES)}")
-    content = _optional_str(message, "content", where)
-    metadata = _optional_str(message, "metadata", where)
-    return Message(role, content, metadata, _images(message.get("image"), where))
-
-
-def _no_image(value: Any) -> bool:
-    """The reference's `if image:` on the values it can meet; a PIL image or a tensor is never falsy here."""
-    return value is None or value is False or (isinstance(value, (str, bytes, list, tuple)) and len(value) == 0)
-
-
-def _images(value: Any, where: str) -> tuple[Any, ...]:
-    """'image': one image or a list of them (placed before the text, in order); '', None, False = none."""
-    if _no_image(value):
-        return ()
-    if not isinstance(value, (list, tuple)):
-        return (value,)
-    empty = [i for i, v in enumerate(value) if _no_image(v)]
-    if empty:
-        raise TokenizerError(f"{where}: 'image' list entry {empty[0]} is empty ({value[empty[0]]!r}); "
-                             "give a path or a PIL image, or leave it out of the list")
-    return tuple(value)
-
-
-def _optional_str(message: Mapping, key: str, where: str) -> str:
-    value = message.get(key)
-    if value is None:  # the reference treats a missing or None field as ""
-        return ""
-    if not isinstance(value, str):
-        hint = " (put an image under the 'image' key)" if key == "content" else ""
-        raise TokenizerError(f"{where}: {key!r} must be a str, got {type(value).__name__}{hint}")
-    return value
-
-
-def check_conversation(messages: Sequence[Mapping]) -> list[Message]:
-    """Validate a whole conversation (any number of images, in any messages)."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise TokenizerError(f"a conversation is a list of message dicts, got {type(messages).__name__}")
-    return [check_message(m, i) for i, m in enumerate(messages)]
-
-
-def conversation_images(messages: Sequence[Mapping]) -> list[Any]:
-    """The conversation's images (paths or PIL images) in the order of their placeholder blocks."""
-    return [image for m in check_conversation(messages) for image in m.images]
-
-
-# ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    """GLM-4 BPE + special tokens. Special ids follow the last rank, so toy vocabularies work too."""
+    """GLM-4 BPE + special tokens + one chat template. Special ids follow the last rank, so toy
+    vocabularies work too. `template` says what conversations it takes (roles, images, tools)."""
 
-    def __init__(self, ranks: dict[bytes, int], name: str = "glm4"):
+    def __init__(self, ranks: dict[bytes, int], name: str = "glm4", chat_template: str = "glm4v"):
+        self.template = template_named(chat_template)
         n_ranks = len(ranks)
         self.special_ids: dict[str, int] = {t: n_ranks + i for i, t in enumerate(SPECIAL_TOKENS)}
         self.vocab_size = n_ranks + len(SPECIAL_TOKENS)  # ids the tokenizer can produce or decode
@@ -183,18 +125,31 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
-        return cls(load_ranks(path))
+    def from_file(cls, path: str | Path, chat_template: str = "glm4v") -> Tokenizer:
+        template_named(chat_template)  # a bad name fails before the 0.3 s vocabulary load
+        return cls(load_ranks(path), chat_template=chat_template)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> Tokenizer:
+    def from_checkpoint(cls, directory: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """The folder's tokenizer.model, with the template its reference tokenizer applies unless
+        `chat_template` names one (chat_template.checkpoint_template says how it is chosen)."""
         path = Path(directory) / "tokenizer.model"
         if not (path.exists() or path.is_symlink()):
             raise TokenizerError(
-                f"no tokenizer.model in {directory}: GLM-4V checkpoints ship it beside config.json; "
+                f"no tokenizer.model in {directory}: GLM-4 checkpoints ship it beside config.json; "
                 "for a folder without one, use Tokenizer.from_file(<path to a rank file>)"
             )
-        return cls.from_file(path)
+        return cls.from_file(path, chat_template or checkpoint_template(directory))
+
+    @property
+    def chat_template(self) -> str:
+        """The template's name: 'glm4v' (GLM-4V checkpoints) or 'glm4-chat' (glm-4-9b-chat, -1m)."""
+        return self.template.name
+
+    @property
+    def chat_roles(self) -> tuple[str, ...]:
+        """The roles a message may have under this template, for servers and chat commands to check."""
+        return self.template.roles
 
     # -- text <-> ids ---------------------------------------------------------------------------
 
@@ -239,21 +194,36 @@ class Tokenizer:
     # -- chat template ----------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping], add_generation_prompt: bool = False, add_special_tokens: bool = True
+        self,
+        messages: Sequence[Mapping],
+        add_generation_prompt: bool = False,
+        add_special_tokens: bool = True,
+        special_tokens_in_content: str = "text",
     ) -> list[int]:
-        """[gMASK]<sop> then, per message: <|role|> BPE(metadata + "\\n") [one image block per image] BPE(content)."""
-        sp = self.special_ids
-        ids = [sp[t] for t in PREFIX_TOKENS] if add_special_tokens else []
-        for m in check_conversation(messages):
-            if not m.content and not m.images:
-                continue  # the reference drops such a message entirely, role token included
-            ids.append(sp[f"<|{m.role}|>"])
-            ids += self.encode_ordinary(m.metadata + "\n")
-            ids += [sp[t] for t in IMAGE_PLACEHOLDER] * len(m.images)  # in the images' order, before the text
-            ids += self.encode_ordinary(m.content)  # plain text: '<|user|>' inside content stays text
-        if add_generation_prompt:
-            ids.append(sp["<|assistant|>"])  # no end-of-turn token exists in GLM-4's format
+        """The conversation's ids under this tokenizer's template; add_special_tokens writes [gMASK]<sop>.
+
+        The special tokens the template writes are always ids. Text from the messages (content, metadata,
+        tools) is plain BPE by default, so a '<|user|>' typed by a user stays text and cannot forge a turn.
+        special_tokens_in_content="parse" turns such text into control tokens, as the reference tokenizer
+        does on the rendered string (the ids then equal tokenizer(render_chat(...)) in transformers)."""
+        encoders = {"text": self.encode_ordinary, "parse": self.encode}
+        if special_tokens_in_content not in encoders:
+            raise TokenizerError(f"special_tokens_in_content must be 'text' (special-token text in messages stays "
+                                 f"text) or 'parse' (it becomes control tokens), got {special_tokens_in_content!r}")
+        encode = encoders[special_tokens_in_content]
+        ids = []
+        for piece in self._chat_pieces(messages, add_generation_prompt, add_special_tokens):
+            ids += [self.special_ids[piece]] if isinstance(piece, Special) else encode(piece)
         return ids
+
+    def render_chat(
+        self, messages: Sequence[Mapping], add_generation_prompt: bool = False, add_special_tokens: bool = True
+    ) -> str:
+        """The conversation as the template's text (transformers' apply_chat_template(..., tokenize=False))."""
+        return "".join(self._chat_pieces(messages, add_generation_prompt, add_special_tokens))
+
+    def _chat_pieces(self, messages: Sequence[Mapping], add_generation_prompt: bool, add_special_tokens: bool):
+        return self.template.render(check_conversation(messages), add_generation_prompt, add_special_tokens)
 
 
 def _check_text(text: Any) -> str:
@@ -262,36 +232,42 @@ def _check_text(text: Any) -> str:
     return text
 
 
+def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig,
+                      chat_template: str | None = None) -> Tokenizer:
+    """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit.
 
-
-def resolve_tokenizer(path: Path | None, checkpoint: Path, config: GLM4VConfig) -> Tokenizer:
-    """--tokenizer, else the checkpoint's tokenizer.model, else the bundled vocabulary cut to fit."""
+    chat_template: a template name, or None (or "auto") for the checkpoint's own (checkpoint_template:
+    glm4v for GLM-4V, glm4-chat for a text-only GLM-4), whichever vocabulary file is used."""
+    if chat_template in (None, "auto"):
+        chat_template = checkpoint_template(checkpoint)
     if path is not None:
-        tokenizer = Tokenizer.from_file(path)
+        tokenizer = Tokenizer.from_file(path, chat_template)
     elif (checkpoint / "tokenizer.model").exists() or (checkpoint / "tokenizer.model").is_symlink():
-        tokenizer = Tokenizer.from_checkpoint(checkpoint)  # a FIFO or folder there is named, not skipped
+        tokenizer = Tokenizer.from_checkpoint(checkpoint, chat_template)  # a FIFO or folder there is named
     elif BUNDLED_VOCABULARY.is_file():
-        tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id)
+        tokenizer = truncated_tokenizer(BUNDLED_VOCABULARY, config.pad_token_id, chat_template)
     else:
         raise CLIError(f"{checkpoint} has no tokenizer.model; pass --tokenizer FILE")
     check_tokenizer_fits(tokenizer, config)
     return tokenizer
 
 
-def truncated_tokenizer(vocabulary: Path, n_ranks: int) -> Tokenizer:
+def truncated_tokenizer(vocabulary: Path, n_ranks: int, chat_template: str = "glm4v") -> Tokenizer:
     """The first n_ranks BPE ranks of a vocabulary; the special tokens then take ids n_ranks.. ."""
+    template_named(chat_template)  # a bad name fails before the vocabulary load
     ranks = load_ranks(vocabulary)
     if not 256 <= n_ranks <= len(ranks):
         raise CLIError(f"cannot cut {vocabulary} ({len(ranks)} ranks) to {n_ranks} ranks (need 256 single bytes)")
-    return Tokenizer({token: rank for token, rank in ranks.items() if rank < n_ranks})
+    return Tokenizer({token: rank for token, rank in ranks.items() if rank < n_ranks}, chat_template=chat_template)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: GLM4VConfig) -> None:
     """The ids the model treats specially must be the tokenizer's, or prompts are silently wrong."""
     sp = tokenizer.special_ids
-    pairs = {"pad_token_id (<|endoftext|>)": (config.pad_token_id, sp["<|endoftext|>"]),
-             "boi_token_id (<|begin_of_image|>)": (config.boi_token_id, sp["<|begin_of_image|>"]),
-             "eoi_token_id (<|end_of_image|>)": (config.eoi_token_id, sp["<|end_of_image|>"])}
+    pairs = {"pad_token_id (<|endoftext|>)": (config.pad_token_id, sp["<|endoftext|>"])}
+    if config.has_vision:  # a text-only GLM-4 has no image ids to compare
+        pairs |= {"boi_token_id (<|begin_of_image|>)": (config.boi_token_id, sp["<|begin_of_image|>"]),
+                  "eoi_token_id (<|end_of_image|>)": (config.eoi_token_id, sp["<|end_of_image|>"])}
     for name, (model_id, tok_id) in pairs.items():
         if model_id != tok_id:
             raise TokenizerError(f"tokenizer does not fit the checkpoint: config {name} is {model_id}, the "

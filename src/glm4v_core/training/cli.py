@@ -12,20 +12,28 @@ The output folder OUT:
     loss.jsonl                  one JSON line per step (step, epoch, loss, lr, tokens, tokens_per_s)
                                 and per evaluation (step, eval_loss)
     loss.png                    the loss curve (needs matplotlib; skipped with a note otherwise)
-    checkpoints/step-00000N/    every --save-every steps, at the end, on Ctrl-C / SIGTERM / SIGHUP and
-                                when a step's loss is not finite: trained
-                                tensors, AdamW state, RNG states, step (glm4v_core.training.state)
+    checkpoints/step-00000N/    every --save-every steps, at the end, on Ctrl-C / SIGTERM / SIGHUP, when
+                                a step's loss is not finite and on another error during training:
+                                trained tensors, AdamW state, RNG states, step (glm4v_core.training.state);
+                                --keep-last N keeps the N newest (the older ones go once a newer is complete)
     adapter.safetensors         the final adapters (LoRA runs)
-    merged/ or model/           with --save-merged (LoRA: adapters merged) or after a full
-                                fine-tune: a checkpoint folder written by save_model (HF layout)
+    merged/ or model/           with --save-merged (LoRA: adapters merged; over a quantized base, into
+                                its dequantized weights) or after a full fine-tune: a checkpoint folder
+                                written by save_model (HF layout)
 
 Before anything is written, OUT is checked (glm4v_core.training.output.check_out: a folder holding a
 previous run's files is refused unless --resume continues that run) and every number (finite, in
-range; a --lora-rank no larger than the smallest layer it wraps, once the model is built). The run
-holds OUT's lock (the converter's destination lock) from its first write to its end. A step whose
+range; a --lora-rank no larger than the smallest layer it wraps, once the model is built), and the
+bytes the run will write against the free space of OUT's file system. The run holds OUT's lock (the
+converter's destination lock) from its first write to its end; under it, it removes (and reports
+in one line) what a killed run's unfinished writes left in OUT, only our own hidden staging names. A step whose
 loss or gradient norm is not finite is not applied: the run saves the state before it and stops
-with a FinetuneError naming the step and that checkpoint. Under `glm4v finetune`, SIGTERM and
-SIGHUP stop the run as Ctrl-C does (a checkpoint, then exit 143 / 129 instead of 130).
+with a FinetuneError naming the step and that checkpoint. Any other error during training (out of
+memory, a named error; in a step, the evaluation or the final files) saves the last completed step
+when the state in memory is one (not mid-update, not under --fsdp) and is a FinetuneError naming
+that checkpoint. Under `glm4v finetune`, SIGTERM and SIGHUP stop the run as Ctrl-C does (a
+checkpoint, then exit 143 / 129 instead of 130). stderr: a start line (what is trained, on what,
+into OUT), held-out losses (through the progress bar), a closing line naming the files written.
 
 --resume OUT (or a checkpoint folder) reloads the latest checkpoint and continues: the data order
 is a function of (seed, epoch) and every other state is restored, so the loss curve is the one an
@@ -69,7 +77,8 @@ ON_BAD_RECORD = ("skip", "error")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glm4v finetune", description="LoRA / full fine-tuning of GLM-4V on a "
                                 "JSONL of conversations (see glm4v_core.training.data for the format).",
-                                epilog="exit status: 0 done; 1 a refused input or a non-finite step; 2 a usage "
+                                epilog="exit status: 0 done; 1 a refused input, a non-finite step or another "
+                                       "error during training (a checkpoint saved if a step completed); 2 a usage "
                                        "error; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when "
                                        "training had started).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -126,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "used: skip it (counted, and named in a warning) or stop with an error (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: %(default)s, "
                    "only at the end)")
+    p.add_argument("--keep-last", type=at_least_one, default=None, metavar="N", help="after each checkpoint is "
+                   "complete, delete this run's older checkpoints/step-* beyond the N newest (N >= 1) (default: "
+                   "keep all)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default: "
                    "%(default)s, only at the end)")
     p.add_argument("--save-merged", action="store_true", help="LoRA: also write OUT/merged, a full checkpoint "
@@ -135,8 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of --keep-last: an integer >= 1 (else a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 1 (the newest checkpoints kept)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 done; 1 a refused input or a non-finite step (one line); 2 a usage error;
+    """Exit status: 0 done; 1 a refused input, a non-finite step or an error during training (one
+    line); 2 a usage error;
     130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when the run had started training)."""
     args = build_parser().parse_args(argv)
     import torch  # lazy, as the library: not for --help, --version or a usage error

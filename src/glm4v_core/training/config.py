@@ -63,6 +63,7 @@ class FinetuneConfig:
     max_length: int | None = None           # refuse longer samples; None: the config's seq_length
     on_bad_record: str = "skip"             # glm4v_core.training.data.ON_BAD_RECORD
     save_every: int = 0                     # checkpoint every N steps; 0: only at the end
+    keep_last: int | None = None            # keep the N newest checkpoints (>= 1); None: keep all
     eval_every: int = 0                     # held-out loss every N steps; 0: only at the end
     save_merged: bool = False               # LoRA: also write OUT/merged, a full checkpoint
     progress: bool = True                   # a progress bar on rank 0
@@ -96,6 +97,9 @@ class FinetuneConfig:
             if value not in accepted:
                 raise FinetuneError(f"{flag} {value!r}: choose from {list(accepted)}")
         check_numbers(self)
+        if self.keep_last is not None and not (type(self.keep_last) is int and self.keep_last >= 1):
+            raise FinetuneError(f"--keep-last {self.keep_last!r}: must be an integer >= 1 (the newest checkpoints "
+                                "kept), or left out to keep all")
         if self.save_merged and self.lora_rank == 0:
             raise FinetuneError("--save-merged is for LoRA runs; a full fine-tune always writes OUT/model")
         if not self.data.is_file():

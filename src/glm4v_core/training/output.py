@@ -1,13 +1,17 @@
 """The output folder of `glm4v finetune`: checked completely before anything is written (a previous
-run's files are refused unless --resume continues them; other files are never touched), and held
-with the destination lock for the whole run.
+run's files are refused unless --resume continues them; other files are never touched), with room
+for what the run will write, and held with the destination lock for the whole run; under the lock,
+what a killed run's unfinished writes left there is removed.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import torch.distributed as dist
 
 from glm4v_conversion.atomic import (
     DestinationBusyError,
@@ -17,8 +21,9 @@ from glm4v_conversion.atomic import (
     unwritable_file_system,
 )
 from glm4v_conversion.errors import ConversionError
+from glm4v_conversion.files import human_size
 from glm4v_core.training.config import FinetuneConfig, FinetuneError
-from glm4v_core.training.state import RUN_FILES, latest_checkpoint
+from glm4v_core.training.state import RUN_FILES, latest_checkpoint, leftovers
 
 
 def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = True) -> None:
@@ -122,3 +127,57 @@ def out_lock(out: Path) -> Iterator[None]:
         yield
 
 
+
+
+def check_free_space(out: Path, needed: int, what: str) -> None:
+    """Refuse a run whose files (`needed` bytes, made of `what`) do not fit the free space of the
+    file system OUT is on, before the first step rather than at a checkpoint hours in."""
+    place = out
+    while not place.exists():  # OUT and the folders above it are created later, on this file system
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < needed:
+        raise FinetuneError(f"--out {out}: the run will write about {human_size(needed)} ({needed} bytes: {what}), "
+                            f"but the file system of {place} has {human_size(free)} ({free} bytes) free; free some "
+                            "space, choose another --out, or keep fewer checkpoints (--keep-last N)")
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what a killed run's unfinished writes left in OUT (state.leftovers: only our own
+    hidden staging names); call it holding OUT's lock, so no live writer owns them."""
+    found = leftovers(out)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
+
+
+@contextmanager
+def holding_out(a: FinetuneConfig, resume_dir: Path | None, rank0: bool, world: int,
+                report: Callable[[str], None]) -> Iterator[None]:
+    """OUT's lock for a run (rank 0 takes it, every rank learns whether it could), the --out rule
+    again under it (another run may have written there since), then the removal of a killed
+    run's leftovers, reported in one line."""
+    with ExitStack() as stack:
+        refusal = None
+        if rank0:
+            try:
+                stack.enter_context(out_lock(a.out))
+                check_out(a, resume_dir, probe_lock=False)
+            except FinetuneError as e:
+                refusal = e
+            else:  # ours alone now: no live writer owns what a killed run's unfinished writes left
+                removed = remove_leftovers(a.out)
+                if removed:
+                    report(f"removed {len(removed)} unfinished file(s) of an earlier run that was killed: "
+                           f"{', '.join(str(p.relative_to(a.out)) for p in removed)}")
+        if world > 1:
+            box = [str(refusal) if refusal is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            if refusal is None and box[0] is not None:
+                refusal = FinetuneError(box[0])
+        if refusal is not None:
+            raise refusal
+        yield

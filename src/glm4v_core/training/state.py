@@ -10,6 +10,9 @@ renamed when complete; a Ctrl-C, SIGTERM or SIGHUP during the write waits until 
     trainer.json            step, total steps, the run's arguments, the optimizer's param groups
 OUT/loss.jsonl: one strict JSON line per step and per evaluation (a non-finite number is written
 as the string "nan", "inf" or "-inf"); OUT/loss.png: its plot.
+A killed write leaves only hidden names (leftovers lists them; the next run on OUT removes them),
+never a half step-N folder; --keep-last deletes older step-N folders (prune_checkpoints), only
+those holding exactly a checkpoint's files.
 
 The rule for OUT (check_out, before anything is written, and again under the lock): OUT is a
 folder or does not exist yet (not a file, not a dangling link), on a file system that stores
@@ -23,8 +26,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
 import signal
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,17 +223,93 @@ class deferred_interrupt:
         return False
 
 
+STEP_FOLDER = re.compile(r"step-(\d{6,})")
+# What glm4v_conversion.atomic leaves when a run is killed while it writes (8 hex digits of a uuid):
+# a staging or swapped-out folder `.<name>.partial-XXXXXXXX` / `.<name>.old-XXXXXXXX`, a staged
+# file `.<name>.XXXXXXXX.tmp`.
+STAGED_FOLDER = re.compile(r"\.(.+)\.(?:partial|old)-[0-9a-f]{8}")
+STAGED_FILE = re.compile(r"\.(.+)\.[0-9a-f]{8}\.tmp")
+
+
+def checkpoint_folders(out: Path) -> dict[int, Path]:
+    """OUT/checkpoints/step-N folders by step, oldest first (numeric: step-1000000 after step-999999)."""
+    root = out / "checkpoints"
+    found = {}
+    for path in root.iterdir() if root.is_dir() else ():
+        match = STEP_FOLDER.fullmatch(path.name)
+        if match and path.is_dir():
+            found[int(match[1])] = path
+    return dict(sorted(found.items()))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
+    found = checkpoint_folders(out)
+    return found[max(found)] if found else None
+
+
+def is_run_checkpoint(folder: Path) -> bool:
+    """A folder exactly as write_checkpoint publishes it: a real folder of its files, nothing else."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    return (folder / "trainer.json").is_file() and all(
+        e.name in CHECKPOINT_FILES and e.is_file() and not e.is_symlink() for e in entries)
+
+
+def prune_checkpoints(out: Path, keep: int, newest: int) -> list[Path]:
+    """--keep-last: delete this run's checkpoints up to step `newest` (complete, just written)
+    beyond the `keep` newest. A folder holding anything but a checkpoint's files is not ours to
+    delete; later steps (an abandoned curve after a resume) are rewritten by the run, not deleted.
+    Each folder is renamed to a hidden `.old-` name first, so a failed delete never leaves a
+    half-deleted step-N for --resume to pick (the next run removes it as a leftover)."""
+    ours = [p for step, p in checkpoint_folders(out).items() if step <= newest and is_run_checkpoint(p)]
+    doomed = ours[:-keep]
+    for path in doomed:
+        hidden = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(path, hidden)
+        shutil.rmtree(hidden)
+    return doomed
+
+
+def leftovers(out: Path) -> list[Path]:
+    """The hidden files and folders a killed run's atomic writes left in OUT: unfinished
+    checkpoint folders in OUT/checkpoints, staged files of the log, the plot and the adapters, an
+    unfinished merged/ or model/. Only our exact names holding only what we write there; read-only."""
+    found = []
+    root = out / "checkpoints"
+    for path in sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else ():
+        match = STAGED_FOLDER.fullmatch(path.name)
+        if match and STEP_FOLDER.fullmatch(match[1]) and _only_files(path, CHECKPOINT_FILES):
+            found.append(path)
+    for path in sorted(out.iterdir()) if out.is_dir() else ():
+        folder, file = STAGED_FOLDER.fullmatch(path.name), STAGED_FILE.fullmatch(path.name)
+        if folder and RUN_FILES.get(folder[1]) == "checkpoint" and _only_files(path):
+            found.append(path)
+        elif file and RUN_FILES.get(file[1]) == "file" and path.is_file() and not path.is_symlink():
+            found.append(path)
+    return found
+
+
+def _only_files(folder: Path, names: tuple[str, ...] | None = None) -> bool:
+    """A real folder of regular files only (of `names`, or their staged temporaries, if given)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for entry in folder.iterdir():
+        staged = STAGED_FILE.fullmatch(entry.name)
+        name = staged[1] if staged else entry.name
+        if entry.is_symlink() or not entry.is_file() or (names is not None and name not in names):
+            return False
+    return True
 
 
 def find_resume(path: Path) -> Path:
     """An output folder (its latest checkpoint) or a checkpoint folder itself."""
     folder = path if (path / "trainer.json").is_file() else latest_checkpoint(path)
     if folder is None:
-        raise ResumeError(f"--resume {path}: no checkpoint there (expected {path}/checkpoints/step-N "
-                            "or a folder holding trainer.json)")
+        unfinished = [p.name for p in leftovers(path) if p.parent.name == "checkpoints"]
+        killed = f" (only {', '.join(unfinished)}: the unfinished write of a run that was killed)" if unfinished else ""
+        raise ResumeError(f"--resume {path}: no checkpoint there{killed} (expected {path}/checkpoints/step-N "
+                          "or a folder holding trainer.json)")
     missing = [f for f in CHECKPOINT_FILES if not (folder / f).is_file()]
     if missing:
         raise ResumeError(f"--resume: checkpoint {folder} is incomplete, missing {missing}")
@@ -240,18 +323,6 @@ def check_resume_args(folder: Path, args: FinetuneConfig) -> None:
     if changed:
         raise ResumeError(f"--resume {folder}: these arguments differ from the interrupted run, so the "
                             f"curve could not continue: {', '.join(changed)}")
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def json_line(record: dict) -> str:

@@ -2,27 +2,26 @@
 and resume (what `glm4v finetune` runs; the options are training/config.py:FinetuneConfig)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from glm4v_core.checkpoint import DTYPES, check_device, load_model, save_model
+from glm4v_core.checkpoint import DTYPES, check_device, load_model
 from glm4v_core.config import GLM4VConfig
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.model.loss import IGNORE_INDEX
 from glm4v_core.processing.tokenizer import Tokenizer
+from glm4v_core.training import console, export
 from glm4v_core.training.config import PARTS, FinetuneConfig, FinetuneError, check_lora_rank, learning_rate
 from glm4v_core.training.data import Sample, collate, micro_batches, read_samples
-from glm4v_core.training.output import check_out, out_lock
-from glm4v_core.training.resume import check_sources, restore_rng, sources
+from glm4v_core.training.output import check_free_space, check_out, holding_out
+from glm4v_core.training.resume import check_sources, read_state, restore_rng, sources
 from glm4v_core.training.state import (
     Stopped,
     check_resume_args,
@@ -30,9 +29,10 @@ from glm4v_core.training.state import (
     find_resume,
     json_line,
     keep_log_until,
+    latest_checkpoint,
     on_device,
     optimizer_tensors,
-    plot_loss,
+    prune_checkpoints,
     read_checkpoint,
     write_checkpoint,
 )
@@ -45,10 +45,6 @@ class NonFiniteStep(Exception):  # internal: train() turns it into a FinetuneErr
     state before it and raises FinetuneError naming the step and the checkpoint."""
 
 
-
-
-
-
 class Trainer:
     """Model, data, optimizer and the loop; everything that can fail on bad input fails in __init__."""
 
@@ -56,6 +52,7 @@ class Trainer:
         from glm4v_core.checkpoint import resolve_checkpoint
         from glm4v_core.processing.tokenizer import resolve_tokenizer  # cli imports this module lazily
         self.options = options
+        self.bar = console.NoBar()  # every report goes through it; the real bar starts with training
         args = options
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -68,6 +65,12 @@ class Trainer:
         check_out(args, self.resume_dir, probe_lock=self.rank0)
         self.checkpoint = resolve_checkpoint(args.checkpoint)
         self.config = GLM4VConfig.from_json(self.checkpoint / "config.json")
+        self.image_size = None if self.config.vision is None else self.config.vision.image_size  # None: text-only
+        vision_parts = sorted({"vision", "projector"} & set(args.train.split(",")))
+        if vision_parts and not self.config.has_vision:
+            raise FinetuneError(f"--train {args.train}: {self.checkpoint} is a text-only GLM-4 (no vision tower), it "
+                                f"has no {' / '.join(vision_parts)} to train; use --train decoder")
+        self.provenance = export.base_provenance(self.checkpoint)  # a quantized base's scheme and float dtype
         self.sources = sources(self.checkpoint, args.data, args.eval_data)  # what a resume must find again
         if self.resume_dir:
             check_sources(self.resume_dir, self.sources, args)
@@ -89,8 +92,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=args.lr, weight_decay=args.weight_decay)
         self.step = 0
         self.step_rng: dict | None = None  # RNG states at the start of the step in progress
+        self.phase = "start"  # what the run is doing: an error's message names it (see failure)
         self.epoch_batches: tuple[int, list] = (-1, [])
         self.log_path = args.out / "loss.jsonl"
+        if self.resume_dir:
+            self.step = read_state(self.resume_dir)["step"]  # for the size of what is left to write
+        check_free_space(args.out, *export.planned_bytes(self))
 
     def build_model(self, shard: bool = True) -> GLM4V:
         a = self.options
@@ -117,47 +124,28 @@ class Trainer:
         """Train to the end (0), or until Ctrl-C (130), SIGTERM / SIGHUP (128 + the signal) with a
         checkpoint saved; a step that is not finite raises FinetuneError after saving the state
         before it. OUT's lock is held throughout."""
-        with self.holding_out():
+        with holding_out(self.options, self.resume_dir, self.rank0, self.world, self.report):
             return self.train()
-
-    @contextlib.contextmanager
-    def holding_out(self) -> Iterator[None]:
-        """OUT's lock (rank 0 takes it, every rank learns whether it could) and the --out rule
-        again under it: another run may have written there since __init__."""
-        a = self.options
-        with contextlib.ExitStack() as stack:
-            refusal = None
-            if self.rank0:
-                try:
-                    stack.enter_context(out_lock(a.out))
-                    check_out(a, self.resume_dir, probe_lock=False)
-                except FinetuneError as e:
-                    refusal = e
-            if self.world > 1:
-                box = [str(refusal) if refusal is not None else None]
-                dist.broadcast_object_list(box, src=0)
-                if refusal is None and box[0] is not None:
-                    refusal = FinetuneError(box[0])
-            if refusal is not None:
-                raise refusal
-            yield
 
     def train(self) -> int:
         a = self.options
         a.out.mkdir(parents=True, exist_ok=True)
-        if self.resume_dir:
+        if self.resume_dir:  # checked and loaded first: a refused resume prints its error alone
             self.load_checkpoint(self.resume_dir)
+        self.report(console.start_line(self))
+        if self.resume_dir:
             self.report(f"resumed from {self.resume_dir} at step {self.step}")
+        self.start_step = self.step
         source_log = self.resume_dir.parent.parent / "loss.jsonl" if self.resume_dir else self.log_path
         if self.rank0:
             keep_log_until(source_log, self.log_path, self.step)
         stopped: KeyboardInterrupt | Stopped | None = None
-        bar = make_progress(self.total_steps, self.step, a.progress and self.rank0)
+        self.bar = console.make_progress(self.total_steps, self.step, a.progress and self.rank0)
         try:
             while self.step < self.total_steps:
                 record = self.train_step()  # logged by train_step, with the update
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if a.save_every and self.step % a.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
@@ -167,13 +155,24 @@ class Trainer:
                 raise
             stopped = e
         except NonFiniteStep as e:
-            saved = self.last_saved  # this step's state, if this run saved it already
-            path = saved if saved is not None and saved.name == f"step-{self.step:06d}" else self.save_checkpoint()
+            try:
+                path = self.save_current()
+            except Exception as again:
+                raise self.failure(again) from again
             raise FinetuneError(f"{e}; the last finite state is saved in {path} (step {self.step}): resume it with "
                                 f"--resume {a.out}, or start a new run (e.g. with a lower --lr)") from None
+        except Exception as e:  # out of memory, a failed read or write...: keep the last whole step
+            raise self.failure(e) from e
         finally:
-            bar.close()
-        path = self.save_checkpoint()
+            self.bar.close()
+            self.bar = console.NoBar()
+        try:
+            path = self.save_checkpoint()
+            if stopped is None:
+                eval_loss = self.evaluate()
+                written = self.finish()
+        except Exception as e:
+            raise self.failure(e) from e
         if isinstance(stopped, Stopped):
             self.report(f"\nstopped by {stopped.name} at step {self.step}: saved {path}; continue with "
                         f"--resume {a.out}")
@@ -181,14 +180,46 @@ class Trainer:
         if stopped is not None:
             self.report(f"\ninterrupted at step {self.step}: saved {path}; continue with --resume {a.out}")
             return 130
-        self.evaluate()
-        self.finish()
+        loss = record["loss"] if self.step > self.start_step else None
+        self.report(console.end_line(self, [self.log_path, path, *written], loss, eval_loss))
         return 0
+
+    def failure(self, e: Exception) -> FinetuneError:
+        """The one-line error for an exception during the run (neither a stop nor a non-finite step),
+        after saving the last completed step when the state in memory is one: not while the weights
+        were being updated, nor again after a checkpoint write failed, nor under --fsdp (the ranks
+        are not at one step)."""
+        a = self.options
+        during = {"step": f"step {self.step + 1}", "update": f"applying step {self.step + 1}",
+                  "save": f"writing the checkpoint of step {self.step}",
+                  "eval": f"the held-out evaluation at step {self.step}",
+                  "finish": "writing the final files"}.get(self.phase, f"the run at step {self.step}")
+        text = " ".join(str(e).split())
+        what = f"{during} failed: {type(e).__name__}" + (f": {text[:300]}" if text else "")
+        if self.world > 1 or self.phase in ("update", "save"):
+            why = ("under --fsdp the ranks are not at one step" if self.world > 1 else
+                   "the state in memory is not a whole step" if self.phase == "update" else "it failed")
+            latest = latest_checkpoint(a.out) if a.out.is_dir() else None
+            where = f"the latest is {latest}: continue with --resume {a.out}" if latest else "there is none to resume"
+            return FinetuneError(f"{what}; no checkpoint was written ({why}); {where}")
+        if self.step == self.start_step and self.last_saved is None:
+            if self.resume_dir is None:
+                return FinetuneError(f"{what}; no step had completed, so no checkpoint was written")
+            return FinetuneError(f"{what}; no step completed since {self.resume_dir}: continue with --resume "
+                                 f"{a.resume}")
+        try:
+            path = self.save_current()
+        except Exception as again:
+            return FinetuneError(f"{what}; saving step {self.step} failed too ({type(again).__name__}: "
+                                 f"{' '.join(str(again).split())[:200]})")
+        return FinetuneError(f"{what}; saved the last completed step {self.step} in {path}: continue with --resume "
+                             f"{a.out}")
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns its log record."""
         a = self.options
         start = time.perf_counter()
+        self.phase = "step"
         self.step_rng = self.rng_state()  # a Ctrl-C inside this step saves the state it started from
         micro = [self.micro_samples(self.step * a.grad_accum + k) for k in range(a.grad_accum)]
         counted = sum(s.counted for samples in micro for s in samples)
@@ -197,7 +228,7 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float32)
         for samples in micro:
-            batch = collate(self.share(samples), self.tokenizer, self.config.vision.image_size)
+            batch = collate(self.share(samples), self.tokenizer, self.image_size)
             inputs = batch.inputs.to(self.device)
             out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
                              labels=batch.labels.to(self.device))
@@ -222,6 +253,7 @@ class Trainer:
                                 "stopped")
         tokens = sum(s.length for samples in micro for s in samples)
         with deferred_interrupt():  # never a half-updated model, nor an update without its log line
+            self.phase = "update"
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -231,6 +263,7 @@ class Trainer:
             record = {"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "counted_tokens": counted,
                       "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
             self.log(record)
+            self.phase = "step"
         return record
 
     def micro_samples(self, index: int) -> list[Sample]:
@@ -259,11 +292,12 @@ class Trainer:
         """Mean loss over every counted token of --eval-data (no RNG drawn: resume stays exact)."""
         if not self.eval_samples:
             return None
+        self.phase = "eval"
         self.model.eval()
         total, counted = 0.0, 0
         size = self.options.batch_size
         for k in range(0, len(self.eval_samples), size):
-            batch = collate(self.eval_samples[k:k + size], self.tokenizer, self.config.vision.image_size)
+            batch = collate(self.eval_samples[k:k + size], self.tokenizer, self.image_size)
             inputs = batch.inputs.to(self.device)
             out = self.model(inputs.input_ids, inputs.pixel_values, inputs.attention_mask, inputs.position_ids,
                              labels=batch.labels.to(self.device))
@@ -277,44 +311,24 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.rank0:
-            with open(self.log_path, "a") as f:
-                f.write(json_line(record))  # strict JSON: a non-finite number as a string
+            line = json_line(record).encode()  # strict JSON: a non-finite number as a string
+            with open(self.log_path, "ab", buffering=0) as f:  # unbuffered: a failed write is not retried at close
+                end = f.tell()
+                try:
+                    while line:
+                        line = line[f.write(line):]
+                except BaseException:
+                    f.truncate(end)  # no half line (a full disk): the log stays strict JSON lines
+                    raise
 
     def report(self, line: str) -> None:
         if self.rank0:
-            print(line, file=sys.stderr)
+            self.bar.write(line, file=sys.stderr)  # through the bar: it is cleared, then redrawn below
 
-    def finish(self) -> None:
-        a = self.options
-        if a.lora_rank > 0:
-            adapters = self.trained_state()
-            if self.rank0:
-                lora.save_adapters(self.model, a.out / "adapter.safetensors", tensors=adapters)
-        if a.lora_rank == 0 or a.save_merged:
-            model = self.whole_model()
-            if self.rank0 and a.lora_rank > 0:
-                save_model(lora.remove_lora(model), a.out / "merged", overwrite=True)
-            elif self.rank0:
-                save_model(model, a.out / "model", overwrite=True)
-        if self.rank0:
-            plot_loss(self.log_path, a.out / "loss.png")
-        self.barrier()
-
-    def whole_model(self) -> GLM4V | None:
-        """The trained model as one process holds it: the model itself, or under FSDP an unsharded
-        copy built on rank 0 from the gathered state (None on the other ranks)."""
-        if self.world == 1:
-            return self.model
-        state = {}
-        for name, t in self.model.state_dict().items():
-            t = whole(t)  # a collective: every rank gathers, rank 0 keeps
-            if self.rank0:
-                state[name] = t.cpu()
-        if not self.rank0:
-            return None
-        model = self.build_model(shard=False)
-        model.load_state_dict(state)
-        return model
+    def finish(self) -> list[Path]:
+        """The final files (adapters; merged/ or model/; the plot); returns those written."""
+        self.phase = "finish"
+        return export.final_files(self)
 
     def barrier(self) -> None:
         """Ranks wait here until rank 0 has written its files."""
@@ -329,8 +343,14 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
+    def save_current(self) -> Path:
+        """The checkpoint of the current step: the one this run wrote already, or a new one."""
+        saved = self.last_saved
+        return saved if saved is not None and saved.name == f"step-{self.step:06d}" else self.save_checkpoint()
+
     def save_checkpoint(self) -> Path:
         """checkpoints/step-N (see glm4v_core.training.state), published atomically."""
+        self.phase = "save"
         dst = self.options.out / "checkpoints" / f"step-{self.step:06d}"
         trained, optimizer = self.trained_state(), optimizer_tensors(self.optimizer, list(self.params))
         if self.options.lora_rank > 0:
@@ -344,6 +364,8 @@ class Trainer:
         rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from
         if self.rank0:
             write_checkpoint(dst, write_trained, optimizer, rng, state)
+            if self.options.keep_last:  # only now that the newest is complete
+                prune_checkpoints(self.options.out, self.options.keep_last, self.step)
         self.barrier()
         self.last_saved = dst
         return dst
@@ -363,23 +385,3 @@ class Trainer:
         state, rng = read_checkpoint(folder, trained, self.optimizer, list(self.params), place)
         restore_rng(rng, self.device, folder)
         self.step = state["step"]
-
-
-
-
-
-
-def make_progress(total: int, done: int, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or not enabled:
-        return _NoBar()
-    return tqdm(total=total, initial=done, unit="step", dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...

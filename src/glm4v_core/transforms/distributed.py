@@ -189,8 +189,8 @@ def tensor_parallel(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
         attn.q_size, attn.kv_size = attn.num_heads * hd, attn.num_kv * hd
         shard(block, device_mesh, {"attn.qkv": ColwiseParallel(), "attn.out": RowwiseParallel(),
                                    "mlp.gate_up": ColwiseParallel(), "mlp.down": RowwiseParallel()})
-    v = c.vision
-    if v.num_heads % tp == 0 and v.intermediate_size % tp == 0:  # else the ViT stays whole on every rank
+    v = c.vision  # None: a text-only GLM-4
+    if v is not None and v.num_heads % tp == 0 and v.intermediate_size % tp == 0:  # else the ViT stays whole
         for block in model.vision.layers:
             fused_blocks(block.attn.qkv, tp)  # the ViT's head count comes from its q|k|v width
             shard(block, device_mesh, {"attn.qkv": ColwiseParallel(), "attn.out": RowwiseParallel(),
@@ -298,7 +298,8 @@ def fsdp(model: GLM4V, device_mesh: DeviceMesh) -> GLM4V:
     runs, freed after), the rest (embeddings, projector, lm_head) the root unit. Gradients are
     averaged over ranks and left sharded (DTensor; `full_tensor()` gathers one)."""
     drop_packed_weights(model)  # inference-only copies of whole weights
-    for block in (*model.vision.layers, *model.text.layers):
+    vision_blocks = () if model.vision is None else model.vision.layers  # None: a text-only GLM-4
+    for block in (*vision_blocks, *model.text.layers):
         fully_shard(block, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
     return model

@@ -20,17 +20,13 @@ multiplying only A's rows of part p. Written as one matrix this is the block-dia
 With `split_fused=False` the fused layer gets one shared adapter (A (rank, in), B (out, rank)):
 fewer parameters, and the parts share one input subspace.
 
-The wrapped base module is pluggable (QLoRA wraps a quantized Linear): `LoRALinear(base, ...)`
-needs from `base` only `in_features`, `out_features` and `forward(x) -> x @ W.T (+ bias)`, and
-`add_lora` wraps any module that declares those two (`is_linear`), so quantize first, then add
-adapters.
-`merge()` / `unmerge()` additionally call `base.merge_delta(delta)` when the base defines it (a
-quantized base dequantizes, adds and requantizes there), else add `delta` to `base.weight`.
+The base is pluggable (QLoRA: quantize first, then add adapters): LoRALinear needs from it only
+`in_features`, `out_features` and `forward`; `merge()` / `unmerge()` call its `merge_delta(delta)`
+when it has one (a quantized base requantizes there), else add `delta` to `base.weight`.
 
-Adapter files (`save_adapters` / `load_adapters`): one safetensors file with tensors
-`<module name>.lora_A` and `<module name>.lora_B` (our module names, e.g.
-`text.layers.0.attn.qkv.lora_A`), fp32, and the metadata `format = glm4v-lora`,
-`format_version = 1`, `lora_config = <LoRAConfig as JSON>`; written atomically.
+Adapter files (`save_adapters` / `load_adapters`, `glm4v finetune`'s OUT/adapter.safetensors): one
+safetensors file, fp32 tensors `<module name>.lora_A` / `.lora_B` (e.g. `text.layers.0.attn.qkv.lora_A`)
+and the metadata `format = glm4v-lora`, `format_version = 1`, `lora_config = <LoRAConfig as JSON>`.
 """
 from __future__ import annotations
 
@@ -51,6 +47,7 @@ from glm4v_core.model.glm4v import GLM4V
 
 ADAPTER_FORMAT = "glm4v-lora"
 ADAPTER_FORMAT_VERSION = "1"
+ADAPTER_FILE = "adapter.safetensors"  # what a LoRA run of `glm4v finetune` leaves in its --out folder
 TARGET_PRESETS = {
     "decoder": ("text.layers.*.attn.qkv", "text.layers.*.attn.out", "text.layers.*.mlp.gate_up",
                 "text.layers.*.mlp.down"),
@@ -176,10 +173,7 @@ def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAL
     if adapters_of(model):
         raise LoRAError("the model already has LoRA adapters; call remove_lora(model) first")
     linears = {name: m for name, m in model.named_modules() if is_linear(m)}
-    for pattern in config.targets:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
-            raise LoRAError(f"LoRA target {pattern!r} matches no Linear layer of the model "
-                            f"(examples of names: {sorted(linears)[:3]})")
+    check_targets(linears, config)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     adapters = {}
@@ -193,6 +187,14 @@ def add_lora(model: GLM4V, config: LoRAConfig, seed: int = 0) -> dict[str, LoRAL
         adapters[name] = adapter
     model.lora_config = config
     return adapters
+
+
+def check_targets(linears: dict[str, nn.Module], config: LoRAConfig) -> None:
+    """Every target pattern matches some Linear: a typo would otherwise train (or load) nothing."""
+    for pattern in config.targets:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
+            raise LoRAError(f"LoRA target {pattern!r} matches no Linear layer of the model "
+                            f"(examples of names: {sorted(linears)[:3]})")
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -268,8 +270,7 @@ def save_adapters(model: nn.Module, path: str | Path, extra_metadata: dict[str, 
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors file written under a temporary name, flushed, then renamed into place
-    (glm4v_conversion.atomic.staged_file); the folders above it are created."""
+    """Written under a temporary name, flushed, renamed into place (staged_file); folders made above it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -328,14 +329,10 @@ def _open_adapter_file(path, read):
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
     """{<module name>.lora_A / .lora_B: shape} that add_lora(model, config) would create (or the
     model's adapters already have), computed without touching the model."""
-    existing = adapters_of(model)
-    if existing:
+    if adapters_of(model):
         return {k: tuple(v.shape) for k, v in adapter_state(model).items()}
     linears = {name: m for name, m in model.named_modules() if is_linear(m)}
-    for pattern in config.targets:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in linears):
-            raise LoRAError(f"LoRA target {pattern!r} matches no Linear layer of the model "
-                            f"(examples of names: {sorted(linears)[:3]})")
+    check_targets(linears, config)
     shapes = {}
     for name, linear in linears.items():
         if any(fnmatch.fnmatchcase(name, p) for p in config.targets):
@@ -345,12 +342,25 @@ def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, t
     return shapes
 
 
-def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
-    """Add the file's adapters to a base model (or refill existing ones of the same config).
+def resolve_adapter(path: str | Path) -> Path:
+    """The adapter file a command's --adapter names: a `glm4v finetune --out` folder (its
+    adapter.safetensors) or the file itself."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise LoRAError(f"{path} does not exist; give a glm4v finetune --out folder or its {ADAPTER_FILE}")
+        return path
+    if (path / ADAPTER_FILE).is_file():
+        return path / ADAPTER_FILE
+    hint = ("it holds model/, a full fine-tune: pass that folder as --checkpoint" if (path / "model").is_dir() else
+            "a LoRA run writes it when it finishes (glm4v finetune --resume OUT finishes an interrupted one)")
+    raise LoRAError(f"folder {path} has no {ADAPTER_FILE}: {hint}")
 
-    Everything is checked before the model is touched (a refused file leaves it as it was): the
-    metadata (read_adapter_config), the tensor names, and each tensor's shape (what the config's
-    rank gives), dtype (floating point) and values (finite)."""
+
+def check_adapters(model: GLM4V, path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """An adapter file's config and tensors once they fit `model` (a meta-device model will do):
+    the metadata (read_adapter_config), the tensor names, and each tensor's shape (what the
+    config's rank gives), dtype (floating point) and values (finite). The model is not touched."""
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"adapter file {path} does not exist")
@@ -364,8 +374,7 @@ def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
     tensors = _open_adapter_file(path, lambda f: {n: f.get_tensor(n) for n in f.keys()})
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, "
-                        f"unexpected {extra[:3]}")
+        raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
@@ -376,7 +385,14 @@ def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
                             "writes float32)")
         if not bool(torch.isfinite(t).all()):
             raise LoRAError(f"{path}: tensor {name} holds non-finite values")
-    if not existing:
+    return config, tensors
+
+
+def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
+    """Add the file's adapters to a base model (or refill existing ones of the same config).
+    Everything is checked first (check_adapters): a refused file leaves the model as it was."""
+    config, tensors = check_adapters(model, path)
+    if not adapters_of(model):
         add_lora(model, config)
     with torch.no_grad():
         for name, target in adapter_state(model).items():

@@ -16,6 +16,9 @@ dequantized weight).
 """
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 from torch import nn
 
@@ -31,8 +34,13 @@ from glm4v_conversion.quantize import (
 )
 from glm4v_core.model import ops
 
-__all__ = ["QuantLinear", "QuantizationError", "load_quantized", "quantize_model", "quantized_linears", "SCHEMES",
-           "GROUP_SIZES"]
+__all__ = ["QuantLinear", "QuantizationError", "QuantFallbackWarning", "load_quantized", "quantize_model",
+           "quantized_linears", "slower_layers", "SCHEMES", "GROUP_SIZES"]
+
+
+class QuantFallbackWarning(UserWarning):
+    """Some layers of a loaded quantized folder are not what was asked for, or run a slower kernel;
+    one warning per load names them and why."""
 
 
 class QuantLinear(nn.Module):
@@ -171,7 +179,38 @@ def load_quantized(ckpt, record: dict, model: nn.Module, config_path, dtype: tor
     model.load_state_dict(state, assign=True, strict=True)
     for layer in quantized_linears(model).values():
         layer.use_compute_dtype(dtype)
+    reasons = slower_layers(model, record["scheme"], record.get("group_size"))
+    if reasons:
+        warnings.warn(f"{ckpt.folder}: " + "; ".join(f"{why}: {', '.join(names)}" for why, names in reasons.items()),
+                      QuantFallbackWarning, stacklevel=3)  # at load_model's caller
     return model
+
+
+def slower_layers(model: nn.Module, scheme: str, group_size: int | None) -> dict[str, list[str]]:
+    """{why: layer names} of the QuantLinears that are not int4 although int4 was asked for (the group
+    rule), or that run the dequantize-then-matmul reference on CPU (PyTorch's int4 kernel needs
+    out_features to be a multiple of 16). The names of repeated blocks are folded: `layers.*` (n)."""
+    reasons: dict[str, list[str]] = {}
+    for name, layer in quantized_linears(model).items():
+        if scheme == "int4" and layer.scheme == "int8":
+            why = f"stored int8, not int4 (input width not a multiple of the group size {group_size})"
+        elif layer.scheme == "int4" and layer.weight_int4.device.type == "cpu" and layer._cpu_int4 is None:
+            why = ("int4 without PyTorch's packed CPU kernel, dequantized at every call (out_features not a "
+                   "multiple of 16)")
+        else:
+            continue
+        reasons.setdefault(why, []).append(name)
+    return {why: fold_layer_names(names) for why, names in reasons.items()}
+
+
+def fold_layer_names(names: list[str]) -> list[str]:
+    """['vision.layers.0.attn.qkv', 'vision.layers.1.attn.qkv'] -> ['vision.layers.*.attn.qkv (2)']: one
+    warning line, however deep the model."""
+    counts: dict[str, int] = {}
+    for name in names:
+        folded = re.sub(r"\.layers\.\d+\.", ".layers.*.", name)
+        counts[folded] = counts.get(folded, 0) + 1
+    return [f"{name} ({n})" if "*" in name else name for name, n in counts.items()]
 
 
 def _is_quantized_tensor(name: str) -> bool:
