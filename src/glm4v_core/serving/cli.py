@@ -93,21 +93,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--allow-local-images {args.allow_local_images} is not a folder")
 
 
-def check_adapter(path: Path | None, config) -> Path | None:
-    """--adapter: the file (transforms.lora.resolve_adapter), checked against a meta-device build of
-    the model, so that an adapter that does not fit fails before any weight is read."""
-    if path is None:
-        return None
-    from glm4v_core.checkpoint import build_meta_model
-    from glm4v_core.transforms.lora import LoRAError, check_adapters, resolve_adapter
-    try:
-        adapter = resolve_adapter(path)
-        check_adapters(build_meta_model(config), adapter)
-    except LoRAError as e:
-        raise CLIError(f"--adapter {path}: {e}") from None
-    return adapter
-
-
 def listen(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the weights load: a port in use fails at once."""
     try:
@@ -144,7 +129,8 @@ def serve(args: argparse.Namespace, prog: str) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = GLM4VConfig.from_json(checkpoint / "config.json")
     tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
-    adapter = check_adapter(args.adapter, config)
+    from glm4v_core.generation.cli import check_adapter_flag  # the check glm4v generate / chat run
+    adapter = check_adapter_flag(args.adapter, config)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sock = listen(args.host, args.port)
