@@ -18,6 +18,8 @@
 # quant        benchmarks/quant.py --real --compile: decode and prefill of bf16, int8 and int4 weights;
 # finetune     benchmarks/finetune.py --real: peak memory of one LoRA step of the real 9B shapes;
 # multi_image  benchmarks/multi_image.py --real: TTFT and peak memory for 1, 2 and 4 images;
+# serve        benchmarks/serve.py --mid: glm4v serve's throughput and p50/p95 latency at 1, 4 and 16
+#              concurrent clients vs one at a time (bf16, the bundled demo and the mid-size model);
 # resources    benchmarks/kernel_resources.py: the compile checks again, with this machine's triton.
 # Each step has its own time limit and runs even if an earlier one failed. The log and the new JSON
 # results land in OUT_DIR as soon as they exist (results.tgz holds every result file of this run);
@@ -75,6 +77,7 @@ step quant 240 python benchmarks/quant.py --real --compile --repeat 2 --new-toke
 step train 90 python benchmarks/train.py --device cuda
 step finetune 150 python benchmarks/finetune.py --real
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
+step serve 120 python benchmarks/serve.py --mid --device cuda --dtype bfloat16 --out benchmarks/results
 step resources 40 python benchmarks/kernel_resources.py
 echo "== $failed step(s) failed; log: $log" | tee -a "$log"
 exit "$failed"

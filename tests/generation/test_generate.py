@@ -618,3 +618,33 @@ def test_decode_steps_write_the_cache_in_place(tiny, compile):
     allocations = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     largest = max(allocations)
     assert 0 < largest < layer_buffer / 2, (largest, layer_buffer)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_stop_rows_lets_a_row_leave_without_changing_the_others(tiny, compile):
+    """A row the caller marks done (the server's max_tokens, stop strings, cancels) is padded from the
+    next step; in eager mode it leaves the computation (its logits are NaN, as a row dropped after a
+    stop id); the other row's tokens are those of the uninterrupted batch (the reference's)."""
+    inputs = tiny.case("c")
+    whole = glm4v_core.generate(tiny.model, **inputs, max_new_tokens=10, stop_ids=[])
+    stop_rows = torch.zeros(2, dtype=torch.bool)
+    steps = []
+    for step in stream_tokens(tiny.model, **inputs, max_new_tokens=10, stop_ids=[], compile=compile,
+                              stop_rows=stop_rows):
+        steps.append(step)
+        if step.index == 3:
+            stop_rows[0] = True
+    tokens = torch.stack([s.tokens for s in steps], dim=1)
+    assert torch.equal(tokens[1], whole[1]) and torch.equal(tokens[0, :4], whole[0, :4])
+    assert tokens[0, 4:].tolist() == [tiny.model.config.pad_token_id] * 6
+    assert all(bool(s.finished[0]) for s in steps[4:])
+    if not compile:
+        assert all(bool(torch.isnan(s.logits[0]).all()) for s in steps[4:])
+    stop_rows[1] = True  # every row released: the loop ends after the step that follows
+    n = sum(1 for step in stream_tokens(tiny.model, **inputs, max_new_tokens=10, stop_ids=[], stop_rows=stop_rows))
+    assert n == 1
+
+
+def test_stop_rows_must_be_one_bool_per_row(no_compute):
+    with pytest.raises(InputError, match=r"stop_rows must be a bool tensor of shape \(2,\)"):
+        stream_tokens(no_compute.model, no_compute.ref["input_ids_c"], stop_rows=torch.zeros(3, dtype=torch.bool))

@@ -258,3 +258,20 @@ def test_int4_layers_without_the_packed_cpu_kernel_are_named():
     assert reasons == {"int4 without PyTorch's packed CPU kernel, dequantized at every call (out_features not a "
                        "multiple of 16)": ["0"],
                        "stored int8, not int4 (input width not a multiple of the group size 32)": ["1"]}
+
+
+def test_serve_on_a_quantized_folder_defaults_to_bf16_as_generate(int4_folders, monkeypatch):
+    """glm4v serve --dtype auto picks the dtype glm4v generate picks: bf16 for a quantized folder on CPU."""
+    from glm4v_core.serving import cli as serve_cli
+
+    class Loaded(Exception):
+        pass
+
+    def load(path, dtype, device):
+        raise Loaded(dtype)
+    monkeypatch.setattr(checkpoint, "load_model", load)  # serve imports it from glm4v_core.checkpoint when it runs
+    for folder, want in ((int4_folders / "g32", torch.bfloat16), (config.BUNDLED_CHECKPOINT, torch.float32)):
+        with pytest.raises(Loaded) as loaded:
+            serve_cli.serve(serve_cli.build_parser("glm4v serve").parse_args(
+                ["--checkpoint", str(folder), "--device", "cpu", "--port", "0"]), "glm4v serve")
+        assert loaded.value.args[0] == want, folder

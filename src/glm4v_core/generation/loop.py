@@ -63,26 +63,33 @@ def stream_tokens(model: GLM4V, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
                   max_new_tokens: int = 16, sampling: Sampling = Sampling(), stop_ids: Sequence[int] | None = None,
                   generator: torch.Generator | None = None, vocab_limit: int | None = None, compile: bool = False,
-                  stats: GenerationStats | None = None) -> Iterator[Step]:
+                  stats: GenerationStats | None = None, stop_rows: torch.Tensor | None = None) -> Iterator[Step]:
     """The generation loop, one Step per new token. Every input check runs at the call, before any
     compute; the model runs as the iterator is consumed.
 
     vocab_limit: only ids below it can be chosen (a tokenizer's vocabulary; the embedding has
     padding rows past it that decode to nothing). stats: the time to first token, the compile and
-    warm-up time and the warm decode rate are recorded there (see GenerationStats)."""
+    warm-up time and the warm decode rate are recorded there (see GenerationStats).
+    stop_rows: a (B,) bool CPU tensor the caller may set while it iterates: a row set there is done
+    (its own token limit, a stop string, a cancelled request) and leaves as a row that produced a
+    stop id does, from the next step on (padded; dropped from the compute in eager mode)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not isinstance(sampling, Sampling):
         raise InputError(f"sampling must be a glm4v_core.Sampling, got {type(sampling).__name__}")
     stops = check_stop_ids(model, stop_ids)
+    if stop_rows is not None and (stop_rows.dtype != torch.bool or tuple(stop_rows.shape) != (input_ids.shape[0],)):
+        raise InputError(f"stop_rows must be a bool tensor of shape ({input_ids.shape[0]},) (one flag per row), "
+                         f"got {stop_rows.dtype} {tuple(stop_rows.shape)}")
     prompt = model.check_prompt(input_ids, stack_images(model, pixel_values), attention_mask, position_ids,
                                 max_new_tokens)
-    return _decode_loop(model, prompt, max_new_tokens, sampling, stops, generator, vocab_limit, compile, stats)
+    return _decode_loop(model, prompt, max_new_tokens, sampling, stops, generator, vocab_limit, compile, stats,
+                        stop_rows)
 
 
 def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sampling, stops: torch.Tensor,
                  generator: torch.Generator | None, vocab_limit: int | None, compile: bool,
-                 stats: GenerationStats | None) -> Iterator[Step]:
+                 stats: GenerationStats | None, stop_rows: torch.Tensor | None) -> Iterator[Step]:
     stats = stats if stats is not None else GenerationStats()
     clock, start = stats.clock, stats.clock()
     step_start, stats.compile_s = start, 0.0
@@ -125,6 +132,10 @@ def _decode_loop(model: GLM4V, prompt: Prompt, max_new_tokens: int, sampling: Sa
         n_running = tokens.shape[0]
         yield Step(i, tokens, logits, finished) if alive is None else whole_batch(i, batch, alive, rule.pad, tokens,
                                                                                   logits, finished)
+        if stop_rows is not None and bool(stop_rows.any()):  # rows the caller is done with stop as if by a stop id
+            released = stop_rows.to(device)
+            finished = finished | (released if alive is None else released[alive])
+            n_done = int(finished.sum())
         if i + 1 == max_new_tokens or n_done == n_running:
             return
         step_start = clock()

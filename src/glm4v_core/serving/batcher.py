@@ -10,9 +10,9 @@
 Jobs share a batch when their sampling settings are equal (greedy with greedy), none of them is a
 seeded sampled request (a seed reproduces `glm4v generate --seed` only with its own generator, so
 such a job runs alone), and the longest prompt plus the largest max_tokens fits the context (the
-cache is sized once for the batch). Rows that hit a stop id leave the batch (the loop drops them);
-a row that ends by its max_tokens, a stop string or a cancel stops being read and is dropped from
-the answer, while the batch runs on for the other rows.
+cache is sized once for the batch). A row that is done (a stop id, its max_tokens, a stop string,
+a cancel) has its answer finished at once and leaves the batch (stream_tokens' stop_rows): in eager
+mode the later steps compute only the rows still running; the batch ends with its last row.
 """
 from __future__ import annotations
 
@@ -157,9 +157,13 @@ class Batcher:
                 generator.seed()  # a fresh draw, as without --seed
             else:
                 generator.manual_seed(prompts[0].seed)
+        done = torch.zeros(len(rows), dtype=torch.bool)  # rows finished here leave the batch (stop_rows)
+        for row_index, row in enumerate(rows):
+            row.leave = lambda i=row_index: done.__setitem__(i, True)
         steps = stream_tokens(self.model, ids, images, mask, positions,
                               max_new_tokens=max(p.max_tokens for p in prompts), sampling=sampling,
-                              generator=generator, vocab_limit=self.tokenizer.vocab_size, compile=self.compile)
+                              generator=generator, vocab_limit=self.tokenizer.vocab_size, compile=self.compile,
+                              stop_rows=done)
         try:
             for step in steps:
                 tokens, finished = step.tokens.tolist(), step.finished.tolist()
@@ -181,10 +185,12 @@ class Row:
     def __init__(self, job: Job, deltas: TextDeltas, batch: int):
         self.job, self.deltas, self.batch = job, deltas, batch
         self.tokens, self.done = 0, False
+        self.leave: Callable[[], None] = lambda: None  # set by the batch: frees this row's place in the compute
 
     def take(self, token: int, stopped: bool) -> None:
         if self.job.cancelled.is_set():
             self.done = True
+            self.leave()
             return
         self.tokens += 1
         if stopped:  # a stop id: counted, never shown
@@ -203,6 +209,7 @@ class Row:
             self.job.deliver(Delta(tail))
         self.job.deliver(Finished(reason, self.tokens, self.batch))
         self.done = True
+        self.leave()
 
     def fail(self, error: Exception) -> None:
         self.job.deliver(Failed(error))

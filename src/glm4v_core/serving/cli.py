@@ -45,7 +45,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="address to listen on; 0.0.0.0 exposes the server to the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
-                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU (default: %(default)s)")
+                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU but bfloat16 for a quantized "
+                        "folder (as glm4v generate) (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (torch.compile; a CUDA graph on CUDA) (default: off)")
@@ -129,10 +130,10 @@ def serve(args: argparse.Namespace, prog: str) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = GLM4VConfig.from_json(checkpoint / "config.json")
     tokenizer = resolve_tokenizer(args.tokenizer, checkpoint, config)
-    from glm4v_core.generation.cli import check_adapter_flag  # the check glm4v generate / chat run
+    from glm4v_core.generation.cli import auto_dtype, check_adapter_flag  # as glm4v generate / chat
     adapter = check_adapter_flag(args.adapter, config)
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype) or auto_dtype(device, checkpoint)
     sock = listen(args.host, args.port)
     model = load_model(checkpoint, dtype=dtype, device=device)
     if adapter is not None:  # unmerged, as glm4v generate applies them
