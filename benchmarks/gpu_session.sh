@@ -17,6 +17,8 @@
 #              and activation checkpointing;
 # quant        benchmarks/quant.py --real --compile: decode and prefill of bf16, int8 and int4 weights;
 # finetune     benchmarks/finetune.py --real: peak memory of one LoRA step of the real 9B shapes;
+# memory_plan  benchmarks/memory_plan.py --device cuda: the memory planner's 9B predictions against
+#              torch.cuda.max_memory_allocated (LoRA, QLoRA, LoRA on vision too, bf16 / int4 generation);
 # multi_image  benchmarks/multi_image.py --real: TTFT and peak memory for 1, 2 and 4 images;
 # serve        benchmarks/serve.py --mid: glm4v serve's throughput and p50/p95 latency at 1, 4 and 16
 #              concurrent clients vs one at a time (bf16, the bundled demo and the mid-size model);
@@ -74,8 +76,9 @@ step gputests ${GPUTESTS_LIMIT:-150} python -m pytest -v -rf --tb=short -m gpu $
 step kernels ${KERNELS_LIMIT:-150} python benchmarks/kernels.py --out benchmarks/results ${KERNELS_ARGS:-}
 step generate 240 python benchmarks/generate.py --real --fixtures "" --mid "" --repeat 2
 step quant 240 python benchmarks/quant.py --real --compile --repeat 2 --new-tokens 64 --out benchmarks/results
-step train 90 python benchmarks/train.py --device cuda
+step train 90 python benchmarks/train.py --device cuda --no-plan  # the plan: the memory_plan step
 step finetune 150 python benchmarks/finetune.py --real
+step memory_plan 240 python benchmarks/memory_plan.py --device cuda
 step multi_image 120 python benchmarks/multi_image.py --real --fixtures ""
 step serve 120 python benchmarks/serve.py --mid --device cuda --dtype bfloat16 --out benchmarks/results
 step resources 40 python benchmarks/kernel_resources.py

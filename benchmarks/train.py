@@ -1,5 +1,5 @@
 """Training step benchmark: peak memory and step time with and without the chunked loss and
-activation checkpointing, plus the computed memory budget of one LoRA step of the real 9B.
+activation checkpointing, plus the planned memory of one LoRA step of the real 9B.
 
 A step = forward with labels, backward, one plain SGD update (stateless, lr 0, so only what the two
 switches change is measured). Four variants: loss "plain" (fp32 logits of the whole sequence,
@@ -14,8 +14,9 @@ CUDA: the real model's shapes (1120 px image + --text-tokens text tokens) in bf1
 weights and --layers decoder / --vision-layers ViT blocks (the full 40 + 63 do not fit one GPU
 for full fine-tuning); memory = torch.cuda.max_memory_allocated during the step.
 
-Then prints the LoRA budget of the real 9B (weights, adapters + grads + AdamW, activations,
-logits) from tests/fixtures/real_manifest.json, and writes JSON to benchmarks/results/.
+Then prints the memory planner's peak of one LoRA step of the real 9B (glm4v_core.training.memory: the
+model built without weights from tests/fixtures/real_manifest.json, one real step on fake tensors) for
+each variant (--no-plan: skip it), and writes JSON to benchmarks/results/.
 
     python benchmarks/train.py                  # CPU, narrow fixture
     python benchmarks/train.py --device cuda    # real shapes, few layers
@@ -23,12 +24,12 @@ logits) from tests/fixtures/real_manifest.json, and writes JSON to benchmarks/re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -164,63 +165,36 @@ def reset_peak_rss() -> bool:
         return False
 
 
-# --- the LoRA budget of the real model -----------------------------------------------------------
+# --- the LoRA budget of the real model: planned ----------------------------------------------------
 
-@dataclasses.dataclass
-class Budget:
-    weights: float          # frozen bf16 base weights
-    adapters: float         # LoRA A and B (fp32), their grads (fp32) and AdamW's two moments (fp32)
-    activations: float      # what the decoder keeps for backward (vision frozen: kept nothing)
-    vision_working: float   # one ViT block's working set (run without a graph)
-    logits: float           # loss: plain (full fp32 logits + their grad) or chunked
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.adapters + self.activations + max(self.vision_working, self.logits)
-
-
-def lora_budget(rank: int, text_tokens: int, checkpointing: bool, chunked: bool, counted: int) -> Budget:
-    """Bytes of one LoRA step of the real glm-4v-9b at 1120 px: LoRA of `rank` on every decoder
-    linear (qkv, dense, dense_h_to_4h, dense_4h_to_h), the vision tower and everything else frozen,
-    bf16 activations, attention by a flash kernel (keeps out + log-sum-exp, no score matrix)."""
-    manifest = json.loads(MANIFEST.read_text())
-    config = GLM4VConfig.from_hf(manifest["config"])
-    c, v = config, config.vision
-    bf16, fp32 = 2, 4
-    weights = manifest["total_parameters"] * bf16
-    adapted = [shape for name, (shape, _) in manifest["parameters"].items()
-               if name.startswith("transformer.encoder.layers.") and name.endswith(".weight") and len(shape) == 2]
-    lora_params = sum(rank * (rows + cols) for rows, cols in adapted)
-    adapters = lora_params * (fp32 + fp32 + 2 * fp32)
-    T = text_tokens + v.num_image_tokens + 2 - 3  # 1602 image rows replace the 3 placeholder tokens
-    H, ffn, nq = c.hidden_size, c.ffn_hidden_size, c.num_heads * c.head_dim
-    # kept per token per decoder layer (elements): block input, attn-norm out (qkv and LoRA input),
-    # q/k/v after rotary, attention out (+ its reshaped copy: dense's input), residual and mlp-norm
-    # out, gate and up (silu's and the product's inputs), silu(gate), the product (down's input)
-    per_token_layer = 2 * H + c.qkv_size + 2 * nq + 2 * H + 2 * ffn + ffn + ffn
-    per_token_layer += 4 * rank  # the LoRA A outputs
-    full = T * per_token_layer * bf16
-    activations = (c.num_layers * T * H * bf16 + full) if checkpointing else c.num_layers * full
-    L = v.grid ** 2 + 1
-    vision_working = L * (3 * v.hidden_size + 2 * v.intermediate_size) * bf16
-    logits = (counted * min(8192, c.vocab_size) * fp32 + counted * H * bf16) if chunked else \
-        T * c.vocab_size * (bf16 + fp32 + fp32)
-    return Budget(weights, adapters, activations, vision_working, logits)
+def planned_budget(config: Path, rank: int, text_tokens: int) -> list[dict]:
+    """The memory planner's peak of one LoRA step (glm4v finetune's: AdamW, rank `rank` on every decoder
+    linear, vision frozen) for each variant, on CUDA, of the model `config` describes (no weights read)."""
+    from glm4v_core.training.memory_plan import TrainingRequest, plan_training
+    rows = []
+    for loss, checkpointing in VARIANTS:
+        plan = plan_training(TrainingRequest(checkpoint=config, lora_rank=rank, text_tokens=text_tokens,
+                                             gradient_checkpointing=checkpointing, chunked_loss=loss == "chunked"))
+        rows.append({"loss": loss, "checkpointing": checkpointing, "peak_bytes": plan.peak_bytes,
+                     "components": plan.components, "phases": plan.phases})
+    return rows
 
 
 def print_budget(rank: int, text_tokens: int) -> list[dict]:
-    rows = []
-    print(f"\nMemory budget of one LoRA step of the real glm-4v-9b: 1120 px image + {text_tokens} text tokens, "
-          f"batch 1, LoRA rank {rank} on every decoder linear, bf16 base frozen, AdamW, flash attention")
-    print(f"{'checkpointing':<14} {'loss':<8} {'weights':>8} {'adapters':>9} {'activations':>12} "
-          f"{'vision blk':>10} {'logits':>8} {'total GB':>9}")
-    for loss, checkpointing in VARIANTS:
-        b = lora_budget(rank, text_tokens, checkpointing, loss == "chunked", counted=text_tokens)
-        print(f"{'on' if checkpointing else 'off':<14} {loss:<8} {b.weights / GB:8.2f} {b.adapters / GB:9.3f} "
-              f"{b.activations / GB:12.2f} {b.vision_working / GB:10.2f} {b.logits / GB:8.3f} {b.total / GB:9.2f}")
-        rows.append({"loss": loss, "checkpointing": checkpointing, **dataclasses.asdict(b), "total": b.total})
-    print("(vision blk and logits never coexist: the peak takes the larger; add ~1-2 GB of CUDA context and "
-          "allocator slack. Full fine-tuning would add 13.9e9 x (2 grad + 8 AdamW + 4 fp32 master) bytes.)")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(json.loads(MANIFEST.read_text())["config"]))
+        rows = planned_budget(config, rank, text_tokens)
+    print(f"\nPlanned peak of one LoRA step of the real glm-4v-9b (glm4v_core.training.memory, on CUDA, its context "
+          f"included): 1120 px image + {text_tokens} text tokens, batch 1, rank {rank} on every decoder linear, bf16 "
+          "base frozen, AdamW")
+    print(f"{'checkpointing':<14} {'loss':<8} {'weights':>8} {'trained':>8} {'kept':>8} {'recomp':>8} {'loss':>8} "
+          f"{'total GiB':>9}")
+    for r in rows:
+        c = {k: v / 2**30 for k, v in r["components"].items()}
+        print(f"{'on' if r['checkpointing'] else 'off':<14} {r['loss']:<8} {c['weights']:8.2f} "
+              f"{c['trained_and_optimizer']:8.2f} {c['activations_kept']:8.2f} {c['recomputed_layer']:8.2f} "
+              f"{c['loss']:8.2f} {r['peak_bytes'] / 2**30:9.2f}")
     return rows
 
 
@@ -235,6 +209,7 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=2, help="CUDA: decoder blocks")
     p.add_argument("--vision-layers", type=int, default=2, help="CUDA: ViT blocks")
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--no-plan", action="store_true", help="skip the planned 9B budget")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "loss,checkpointing": one CPU variant
     args = p.parse_args()
     cuda = args.device == "cuda"
@@ -262,7 +237,7 @@ def main() -> int:
     for r in results:
         print(f"{r['loss']:<8} {'on' if r['checkpointing'] else 'off':<14} {r[mem_key] / 1e6:12.1f} "
               f"{r['saved_for_backward_bytes'] / 1e6:16.1f} {r['step_s_median'] * 1e3:9.1f} {r['loss_value']:8.4f}")
-    budget = print_budget(args.lora_rank, 256)
+    budget = None if args.no_plan else print_budget(args.lora_rank, 256)
     name = "train_cuda" if cuda else "train_cpu"
     write_result(name, {**shape, "rows": rows, "text_tokens": text_tokens, "steps": args.steps,
                         "memory_metric": mem_key, "variants": results,

@@ -21,6 +21,8 @@ _WHERE = {
     "GLM4VConfig": "config", "VisionConfig": "config", "BUNDLED_CHECKPOINT": "config",
     # checkpoints
     "load_model": "checkpoint", "save_model": "checkpoint",
+    # hub ids: resolved from the local Hugging Face cache; `glm4v download` fetches into it
+    "resolve_hub_id": "hub", "download_snapshot": "download", "HubError": "hub",
     # inputs
     "Tokenizer": "processing.tokenizer", "resolve_tokenizer": "processing.tokenizer",
     "load_image": "processing.image", "build_inputs": "processing.chat",
@@ -31,7 +33,8 @@ _WHERE = {
     "GenerationStats": "generation.loop", "TextDeltas": "generation.streaming",
     # transforms
     "quantize_model": "transforms.quant", "LoRAConfig": "transforms.lora", "add_lora": "transforms.lora",
-    "load_adapters": "transforms.lora", "save_adapters": "transforms.lora", "remove_lora": "transforms.lora",
+    "load_adapters": "transforms.adapter_files", "save_adapters": "transforms.adapter_files",
+    "remove_lora": "transforms.lora",
     # parity
     "run_parity": "parity.run",
     # training
@@ -45,6 +48,7 @@ _WHERE = {
     "SaveError": "checkpoint", "LoRAError": "transforms.lora", "DistributedError": "transforms.distributed",
     "FinetuneError": "training.config", "DataError": "training.data", "ResumeError": "training.state",
     "ReferenceFileError": "parity.reference", "ReportError": "parity.report",
+    "MemoryPlanError": "training.memory_plan",
     "RequestError": "serving.protocol", "QueueFullError": "serving.batcher", "ServerClosingError": "serving.batcher",
     "CaptureError": "parity.capture", "SamplingError": "generation.sampling", "CheckpointError": "checkpoint",
 }

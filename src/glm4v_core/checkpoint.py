@@ -42,6 +42,7 @@ from glm4v_conversion.safetensors_io import (
 )
 from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
 from glm4v_core.errors import CLIError, GLM4VError
+from glm4v_core.hub import repo_id_of, resolve_model_folder
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.model.ops import pack_cpu_weights
 from glm4v_core.transforms.quant import load_quantized
@@ -109,6 +110,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
                pack_cpu: bool = False) -> GLM4V:
     """Load an HF-layout or native checkpoint folder into an eval-mode GLM4V on `device`.
 
+    path: the folder, or a hub id ORG/NAME[@REVISION] read from the local Hugging Face cache (glm4v_core.hub;
+    `glm4v download` fetches one); a local folder of that name wins.
+
     pack_cpu=True (bf16 on CPU, inference): every linear layer also gets its weight re-laid out for
     oneDNN (glm4v_core.model.ops.pack_cpu_weights): about 2x faster batch-1 decode (eager or compiled) and
     ~10% faster prefill products on CPUs with native bf16, at the price of the zero-copy loading (the
@@ -122,7 +126,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
     all ValueErrors whose message names the file, tensor or argument at fault."""
     device = check_device(device)
     dtype = check_dtype(dtype)
-    folder = Path(path)
+    folder = resolve_model_folder(path)  # a hub id not found locally: its cached snapshot folder
     check_folder(folder, "checkpoint folder", CheckpointError)
     config = GLM4VConfig.from_json(folder / CONFIG_FILE)
     ckpt = open_checkpoint(folder)
@@ -144,15 +148,20 @@ def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, devic
 
 
 def resolve_checkpoint(path: Path | None) -> Path:
+    """--checkpoint as a folder: DIR, or ORG/NAME[@REVISION] from the local Hugging Face cache (a local folder of
+    that name wins), or None for the bundled demo checkpoint; a CLIError / HubError naming what is wrong."""
     if path is None:
         if not (BUNDLED_CHECKPOINT / "config.json").is_file():
             raise CLIError(f"no --checkpoint given and the bundled demo checkpoint {BUNDLED_CHECKPOINT} is missing "
                            "(it ships inside the glm4v_core package; reinstall it); pass --checkpoint DIR")
         return BUNDLED_CHECKPOINT
+    path = resolve_model_folder(path, "--checkpoint")  # ORG/NAME[@REVISION]: from the Hugging Face cache
     check_folder(path, "--checkpoint", CLIError)  # names a file, FIFO or link loop as what it is
     config = path / "config.json"
     if not (config.exists() or config.is_symlink()):
-        raise CLIError(f"{path} is not a checkpoint folder (no config.json in it)")
+        repo = repo_id_of(path)
+        hint = f" (the cached snapshot of {repo}: downloaded with an --include that left it out?)" if repo else ""
+        raise CLIError(f"{path} is not a checkpoint folder (no config.json in it){hint}")
     return path  # a config.json that is not a regular file is named by GLM4VConfig.from_json
 
 

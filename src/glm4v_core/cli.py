@@ -5,7 +5,10 @@
     glm4v chat [--checkpoint DIR] [--image PATH ...]   (then `/image PATH` attaches one to the next turn)
     glm4v parity [...]                      (the arguments of python -m glm4v_core.parity)
     glm4v make-reference --checkpoint DIR --out REF [...]   (record the checkpoint's own HF code)
-    glm4v finetune --data F --out DIR [...] (the arguments of glm4v finetune)
+    glm4v finetune --data F --out DIR [...] (the arguments of glm4v finetune; --plan: its peak memory)
+    glm4v memory [--checkpoint DIR|config.json] [--quantize int4] [--max-new-tokens N]   (generation's peak memory)
+    glm4v adapter convert|merge ...          (LoRA adapters: glm4v <-> PEFT, or merged into a base)
+    glm4v download ORG/NAME[@REVISION]      (into the Hugging Face cache; then --checkpoint ORG/NAME)
 
 Without --checkpoint the bundled tiny fixture runs (random weights: the text is gibberish, but
 every stage of the pipeline runs in seconds). The answer goes to stdout as it is generated;
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "message says which), 2 for a usage error, 130 on Ctrl-C.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{generate,chat,parity,make-reference,finetune,serve}")
+                                     metavar="{generate,chat,parity,make-reference,finetune,adapter,memory,serve,download}")
     gen = commands.add_parser("generate", help="answer one prompt, streaming the text",
                               description="Answer one prompt; the text streams to stdout, the timings to stderr.")
     gen.add_argument("prompt", help="the user message")
@@ -79,14 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "(see glm4v make-reference --help)")
     commands.add_parser("finetune", help="LoRA / full fine-tuning on a JSONL (see glm4v finetune --help)",
                         add_help=False)
+    commands.add_parser("memory", add_help=False, help="the predicted peak memory of generating with a checkpoint, "
+                                                       "per component, no weight read (see glm4v memory --help)")
+    commands.add_parser("adapter", help="convert LoRA adapters (glm4v <-> PEFT) or merge them into a base "
+                                        "(see glm4v adapter --help)", add_help=False)
     commands.add_parser("serve", help="an OpenAI-compatible chat endpoint (see glm4v serve --help; the [serve] extra)",
                         add_help=False)
+    commands.add_parser("download", add_help=False,
+                        help="fetch a checkpoint from the Hugging Face Hub into its local cache, for --checkpoint "
+                             "ORG/NAME (see glm4v download --help; the [download] extra)")
     return parser
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"checkpoint folder (HF or native layout) (default: the bundled tiny fixture "
+                   help=f"checkpoint: DIR (HF or native layout) or ORG/NAME[@REVISION] from the local Hugging Face "
+                        f"cache (glm4v download) (default: the bundled tiny fixture "
                         f"{BUNDLED_CHECKPOINT}: random weights, gibberish, but it runs in seconds)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.model rank file (default: CHECKPOINT/tokenizer.model, or for a test fixture "
@@ -107,8 +118,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "a one-time compile; the compile and warm-up time is reported apart and the decode rate "
                         "counts only the warm steps after it (default: off)")
     p.add_argument("--adapter", type=Path, default=None, metavar="DIR|FILE",
-                   help="LoRA adapters to apply to the loaded model: a glm4v finetune --out folder (its "
-                        "adapter.safetensors) or the adapter file itself (default: none)")
+                   help="LoRA adapters to apply to the loaded model: a PEFT adapter folder (peft, ms-swift, "
+                        "LLaMA-Factory), a glm4v finetune --out folder or its adapter.safetensors (default: none)")
     p.add_argument("--chat-template", choices=["auto", *CHAT_TEMPLATE_NAMES], default="auto",
                    help="how messages become ids (docs/chat_templates.md); auto = the checkpoint's own: glm4v for "
                         "GLM-4V, glm4-chat for a text-only GLM-4 such as glm-4-9b-chat (default: %(default)s)")
@@ -153,7 +164,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = f"glm4v {argv[0]}" if argv[:1] in (["parity"], ["make-reference"], ["finetune"], ["serve"]) else "glm4v"
+    own_prog = argv[:1] in (["parity"], ["make-reference"], ["finetune"], ["serve"], ["download"], ["adapter"],
+                            ["memory"])
+    prog = f"glm4v {argv[0]}" if own_prog else "glm4v"
     try:
         # a closed or failing stdout: one line, exit 1; our own warnings: one line each
         with named_stdout_failures(prog) as stdout, one_line_warnings(prog):
@@ -190,12 +203,21 @@ def _main(argv: list[str], stdout: WriteCounter) -> int:
     if argv[:1] == ["make-reference"]:  # likewise; transformers is imported only inside this command
         from glm4v_core.parity import make_reference_cli
         return make_reference_cli.main(argv[1:])
+    if argv[:1] == ["memory"]:  # likewise; torch is imported after its parse
+        from glm4v_core.training import memory_cli
+        return memory_cli.main(argv[1:])
     if argv[:1] == ["finetune"]:  # every further argument belongs to the fine-tuning tool
         from glm4v_core.training import cli as finetune
         return finetune.main(argv[1:])
+    if argv[:1] == ["adapter"]:  # likewise
+        from glm4v_core.training import adapter_cli
+        return adapter_cli.main(argv[1:])
     if argv[:1] == ["serve"]:  # likewise; the ASGI stack is imported only inside this command
         from glm4v_core.serving import cli as serve
         return serve.main(argv[1:])
+    if argv[:1] == ["download"]:  # likewise; huggingface_hub is imported only inside this command
+        from glm4v_core import download_cli
+        return download_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if stdout.stream is None:  # `>&-`: say so now, not after loading the weights

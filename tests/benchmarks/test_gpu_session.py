@@ -47,8 +47,8 @@ def test_gpu_session_runs_every_step_and_collects_results(tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr  # exactly one step failed
     order = ["pip install", "import glm4v_core", "import torch", "pytest -v -rf --tb=line -m gpu or not gpu",
              "pytest -v -rf --tb=short -m gpu", "kernels.py --out", "generate.py --real", "quant.py --real",
-             "train.py --device cuda", "finetune.py --real", "multi_image.py --real", "serve.py --mid --device cuda",
-             "kernel_resources.py"]
+             "train.py --device cuda", "finetune.py --real", "memory_plan.py --device cuda", "multi_image.py --real",
+             "serve.py --mid --device cuda", "kernel_resources.py"]
     assert len(steps) == len(order) and all(want in got for want, got in zip(order, steps, strict=True)), steps
     assert sorted(p.name for p in out.iterdir()) == ["gpu_session.log", "results.tgz"]
     with tarfile.open(out / "results.tgz") as tar:

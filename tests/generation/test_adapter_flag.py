@@ -13,7 +13,8 @@ from glm4v_core.generation.cli import shown
 from glm4v_core.generation.streaming import stream_text
 from glm4v_core.parity import cli as parity_cli
 from glm4v_core.processing.tokenizer import resolve_tokenizer
-from glm4v_core.transforms.lora import ADAPTER_FILE, LoRAConfig, add_lora, load_adapters, remove_lora, save_adapters
+from glm4v_core.transforms.adapter_files import ADAPTER_FILE, load_adapters, save_adapters
+from glm4v_core.transforms.lora import LoRAConfig, add_lora, remove_lora
 
 ARGV = ["generate", "--device", "cpu", "--max-new-tokens", "8", "Hello"]
 

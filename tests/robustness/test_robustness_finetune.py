@@ -492,7 +492,7 @@ def test_an_error_during_training_saves_the_last_completed_step(tmp_path, capsys
 # the file written, then no clean-up can run (what a power cut or the OOM killer leaves).
 KILLED_WRITE = textwrap.dedent("""
     import os, re, signal, sys
-    from glm4v_core.transforms import lora
+    from glm4v_core.transforms import adapter_files as lora
     from glm4v_core.training.cli import main
     real = lora.save_file
     def save_file(tensors, filename, metadata=None):

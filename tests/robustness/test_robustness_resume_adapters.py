@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from glm4v_core import load_model
 from glm4v_core.training import cli as training_cli
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files, lora
 from glm4v_core.transforms.lora import LoRAConfig, LoRAError
 
 TINY = FIXTURES / "tiny"
@@ -208,7 +208,7 @@ def adapter_file(tmp_path_factory) -> Path:
     with torch.no_grad():
         for adapter in lora.adapters_of(model).values():
             adapter.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
-    return lora.save_adapters(model, tmp_path_factory.mktemp("adapters") / "adapter.safetensors")
+    return adapter_files.save_adapters(model, tmp_path_factory.mktemp("adapters") / "adapter.safetensors")
 
 
 def config_json(**change) -> str:
@@ -282,7 +282,7 @@ def test_a_refused_adapter_file_leaves_the_model_as_it_was(adapter_file, tmp_pat
     before, config = snapshot(model), getattr(model, "lora_config", None)
     path = bad_file(adapter_file, tmp_path / "bad.safetensors", case)
     with pytest.raises(LoRAError, match="bad.safetensors|matches no Linear") as e:
-        lora.load_adapters(model, path)
+        adapter_files.load_adapters(model, path)
     assert "\n" not in str(e.value)
     after = snapshot(model)
     assert list(after) == list(before)
@@ -296,6 +296,6 @@ def test_a_good_adapter_file_still_loads_into_both(adapter_file):
         model = load_model(TINY)
         if adapted:
             lora.add_lora(model, CONFIG, seed=5)
-        lora.load_adapters(model, adapter_file)
+        adapter_files.load_adapters(model, adapter_file)
         expected = load_file(adapter_file)
         assert all(torch.equal(t, expected[k]) for k, t in lora.adapter_state(model).items())

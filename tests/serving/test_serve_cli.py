@@ -20,7 +20,8 @@ import glm4v_core
 from glm4v_core import BUNDLED_CHECKPOINT
 from glm4v_core.generation.loop import GenerationStats
 from glm4v_core.serving import cli
-from glm4v_core.transforms.lora import LoRAConfig, adapter_state, add_lora, load_adapters, save_adapters
+from glm4v_core.transforms.adapter_files import load_adapters, save_adapters
+from glm4v_core.transforms.lora import LoRAConfig, adapter_state, add_lora
 
 
 def refused(capsys, *argv) -> str:

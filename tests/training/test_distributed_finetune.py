@@ -16,7 +16,7 @@ from glm4v_core import cli, load_model
 from glm4v_core.training import cli as training_cli
 from glm4v_core.training import config as training_config
 from glm4v_core.training.state import read_log
-from glm4v_core.transforms import lora as transforms_lora
+from glm4v_core.transforms import adapter_files
 
 DATA = FIXTURES / "finetune"
 LR, STEPS = 1e-3, 2
@@ -76,8 +76,8 @@ def test_fsdp_lora_adapters_and_checkpoints_are_the_one_process_files(runs):
         name = f"checkpoints/{step}/optimizer.safetensors"
         assert_close_tensors(adam_moments(runs["lora_1"] / name), adam_moments(runs["lora_2"] / name), name)
     model = load_model(FIXTURES / "tiny")
-    transforms_lora.load_adapters(model, runs["lora_2"] / "adapter.safetensors")  # the one-process format and metadata
-    assert transforms_lora.read_adapter_config(runs["lora_2"] / "adapter.safetensors") == model.lora_config
+    adapter_files.load_adapters(model, runs["lora_2"] / "adapter.safetensors")  # the one-process format and metadata
+    assert adapter_files.read_adapter_config(runs["lora_2"] / "adapter.safetensors") == model.lora_config
     merged_1, merged_2 = load_model(runs["lora_1"] / "merged"), load_model(runs["lora_2"] / "merged")
     assert_close_tensors(dict(merged_1.named_parameters()), dict(merged_2.named_parameters()), "merged/",
                          atol=WEIGHT_ATOL)

@@ -17,7 +17,7 @@ from glm4v_core.processing import tokenizer as processing_tokenizer
 from glm4v_core.training import cli as training_cli
 from glm4v_core.training.data import DataError, collate, read_samples, tokenize_sample
 from glm4v_core.training.state import read_log
-from glm4v_core.transforms import lora as transforms_lora
+from glm4v_core.transforms import adapter_files
 
 TINY = FIXTURES / "tiny"
 DATA = FIXTURES / "finetune"
@@ -261,7 +261,7 @@ def test_training_doc_command_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
     # the merged checkpoint computes what the base model plus the saved adapters computes
     adapted = load_model(TINY)
-    transforms_lora.load_adapters(adapted, out / "adapter.safetensors")
+    adapter_files.load_adapters(adapted, out / "adapter.safetensors")
     merged = load_model(out / "merged")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():

@@ -17,7 +17,7 @@ from glm4v_core.training import export as training_export
 from glm4v_core.training import trainer as training_trainer
 from glm4v_core.training.config import FinetuneConfig, FinetuneError
 from glm4v_core.training.state import read_log
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files, lora
 
 DATA = FIXTURES / "finetune" / "train.jsonl"
 TINY = FIXTURES / "tiny"
@@ -198,10 +198,10 @@ def test_qlora_save_merged_end_to_end(tmp_path, int4_base, capsys):
     inputs = sample_inputs(merged.config)
     reference = load_model(int4_base)
     base_q = logits(reference, inputs)
-    lora.load_adapters(reference, out / "adapter.safetensors")
+    adapter_files.load_adapters(reference, out / "adapter.safetensors")
     unmerged = logits(reference, inputs)
     plain = load_model(TINY)
-    lora.load_adapters(plain, out / "adapter.safetensors")
+    adapter_files.load_adapters(plain, out / "adapter.safetensors")
     plain_unmerged = logits(plain, inputs)
     plain = lora.remove_lora(plain).to(torch.bfloat16).float()
     bound = 2 * (logits(plain, inputs) - plain_unmerged).abs().max().item() + 1e-4 * unmerged.abs().max().item()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from glm4v_core import load_model
 from glm4v_core.training import cli as training_cli
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files
 
 TEXT = FIXTURES / "text_tiny"
 RECORDS = [
@@ -48,7 +48,7 @@ def test_lora_on_a_text_checkpoint_merges_to_the_adapted_logits(data, tmp_path, 
     ids = torch.tensor([[803, 805, 808, 101, 219, 338, 809]])
     base = load_model(TEXT)
     before = base(ids).logits
-    lora.load_adapters(base, out / "adapter.safetensors")
+    adapter_files.load_adapters(base, out / "adapter.safetensors")
     adapted = base(ids).logits
     merged = load_model(out / "merged")
     assert merged.vision is None

@@ -9,6 +9,7 @@ from torch import nn
 
 from glm4v_conversion.cli import main as convert_main
 from glm4v_core import load_model, save_model
+from glm4v_core.transforms import adapter_files
 from glm4v_core.transforms import lora as transforms_lora
 from glm4v_core.transforms.lora import LoRAConfig, LoRAError, LoRALinear
 
@@ -99,7 +100,7 @@ def test_adapter_file_round_trip_names_and_metadata(tiny, fixtures_dir, tmp_path
     config = LoRAConfig.from_presets(["decoder", "projector"], rank=2, alpha=4.0, dropout=0.1)
     transforms_lora.add_lora(tiny, config, seed=3)
     randomize_b(tiny)
-    path = transforms_lora.save_adapters(tiny, tmp_path / "adapter.safetensors")
+    path = adapter_files.save_adapters(tiny, tmp_path / "adapter.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temporary left behind
     with safe_open(str(path), framework="pt") as f:
         meta, names = f.metadata(), set(f.keys())
@@ -107,7 +108,7 @@ def test_adapter_file_round_trip_names_and_metadata(tiny, fixtures_dir, tmp_path
     assert LoRAConfig(**json.loads(meta["lora_config"])) == config
     assert "text.layers.1.attn.qkv.lora_A" in names and "projector.glu.up.lora_B" in names
     fresh = load_model(fixtures_dir / "tiny")
-    transforms_lora.load_adapters(fresh, path)
+    adapter_files.load_adapters(fresh, path)
     assert fresh.lora_config == config
     for name, t in transforms_lora.adapter_state(tiny).items():
         assert torch.equal(transforms_lora.adapter_state(fresh)[name], t), name
@@ -116,16 +117,16 @@ def test_adapter_file_round_trip_names_and_metadata(tiny, fixtures_dir, tmp_path
 
 def test_adapter_file_errors(tiny, fixtures_dir, tmp_path):
     transforms_lora.add_lora(tiny, LoRAConfig(rank=2))
-    path = transforms_lora.save_adapters(tiny, tmp_path / "a.safetensors")
+    path = adapter_files.save_adapters(tiny, tmp_path / "a.safetensors")
     other = load_model(fixtures_dir / "tiny")
     transforms_lora.add_lora(other, LoRAConfig(rank=3))
     with pytest.raises(LoRAError, match="holds adapters of"):
-        transforms_lora.load_adapters(other, path)
+        adapter_files.load_adapters(other, path)
     save_model(load_model(fixtures_dir / "tiny"), tmp_path / "ckpt")
     with pytest.raises(LoRAError, match="not a glm4v-core adapter file"):
-        transforms_lora.load_adapters(load_model(fixtures_dir / "tiny"), tmp_path / "ckpt" / "model.safetensors")
+        adapter_files.load_adapters(load_model(fixtures_dir / "tiny"), tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(LoRAError, match="does not exist"):
-        transforms_lora.load_adapters(other, tmp_path / "missing.safetensors")
+        adapter_files.load_adapters(other, tmp_path / "missing.safetensors")
     with pytest.raises(LoRAError, match="matches no Linear"):
         transforms_lora.add_lora(load_model(fixtures_dir / "tiny"), LoRAConfig(targets=("text.layers.*.attn.qkvv",)))
     with pytest.raises(LoRAError, match="already has LoRA"):
@@ -191,3 +192,25 @@ def test_add_lora_wraps_a_stand_in_base_in_the_model(tiny):
     unmerged = logits(tiny)
     transforms_lora.merge(tiny)
     torch.testing.assert_close(logits(tiny), unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_keeps_no_fp32_copy_of_its_input_for_backward():
+    """In a bf16 model the adapter's fp32 A multiplies the bf16 input: autograd alone would keep the
+    fp32 cast of the input (2x the bf16 size) for A's gradient. CastMatmul keeps the bf16 input and
+    gives the plain expression's values and gradients exactly."""
+    from glm4v_core.transforms.lora import CastMatmul, LoRALinear
+    torch.manual_seed(0)
+    adapter = LoRALinear(torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False), rank=4, alpha=8,
+                         parts=(16, 32))
+    adapter.reset_parameters(torch.Generator().manual_seed(1))
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        adapter(x).float().sum().backward()
+    assert saved and not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 37, 64, dtype=dtype, requires_grad=True)
+        A, grad = torch.randn(24, 64, requires_grad=True), torch.randn(2, 37, 24)
+        ours = torch.autograd.grad(CastMatmul.apply(x, A), (x, A), grad)
+        plain = torch.autograd.grad(x.to(A.dtype) @ A.T, (x, A), grad)
+        assert all(torch.equal(a, b) for a, b in zip(ours, plain, strict=True)), dtype

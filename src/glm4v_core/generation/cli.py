@@ -28,7 +28,8 @@ from glm4v_core.model.splice import ImageBlock, spliced_length
 from glm4v_core.processing.chat import build_inputs
 from glm4v_core.processing.image import load_image
 from glm4v_core.processing.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerError, check_message, resolve_tokenizer
-from glm4v_core.transforms.lora import LoRAError, check_adapters, load_adapters, resolve_adapter
+from glm4v_core.transforms.adapter_files import check_adapters, load_adapters, resolve_adapter
+from glm4v_core.transforms.lora import LoRAError
 
 # shown instead of a control character (other than newline and tab) or a special token in an answer
 REPLACEMENT = "\N{REPLACEMENT CHARACTER}"

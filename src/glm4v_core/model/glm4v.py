@@ -107,9 +107,15 @@ class GLM4V(nn.Module):
         At most max_batch images go through the ViT at once: its activations, not the N outputs,
         bound the memory (a 1120 px image is 6401 ViT tokens)."""
         chunks = []
+        grad = torch.is_grad_enabled()
         for pixels in pixel_values.split(max_batch):  # (<= max_batch, 3, S, S)
             pixels = pixels.to(device=self.device, dtype=self.dtype)  # cast before the ViT
-            chunks.append(self.projector(self.vision(pixels)))
+            # a part with nothing to train runs without a graph: it keeps nothing for backward and
+            # skips the checkpointing (the projector still needs one when a trained ViT is below it)
+            with torch.set_grad_enabled(grad and (pixels.requires_grad or trains(self.vision))):
+                vit_out = self.vision(pixels)
+            with torch.set_grad_enabled(grad and (vit_out.requires_grad or trains(self.projector))):
+                chunks.append(self.projector(vit_out))
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -250,6 +256,11 @@ class GLM4V(nn.Module):
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         return check_image_blocks(input_ids, n_images, ImageBlock.from_config(c), attention_mask, max_new_tokens,
                                   c.context_length)
+
+
+def trains(module: nn.Module) -> bool:
+    """Some parameter of `module` takes gradients."""
+    return any(p.requires_grad for p in module.parameters())
 
 
 def check_prefill_chunk(chunk) -> int | None:

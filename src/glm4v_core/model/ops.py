@@ -36,6 +36,7 @@ def _check_backend(name: str) -> str:
 
 
 _backend = os.environ.get("GLM4V_BACKEND", "auto").strip().lower() or "auto"  # checked at first use
+_planned_device: torch.device | None = None  # plan_device(): fake CPU tensors take this device's code path
 
 
 def triton_usable_on(device: torch.device) -> bool:
@@ -45,15 +46,40 @@ def triton_usable_on(device: torch.device) -> bool:
 
 def backend_for(x: torch.Tensor) -> str:
     """'triton' or 'torch' for a tensor on x's device, honouring the current override."""
+    device = device_of(x)
     if _check_backend(_backend) == "torch":
         return "torch"
     if _backend == "triton":
-        if not triton_usable_on(x.device):
+        if not triton_usable_on(device):
             raise BackendError(
-                f"backend 'triton' was requested but cannot run on {x.device.type}: "
+                f"backend 'triton' was requested but cannot run on {device.type}: "
                 "Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU")
         return "triton"
-    return "triton" if x.device.type == "cuda" else "torch"  # auto: kernels on CUDA, references elsewhere
+    return "triton" if device.type == "cuda" else "torch"  # auto: kernels on CUDA, references elsewhere
+
+
+def device_of(x: torch.Tensor) -> torch.device:
+    """x's device, or the device being planned for (plan_device)."""
+    return _planned_device or x.device
+
+
+@contextlib.contextmanager
+def plan_device(device: str | torch.device) -> Iterator[None]:
+    """Memory planning (glm4v_core.training.memory) runs fake CPU tensors down the code path a tensor on
+    `device` takes: for 'cuda' the Triton ops, called as the registered custom ops (torch.ops.glm4v_kernels)
+    so that only their register_fake runs (output shapes; nothing is launched and no device is checked).
+    Fake CUDA tensors cannot be used instead: autograd needs a CUDA device guard, which a CPU build lacks."""
+    global _planned_device
+    previous, _planned_device = _planned_device, torch.device(device)
+    try:
+        yield
+    finally:
+        _planned_device = previous
+
+
+def _planned_op(name: str):
+    """The custom op itself (no Python checks) while planning, else None."""
+    return getattr(torch.ops.glm4v_kernels, name) if _planned_device is not None else None
 
 
 @contextlib.contextmanager
@@ -70,7 +96,8 @@ def use_backend(name: str) -> Iterator[None]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """GLM-4 RMSNorm over the last dim (fp32 inside, one cast at the end); differentiable."""
     if backend_for(x) == "triton":
-        return K.rms_norm(x, weight, eps)
+        planned = _planned_op("rms_norm")
+        return planned(x, weight, float(eps))[0] if planned else K.rms_norm(x, weight, eps)
     return K.rms_norm_ref(x, weight, eps)
 
 
@@ -78,7 +105,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the decoder's residual stream step; differentiable."""
     if backend_for(x) == "triton":
-        return K.add_rms_norm(x, residual, weight, eps)
+        planned = _planned_op("add_rms_norm")
+        return planned(x, residual, weight, float(eps))[:2] if planned else K.add_rms_norm(x, residual, weight, eps)
     return K.add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -88,6 +116,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     key_start[b] <= j < key_end[b] (None: 0 and Lk); see glm4v_kernels.attention_ref.
     Both backends are differentiable."""
     if backend_for(q) == "triton":
+        planned = _planned_op("attention")
+        if planned:
+            return planned(q, k, v, causal, None, key_start, key_end)[0]
         return K.attention(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
     return K.attention_ref(q, k, v, causal=causal, key_start=key_start, key_end=key_end)
 
@@ -220,11 +251,14 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     needs_grad = torch.is_grad_enabled() and x.requires_grad
     backend = backend_for(x)
     if backend == "triton" and not (needs_grad and _backend == "auto"):
+        if _planned_device is not None:
+            return (_planned_op("int8_matmul")(x, qweight, scale) if zero is None else
+                    _planned_op("int4_matmul")(x, qweight, scale, zero, group_size))
         return K.int8_matmul(x, qweight, scale) if zero is None else K.int4_matmul(x, qweight, scale, zero, group_size)
     rows = x.numel() // x.shape[-1]
     # PyTorch's packed CPU kernels are vectorized for bf16 activations; with fp32 ones they beat
     # dequantize-then-matmul only for a few rows (decode), and lose 10x on a prefill
-    fast_cpu = (x.device.type == "cpu" and not needs_grad and _backend == "auto"
+    fast_cpu = (device_of(x).type == "cpu" and not needs_grad and _backend == "auto"
                 and (x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and rows <= CPU_FP32_PACKED_MAX_ROWS)))
     if fast_cpu and zero is None:
         scale = scale if scale.dtype == x.dtype else scale.to(x.dtype)
@@ -234,9 +268,36 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
         if scale_and_zero.dtype != x.dtype:
             scale_and_zero = scale_and_zero.to(x.dtype)
         return _on_rows(x, lambda rows: torch._weight_int4pack_mm_for_cpu(rows, packed, group_size, scale_and_zero))
+    if needs_grad:  # keep the packed weight for backward, not a dense copy of it
+        return DequantizedMatmul.apply(x, qweight, scale, zero, group_size)
     if zero is None:
         return K.int8_matmul_ref(x, qweight, scale)
     return K.int4_matmul_ref(x, qweight, scale, zero, group_size)
+
+
+def _dequantized(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    if zero is None:
+        return K.dequantize_int8_ref(qweight, scale, dtype)
+    return K.dequantize_int4_ref(qweight, scale, zero, group_size, dtype)
+
+
+class DequantizedMatmul(torch.autograd.Function):
+    """x @ dequant(W).T (the reference's products), differentiable in x only, dequantizing W again in
+    backward: autograd would keep the dense copy the product read, so QLoRA without checkpointing held
+    every layer's dense weight until backward, as much as the unquantized model (15 GiB of the 9B's
+    decoder in bf16; found by the memory planner, glm4v_core.training.memory)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, zero, group_size):
+        ctx.save_for_backward(qweight, scale, zero)
+        ctx.group_size = group_size
+        return x @ _dequantized(qweight, scale, zero, group_size, x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale, zero = ctx.saved_tensors
+        return grad @ _dequantized(qweight, scale, zero, ctx.group_size, grad.dtype), None, None, None, None
 
 
 def _on_rows(x: torch.Tensor, matmul) -> torch.Tensor:

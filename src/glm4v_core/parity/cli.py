@@ -33,6 +33,7 @@ from glm4v_conversion.streams import quiet_broken_pipe
 from glm4v_core.checkpoint import DTYPES, build_meta_model, check_device
 from glm4v_core.config import BUNDLED_CHECKPOINT, GLM4VConfig
 from glm4v_core.errors import REFUSED, CLIError
+from glm4v_core.hub import resolve_model_folder
 from glm4v_core.parity.compare import CaseReport
 from glm4v_core.parity.grads import run_grad_parity
 from glm4v_core.parity.multi_image import run_multi_image_parity
@@ -50,7 +51,7 @@ from glm4v_core.parity.report import (
     to_json,
 )
 from glm4v_core.parity.run import run_parity
-from glm4v_core.transforms.lora import check_adapters, resolve_adapter
+from glm4v_core.transforms.adapter_files import check_adapters, resolve_adapter
 
 # -- several images per prompt (multi_image.safetensors beside the checkpoint) ---------------------
 
@@ -120,7 +121,8 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
                                 epilog="exit status: 0 when every case passes, 1 when a case fails or an input is "
                                        "refused (the message says which), 2 for a usage error.")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint folder (HF or native layout); default: the bundled tiny fixture")
+                   help="checkpoint: DIR (HF or native layout) or ORG/NAME[@REVISION] from the local Hugging Face "
+                        "cache (glm4v download); default: the bundled tiny fixture")
     p.add_argument("--reference", type=Path, default=None,
                    help="reference .safetensors (its .json beside it); default: CHECKPOINT/reference.safetensors")
     p.add_argument("--dtype", choices=REFERENCE_DTYPES, default="float32", help="model dtype (default float32)")
@@ -137,9 +139,9 @@ def build_parser(prog: str = "glm4v parity") -> argparse.ArgumentParser:
                    help="tensor-parallel over N ranks (spawned here: gloo on CPU, NCCL on CUDA; or torchrun's)")
     p.add_argument("--fsdp", type=int, default=1, metavar="N", help="with --grads: FSDP2 over N ranks (as --tp)")
     p.add_argument("--adapter", type=Path, default=None, metavar="DIR|FILE",
-                   help="apply these LoRA adapters (a glm4v finetune --out folder or its adapter.safetensors) "
-                        "before comparing; needs --reference, recorded on the adapted model (e.g. glm4v "
-                        "make-reference on the run's OUT/merged); float checkpoints, one process")
+                   help="apply these LoRA adapters (a PEFT folder, a glm4v finetune --out folder or its "
+                        "adapter.safetensors) before comparing; needs --reference, recorded on the adapted model "
+                        "(e.g. glm4v make-reference on the run's OUT/merged); float checkpoints, one process")
     add_arguments(p)
     return p
 
@@ -158,8 +160,8 @@ def main(argv: list[str] | None = None, prog: str = "glm4v parity") -> int:
                          "--reference (e.g. glm4v make-reference on the run's OUT/merged); not with --grads")
         if args.adapter is not None and args.tp > 1:
             parser.error("--adapter does not go with --tp N: tensor parallel shards plain Linears, not LoRA ones")
-        checkpoint = args.checkpoint or BUNDLED_CHECKPOINT
         try:
+            checkpoint = resolve_model_folder(args.checkpoint or BUNDLED_CHECKPOINT, "--checkpoint")  # or a hub id
             check_ranks(args, checkpoint)
             for flag, path in (("--plot", args.plot), ("--html", args.html)):
                 check_report_path(flag, path)

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glm4v make-reference",
         description="Run the checkpoint's own HF remote code (transformers, trust_remote_code) on prompts built by "
                     "glm4v-core and record a parity reference (reference.safetensors + reference.json).")
-    p.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint folder holding the remote code")
+    p.add_argument("--checkpoint", type=Path, required=True, help="HF checkpoint holding the remote code: DIR or "
+                   "ORG/NAME[@REVISION] from the local Hugging Face cache (glm4v download)")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (created; an existing one is replaced only with --overwrite, and only if "
                         "make-reference wrote it)")

@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 from glm4v_core.checkpoint import load_model
 from glm4v_core.generation.loop import generate
+from glm4v_core.hub import resolve_model_folder
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.parity.compare import CaseReport, Stage, Tolerances, compare, exact
 from glm4v_core.parity.exact_kernels import reference_kernels
 from glm4v_core.parity.quantized import quantization_of, run_quantized_parity
 from glm4v_core.parity.reference import case_inputs, logits_key, recorded_in_bf16, reference_cases
-from glm4v_core.transforms.lora import load_adapters
+from glm4v_core.transforms.adapter_files import load_adapters
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def run_parity(checkpoint: str | Path, reference: str | Path | None = None,
     """tp: run as one rank of a tensor-parallel group (every rank of the group calls this). adapter: a
     LoRA adapter file (load_adapters) applied to the loaded model; the reference must then be one
     recorded on the adapted model (e.g. glm4v make-reference on `glm4v finetune --save-merged`'s OUT/merged)."""
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_model_folder(checkpoint)  # a folder, or a hub id from the local cache
     ref_path = Path(reference) if reference else checkpoint / "reference.safetensors"
     meta_path = ref_path.with_suffix(".json")
     if not ref_path.exists():

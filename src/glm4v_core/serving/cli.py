@@ -34,13 +34,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                        "usage error, 130 on Ctrl-C.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"checkpoint folder (HF or native layout) (default: the bundled demo {BUNDLED_CHECKPOINT})")
+                   help=f"checkpoint: DIR (HF or native layout) or ORG/NAME[@REVISION] from the local Hugging Face "
+                        f"cache (glm4v download) (default: the bundled demo {BUNDLED_CHECKPOINT})")
     p.add_argument("--adapter", type=Path, default=None,
-                   help="LoRA adapters: a `glm4v finetune` OUT folder or its adapter.safetensors (default: none)")
+                   help="LoRA adapters: a PEFT adapter folder, a `glm4v finetune` OUT folder or its "
+                        "adapter.safetensors (default: none)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.model rank file (default: CHECKPOINT/tokenizer.model, as glm4v generate)")
     p.add_argument("--model-name", default=None,
-                   help="the model id clients pass as `model` (default: the checkpoint folder's name)")
+                   help="the model id clients pass as `model` (default: ORG/NAME for a hub checkpoint, else the "
+                        "checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 exposes the server to the network (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
@@ -121,11 +124,12 @@ def serve(args: argparse.Namespace, prog: str) -> int:
 
     from glm4v_core.checkpoint import DTYPES, check_device, load_model, resolve_checkpoint
     from glm4v_core.config import GLM4VConfig
+    from glm4v_core.hub import repo_id_of
     from glm4v_core.model.ops import pack_cpu_weights
     from glm4v_core.processing.tokenizer import resolve_tokenizer
     from glm4v_core.serving.batcher import Batcher
     from glm4v_core.serving.prompts import Limits
-    from glm4v_core.transforms.lora import load_adapters
+    from glm4v_core.transforms.adapter_files import load_adapters
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     config = GLM4VConfig.from_json(checkpoint / "config.json")
@@ -139,7 +143,7 @@ def serve(args: argparse.Namespace, prog: str) -> int:
     if adapter is not None:  # unmerged, as glm4v generate applies them
         load_adapters(model, adapter)
     pack_cpu_weights(model)  # as glm4v generate: bf16 on CPU decodes on oneDNN-packed weights (else a no-op)
-    name = args.model_name or checkpoint.resolve().name
+    name = args.model_name or repo_id_of(checkpoint) or checkpoint.resolve().name  # not a snapshot's hash
     batcher = Batcher(model, tokenizer, args.max_batch, args.max_queue, args.compile)
     limits = Limits(args.default_max_tokens, args.allow_local_images)
     service = Service(model, tokenizer, name, batcher, limits, args.max_body_bytes, args.timeout)

@@ -16,7 +16,8 @@ The output folder OUT:
                                 a step's loss is not finite and on another error during training:
                                 trained tensors, AdamW state, RNG states, step (glm4v_core.training.state);
                                 --keep-last N keeps the N newest (the older ones go once a newer is complete)
-    adapter.safetensors         the final adapters (LoRA runs)
+    adapter.safetensors         the final adapters (LoRA runs), or with --adapter-format peft:
+    adapter/                    a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors)
     merged/ or model/           with --save-merged (LoRA: adapters merged; over a quantized base, into
                                 its dequantized weights) or after a full fine-tune: a checkpoint folder
                                 written by save_model (HF layout)
@@ -62,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glm4v_conversion import __version__
+from glm4v_core.training.memory_cli import add_plan_target_arguments
 
 if TYPE_CHECKING:
     from glm4v_core.training.config import FinetuneConfig
@@ -72,6 +74,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 TRAIN_ON = ("assistant", "all")
 ON_BAD_RECORD = ("skip", "error")
+ADAPTER_FORMATS = ("glm4v", "peft")  # glm4v_core.transforms.adapter_files.ADAPTER_FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "error; 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when "
                                        "training had started).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint folder (default: the bundled "
-                   "tiny fixture)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="base checkpoint: DIR or ORG/NAME[@REVISION] from "
+                   "the local Hugging Face cache (glm4v download) (default: the bundled tiny fixture)")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.model (default: as glm4v generate)")
-    p.add_argument("--data", type=Path, required=True, help="training JSONL (required)")
+    p.add_argument("--data", type=Path, default=None, help="training JSONL; with --plan, the file's longest batch "
+                   "is planned (required)")
     p.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL: its loss is reported "
                    "(default: none)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (log, curve, checkpoints) (required)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (log, curve, checkpoints); not needed "
+                   "with --plan (required)")
     p.add_argument("--resume", type=Path, default=None, help="an output folder (its latest checkpoint) or one "
                    "checkpoints/step-N folder to continue from (default: none, a fresh run)")
     p.add_argument("--lora-rank", type=int, default=8, help="adapter rank; 0 = full fine-tune "
@@ -142,9 +147,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "%(default)s, only at the end)")
     p.add_argument("--save-merged", action="store_true", help="LoRA: also write OUT/merged, a full checkpoint "
                    "(default: off)")
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR|FILE", help="continue training these LoRA "
+                   "adapters (a PEFT folder, a glm4v finetune --out folder or its adapter.safetensors) instead of "
+                   "fresh ones: their layers, rank, alpha and fused layout come from the file, so --lora-rank, "
+                   "--lora-alpha, --lora-shared-fused and --train are left out (default: none)")
+    p.add_argument("--adapter-format", choices=ADAPTER_FORMATS, default="glm4v", help="the final adapters: glm4v "
+                   "(OUT/adapter.safetensors) or peft (OUT/adapter/, a folder peft and vLLM load) "
+                   "(default: %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar "
                    "(default: a progress bar)")
+    p.add_argument("--plan", action="store_true", help="print this run's predicted peak memory per component "
+                   "instead of running it, for CUDA unless --device cpu (glm4v_core.training.memory: no weight is "
+                   "read) (default: off)")
+    p.add_argument("--plan-text-tokens", type=int, default=None, metavar="N", help="--plan without --data: plan "
+                   "one image at the config's image size + N text tokens, all learned (default: 256)")
+    add_plan_target_arguments(p)
     return p
+
+
+PLAN_ONLY = ("plan", "plan_text_tokens", "quantize", "device_memory", "json")  # flags FinetuneConfig does not take
+
+
+def check_plan_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A run needs --data and --out; --plan's own flags only plan (usage errors, exit 2)."""
+    if args.plan:
+        if args.fsdp != 1:
+            parser.error("--plan plans one process: leave out --fsdp")
+        args.plan_text_tokens = 256 if args.plan_text_tokens is None else args.plan_text_tokens
+        return
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (only --plan runs without them)")
+    for flag, name in (("--quantize", "quantize"), ("--device-memory", "device_memory"), ("--json", "json"),
+                       ("--plan-text-tokens", "plan_text_tokens")):
+        if getattr(args, name) not in (None, False):
+            hint = (": to train on a quantized base, convert it once (glm4v-convert BASE OUT --quantize int4) and "
+                    "pass --checkpoint OUT") if flag == "--quantize" else ""
+            parser.error(f"{flag} goes with --plan{hint}")
 
 
 def at_least_one(text: str) -> int:
@@ -162,7 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 done; 1 a refused input, a non-finite step or an error during training (one
     line); 2 a usage error;
     130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (a checkpoint saved when the run had started training)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_plan_usage(parser, args)
+    if args.plan:
+        from glm4v_core.training import memory_cli
+        return memory_cli.plan_finetune(args)
     import torch  # lazy, as the library: not for --help, --version or a usage error
 
     from glm4v_core.errors import REFUSED
@@ -171,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from glm4v_core.training.trainer import Trainer
     try:
         with stop_signals():  # SIGTERM / SIGHUP raise Stopped, which the loop takes as it takes Ctrl-C
-            options = FinetuneConfig(**vars(args))  # the library takes the dataclass, never the Namespace
+            run = {k: v for k, v in vars(args).items() if k not in PLAN_ONLY}
+            options = FinetuneConfig(**run)  # the library takes the dataclass, never the Namespace
             if options.fsdp > 1:
                 from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
                 device_type = torch.device(options.device).type if options.device else None  # None: cuda if any

@@ -5,16 +5,18 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from glm4v_core.checkpoint import check_device
+from glm4v_core.checkpoint import build_meta_model, check_device
+from glm4v_core.config import GLM4VConfig
 from glm4v_core.errors import GLM4VError
 from glm4v_core.training.data import ON_BAD_RECORD, TRAIN_ON
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files, lora
+from glm4v_core.transforms.adapter_files import ADAPTER_FORMATS
 
 PARTS = {"vision": "vision", "projector": "projector", "decoder": "text"}  # --train name -> module
 
@@ -66,10 +68,15 @@ class FinetuneConfig:
     keep_last: int | None = None            # keep the N newest checkpoints (>= 1); None: keep all
     eval_every: int = 0                     # held-out loss every N steps; 0: only at the end
     save_merged: bool = False               # LoRA: also write OUT/merged, a full checkpoint
+    adapter: Path | None = None             # start from these adapters (glm4v file / finetune OUT / PEFT folder):
+                                            # their layers, ranks, scales and fused layout; lora_rank, lora_alpha,
+                                            # lora_shared_fused and train stay at their defaults
+    adapter_format: str = "glm4v"           # the final adapters: glm4v (OUT/adapter.safetensors) or peft (OUT/adapter/)
     progress: bool = True                   # a progress bar on rank 0
 
     def __post_init__(self) -> None:
-        for name in ("data", "out", "checkpoint", "tokenizer", "eval_data", "resume"):  # str from Python callers
+        paths = ("data", "out", "checkpoint", "tokenizer", "eval_data", "resume", "adapter")
+        for name in paths:  # str from Python callers
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -97,6 +104,7 @@ class FinetuneConfig:
             if value not in accepted:
                 raise FinetuneError(f"{flag} {value!r}: choose from {list(accepted)}")
         check_numbers(self)
+        check_adapter_options(self)
         if self.keep_last is not None and not (type(self.keep_last) is int and self.keep_last >= 1):
             raise FinetuneError(f"--keep-last {self.keep_last!r}: must be an integer >= 1 (the newest checkpoints "
                                 "kept), or left out to keep all")
@@ -128,6 +136,36 @@ def check_numbers(a: FinetuneConfig) -> None:
     if a.max_length is not None and a.max_length < 1:
         raise FinetuneError(f"--max-length {a.max_length}: must be >= 1 (decoder rows per sample), or left out "
                             "for the config's seq_length")
+
+
+def check_adapter_options(a: FinetuneConfig) -> None:
+    """--adapter-format, and --adapter without the flags whose values it brings (left at their defaults, they
+    are taken from the file; any other value is refused: the file and the flag would disagree)."""
+    if a.adapter_format not in ADAPTER_FORMATS:
+        raise FinetuneError(f"--adapter-format {a.adapter_format!r}: choose from {list(ADAPTER_FORMATS)}")
+    if a.adapter is None:
+        return
+    if not a.adapter.exists():
+        raise FinetuneError(f"--adapter {a.adapter} does not exist; give a PEFT adapter folder, a glm4v finetune --out "
+                            "folder or its adapter.safetensors")
+    defaults = {f.name: f.default for f in fields(a)}
+    given = [f"--{k.replace('_', '-')}" for k in ("lora_rank", "lora_alpha", "lora_shared_fused", "train")
+             if getattr(a, k) != defaults[k]]
+    if given:
+        raise FinetuneError(f"--adapter {a.adapter}: {', '.join(given)} cannot be combined with it: the adapters' "
+                            "layers, rank, alpha and fused layout come from the file (leave those flags out)")
+
+
+def check_start_adapter(a: FinetuneConfig, config: GLM4VConfig) -> None:
+    """--adapter fits the base (checked on a meta-device model: no weight is read) and --adapter-format can hold it."""
+    if a.adapter is None:
+        return
+    try:
+        adapters = adapter_files.check_adapters(build_meta_model(config), adapter_files.resolve_adapter(a.adapter))
+    except lora.LoRAError as e:
+        raise FinetuneError(f"--adapter {a.adapter}: {e}") from None
+    if adapters.config is None and a.adapter_format == "glm4v":
+        raise FinetuneError(f"--adapter {a.adapter}: {adapter_files.PER_LAYER}; add --adapter-format peft")
 
 
 def check_fsdp(a: FinetuneConfig) -> None:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from glm4v_core.transforms import lora
+
 
 def start_line(trainer) -> str:
     a = trainer.options
     parts = a.train.replace(",", ", ")
-    if a.lora_rank > 0:
+    if getattr(a, "adapter", None) is not None:
+        what = f"the LoRA adapters of {a.adapter} ({len(lora.adapters_of(trainer.model))} layers)"
+    elif a.lora_rank > 0:
         what = f"LoRA adapters of rank {a.lora_rank} (alpha {a.lora_alpha:g}) on the {parts}"
     else:
         what = f"the full weights of the {parts}"

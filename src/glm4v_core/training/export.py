@@ -20,7 +20,7 @@ from glm4v_core.checkpoint import DTYPES, save_model
 from glm4v_core.model import ops
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.training.state import plot_loss
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files, lora
 from glm4v_core.transforms.dtensor import whole
 from glm4v_core.transforms.quant import quantized_linears
 
@@ -100,8 +100,8 @@ def planned_bytes(trainer) -> tuple[int, str]:
     if a.keep_last is not None:
         count = min(count, a.keep_last + 1)
     needed, parts = count * checkpoint, [f"{count} checkpoint(s) of {checkpoint}"]
-    if a.lora_rank > 0:
-        needed += trained + headers
+    if a.lora_rank > 0:  # PEFT: a fused layer's B is block-diagonal, up to 3x its per-part B
+        needed += trained * (3 if getattr(a, "adapter_format", "glm4v") == "peft" else 1) + headers
         parts.append("the adapters")
     if a.lora_rank == 0 or a.save_merged:
         needed += model_bytes(trainer.model, merged_dtype(trainer.model, trainer.provenance))
@@ -118,8 +118,12 @@ def final_files(trainer) -> list[Path]:
     written = []
     if a.lora_rank > 0:
         adapters = trainer.trained_state()
-        if rank0:
-            written.append(lora.save_adapters(trainer.model, a.out / "adapter.safetensors", tensors=adapters))
+        if rank0 and getattr(a, "adapter_format", "glm4v") == "peft":  # OUT/adapter/, what peft and vLLM load
+            written.append(adapter_files.save_adapters(trainer.model, a.out / adapter_files.PEFT_FOLDER,
+                                                       tensors=adapters, format="peft",
+                                                       base_model_name_or_path=str(trainer.checkpoint)))
+        elif rank0:
+            written.append(adapter_files.save_adapters(trainer.model, a.out / "adapter.safetensors", tensors=adapters))
     if a.lora_rank == 0 or a.save_merged:
         model = whole_model(trainer)
         if rank0 and a.lora_rank > 0:

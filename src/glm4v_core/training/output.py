@@ -71,7 +71,8 @@ def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = Tru
         raise FinetuneError(f"--out {out} already holds a previous run's files ({names}); {hint}, or choose another "
                             "--out (nothing was changed)")
     writes = {"loss.jsonl", "loss.png", "checkpoints"}
-    writes |= {"adapter.safetensors"} if a.lora_rank > 0 else {"model"}
+    adapters = "adapter" if getattr(a, "adapter_format", "glm4v") == "peft" else "adapter.safetensors"
+    writes |= {adapters} if a.lora_rank > 0 else {"model"}
     writes |= {"merged"} if a.save_merged else set()
     for name in found:
         path, kind = target / name, RUN_FILES[name]
@@ -80,9 +81,11 @@ def check_out(a: FinetuneConfig, resume_dir: Path | None, probe_lock: bool = Tru
         if kind == "file":
             fits = path.is_file()
         else:
-            fits = path.is_dir() and (kind == "folder" or (path / "config.json").exists() or not any(path.iterdir()))
+            mark = "adapter_config.json" if kind == "peft" else "config.json"  # what the folder it replaces holds
+            fits = path.is_dir() and (kind == "folder" or (path / mark).exists() or not any(path.iterdir()))
         if not fits:
-            what = {"file": "a file", "folder": "a folder", "checkpoint": "a checkpoint folder (with config.json)"}
+            what = {"file": "a file", "folder": "a folder", "checkpoint": "a checkpoint folder (with config.json)",
+                    "peft": "a PEFT adapter folder (with adapter_config.json)"}
             raise FinetuneError(f"--out {out}: {path} is not what this run writes there ({what[kind]}); move it "
                                 "away, then resume (nothing was changed)")
 

@@ -50,8 +50,8 @@ from glm4v_core.training.resume import (
     read_state,
     read_tensors,
 )
+from glm4v_core.transforms.adapter_files import atomic_save_file
 from glm4v_core.transforms.dtensor import whole
-from glm4v_core.transforms.lora import atomic_save_file
 
 try:
     import fcntl
@@ -67,7 +67,7 @@ RESUME_FIXED = ("lora_rank", "lora_alpha", "lora_dropout", "lora_shared_fused", 
 
 # What a run writes in OUT, and what each must be when a resumed run writes it again.
 RUN_FILES = {"loss.jsonl": "file", "loss.png": "file", "checkpoints": "folder", "adapter.safetensors": "file",
-             "merged": "checkpoint", "model": "checkpoint"}
+             "adapter": "peft", "merged": "checkpoint", "model": "checkpoint"}  # adapter/: --adapter-format peft
 
 
 def write_checkpoint(dst: Path, write_trained: Callable[[Path], None], optimizer: tuple[dict, list[dict]],
@@ -283,7 +283,7 @@ def leftovers(out: Path) -> list[Path]:
             found.append(path)
     for path in sorted(out.iterdir()) if out.is_dir() else ():
         folder, file = STAGED_FOLDER.fullmatch(path.name), STAGED_FILE.fullmatch(path.name)
-        if folder and RUN_FILES.get(folder[1]) == "checkpoint" and _only_files(path):
+        if folder and RUN_FILES.get(folder[1]) in ("checkpoint", "peft") and _only_files(path):
             found.append(path)
         elif file and RUN_FILES.get(file[1]) == "file" and path.is_file() and not path.is_symlink():
             found.append(path)
@@ -320,6 +320,9 @@ def check_resume_args(folder: Path, args: FinetuneConfig) -> None:
     saved = read_state(folder)["args"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
                if saved.get(k) != getattr(args, k)]
+    adapter = None if getattr(args, "adapter", None) is None else str(args.adapter)  # saved as its path
+    if saved.get("adapter") != adapter:
+        changed.append(f"--adapter {saved.get('adapter')!r} -> {adapter!r}")
     if changed:
         raise ResumeError(f"--resume {folder}: these arguments differ from the interrupted run, so the "
                             f"curve could not continue: {', '.join(changed)}")

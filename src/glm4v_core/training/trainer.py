@@ -17,6 +17,7 @@ from glm4v_core.config import GLM4VConfig
 from glm4v_core.model.glm4v import GLM4V
 from glm4v_core.model.loss import IGNORE_INDEX
 from glm4v_core.processing.tokenizer import Tokenizer
+from glm4v_core.training import config as run_config
 from glm4v_core.training import console, export
 from glm4v_core.training.config import PARTS, FinetuneConfig, FinetuneError, check_lora_rank, learning_rate
 from glm4v_core.training.data import Sample, collate, micro_batches, read_samples
@@ -36,8 +37,26 @@ from glm4v_core.training.state import (
     read_checkpoint,
     write_checkpoint,
 )
-from glm4v_core.transforms import lora
+from glm4v_core.transforms import adapter_files, lora
 from glm4v_core.transforms.dtensor import whole
+
+
+def make_trainable(model: GLM4V, a: FinetuneConfig) -> GLM4V:
+    """What --lora-rank (adapters, or the full weights of the --train parts), --train and
+    --gradient-checkpointing do to a loaded model; the memory planner (training/memory.py) runs it on a
+    meta-device model. `a` needs only those options (and --lora-alpha, --lora-dropout, --lora-shared-fused, --seed)."""
+    parts = a.train.split(",")
+    if getattr(a, "adapter", None) is not None:  # --adapter: layers, ranks and scales from the file
+        adapter_files.load_adapters(model, adapter_files.resolve_adapter(a.adapter), dropout=a.lora_dropout)
+    elif a.lora_rank > 0:
+        config = lora.LoRAConfig.from_presets(parts, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                                              split_fused=not a.lora_shared_fused)
+        check_lora_rank(model, config)
+        lora.add_lora(model, config, seed=a.seed)
+    else:
+        for part in parts:
+            getattr(model, PARTS[part]).requires_grad_(True)
+    return model.gradient_checkpointing(a.gradient_checkpointing)
 
 
 class NonFiniteStep(Exception):  # internal: train() turns it into a FinetuneError
@@ -70,6 +89,7 @@ class Trainer:
         if vision_parts and not self.config.has_vision:
             raise FinetuneError(f"--train {args.train}: {self.checkpoint} is a text-only GLM-4 (no vision tower), it "
                                 f"has no {' / '.join(vision_parts)} to train; use --train decoder")
+        run_config.check_start_adapter(args, self.config)  # --adapter, before any weight is read
         self.provenance = export.base_provenance(self.checkpoint)  # a quantized base's scheme and float dtype
         self.sources = sources(self.checkpoint, args.data, args.eval_data)  # what a resume must find again
         if self.resume_dir:
@@ -102,17 +122,7 @@ class Trainer:
     def build_model(self, shard: bool = True) -> GLM4V:
         a = self.options
         torch.manual_seed(a.seed)  # dropout draws from the global generator; its state is checkpointed
-        model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
-        parts = a.train.split(",")
-        if a.lora_rank > 0:
-            config = lora.LoRAConfig.from_presets(parts, rank=a.lora_rank, alpha=a.lora_alpha, dropout=a.lora_dropout,
-                                                  split_fused=not a.lora_shared_fused)
-            check_lora_rank(model, config)
-            lora.add_lora(model, config, seed=a.seed)
-        else:
-            for part in parts:
-                getattr(model, PARTS[part]).requires_grad_(True)
-        model.gradient_checkpointing(a.gradient_checkpointing)
+        model = make_trainable(load_model(self.checkpoint, dtype=self.dtype, device=self.device), a)
         if shard and self.world > 1:
             from glm4v_core.transforms import distributed  # lazy: see glm4v_core.transforms
             distributed.fsdp(model, distributed.mesh(self.device))
@@ -353,12 +363,12 @@ class Trainer:
         self.phase = "save"
         dst = self.options.out / "checkpoints" / f"step-{self.step:06d}"
         trained, optimizer = self.trained_state(), optimizer_tensors(self.optimizer, list(self.params))
-        if self.options.lora_rank > 0:
+        if self.options.lora_rank > 0 and self.model.lora_config is not None:
             def write_trained(path: Path) -> None:
-                lora.save_adapters(self.model, path, tensors=trained)
-        else:
+                adapter_files.save_adapters(self.model, path, tensors=trained)
+        else:  # full weights, or adapters of per-layer ranks (--adapter of a PEFT rank_pattern): the tensors alone
             def write_trained(path: Path) -> None:
-                lora.atomic_save_file(trained, path, {"format": "glm4v-finetune"})
+                adapter_files.atomic_save_file(trained, path, {"format": "glm4v-finetune"})
         state = {"step": self.step, "total_steps": self.total_steps, "sources": self.sources,
                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.options).items()}}
         rng = self.step_rng or self.rng_state()  # mid-step (Ctrl-C): the state the step started from

@@ -24,9 +24,10 @@ The base is pluggable (QLoRA: quantize first, then add adapters): LoRALinear nee
 `in_features`, `out_features` and `forward`; `merge()` / `unmerge()` call its `merge_delta(delta)`
 when it has one (a quantized base requantizes there), else add `delta` to `base.weight`.
 
-Adapter files (`save_adapters` / `load_adapters`, `glm4v finetune`'s OUT/adapter.safetensors): one
-safetensors file, fp32 tensors `<module name>.lora_A` / `.lora_B` (e.g. `text.layers.0.attn.qkv.lora_A`)
-and the metadata `format = glm4v-lora`, `format_version = 1`, `lora_config = <LoRAConfig as JSON>`.
+Files: transforms/adapter_files.py reads and writes adapters (`save_adapters` / `load_adapters`: this
+project's one-file format and, through transforms/peft_format.py, PEFT folders); both go through
+`LayerAdapter`, one layer's adapter as tensors, which `layer_adapters` takes from a model and
+`attach_adapters` puts on one.
 """
 from __future__ import annotations
 
@@ -34,20 +35,13 @@ import fnmatch
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from glm4v_conversion.atomic import staged_file
 from glm4v_core.errors import GLM4VError
 from glm4v_core.model.glm4v import GLM4V
 
-ADAPTER_FORMAT = "glm4v-lora"
-ADAPTER_FORMAT_VERSION = "1"
-ADAPTER_FILE = "adapter.safetensors"  # what a LoRA run of `glm4v finetune` leaves in its --out folder
 TARGET_PRESETS = {
     "decoder": ("text.layers.*.attn.qkv", "text.layers.*.attn.out", "text.layers.*.mlp.gate_up",
                 "text.layers.*.mlp.down"),
@@ -96,6 +90,26 @@ class LoRAConfig:
         return cls(**json.loads(text))
 
 
+class CastMatmul(torch.autograd.Function):
+    """x.to(A.dtype) @ A.T, keeping x for backward as it came (bf16 in a bf16 model, the tensor the
+    base Linear keeps anyway) and casting it again there: autograd would keep the fp32 copy of every
+    adapted layer's input (2x its bf16 size) until the backward. Same values as the plain expression."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, A)
+        return x.to(A.dtype) @ A.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, A = ctx.saved_tensors
+        grad_x = (grad @ A).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_A = None
+        if ctx.needs_input_grad[1]:  # (in, rows) @ (rows, r), transposed: the product autograd takes for A.T
+            grad_A = (x.reshape(-1, x.shape[-1]).to(A.dtype).T @ grad.reshape(-1, grad.shape[-1])).T
+        return grad_x, grad_A
+
+
 class LoRALinear(nn.Module):
     """A frozen base Linear (or any module with the same contract) plus a trainable low-rank update.
 
@@ -135,7 +149,10 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.T  # (..., parts * r)
+        if isinstance(self.dropout, nn.Identity):
+            h = CastMatmul.apply(x, self.lora_A)  # (..., parts * r), no fp32 copy of x kept for backward
+        else:  # the dropped-out input is a new tensor anyway: autograd keeps it
+            h = self.dropout(x.to(self.lora_A.dtype)) @ self.lora_A.T
         h = h.unflatten(-1, (len(self.parts), self.rank))  # (..., parts, r)
         # part p's rows of B multiply only part p's rank slice: the block-diagonal B, never built
         update = torch.cat([h[..., p, :] @ b.T for p, b in enumerate(self.lora_B.split(self.parts))], dim=-1)
@@ -250,151 +267,74 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapters(model: nn.Module, path: str | Path, extra_metadata: dict[str, str] | None = None,
-                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the adapters and the LoRA config to one safetensors file, atomically (temp + rename).
-
-    tensors: the adapter tensors to write, default adapter_state(model) (a sharded model passes
-    them gathered whole)."""
-    config = getattr(model, "lora_config", None)
-    if config is None or not adapters_of(model):
-        raise LoRAError("the model has no LoRA adapters to save (call add_lora first)")
-    if any(a.merged for a in adapters_of(model).values()):
-        raise LoRAError("the adapters are merged into the base weights; unmerge(model) before saving them")
-    path = Path(path)
-    tensors = {k: v.float().cpu().contiguous() for k, v in (tensors or adapter_state(model)).items()}
-    metadata = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
-                "lora_config": config.to_json(), **(extra_metadata or {})}
-    atomic_save_file(tensors, path, metadata)
-    return path
+def linears_of(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: Linear} of every layer an adapter can wrap, adapted ones included (their base)."""
+    adapted = {name: m.base for name, m in adapters_of(model).items()}
+    bases = {f"{name}.base" for name in adapted}
+    return {**{name: m for name, m in model.named_modules() if is_linear(m) and name not in bases}, **adapted}
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Written under a temporary name, flushed, renamed into place (staged_file); folders made above it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+@dataclass(frozen=True)
+class LayerAdapter:
+    """One layer's adapter as the adapter files hold it: the update is scale * blockdiag(B_p) @ A with
+    A (len(parts) * rank, in) and B (out, rank), B's rows split by `parts` ((out,): one plain adapter)."""
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    parts: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_B.shape[1]
 
 
-CONFIG_FIELDS = {"rank": "an integer >= 1", "alpha": "a finite number > 0", "dropout": "a number in [0, 1)",
-                 "targets": "a non-empty list of module-name patterns", "split_fused": "true or false"}
+@dataclass(frozen=True)
+class AdapterSet:
+    """A model's adapters as files hold them. config: the LoRAConfig that describes them (what the
+    glm4v format stores), None when none does (per-layer ranks or scales, e.g. a PEFT rank_pattern)."""
+    layers: dict[str, LayerAdapter]
+    dropout: float
+    config: LoRAConfig | None
 
 
-def read_adapter_config(path: str | Path) -> LoRAConfig:
-    """The LoRA config stored in an adapter file's metadata, checked field by field."""
-    meta = _open_adapter_file(path, lambda f: f.metadata() or {})
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise LoRAError(f"{path} is not a glm4v-core adapter file (metadata format {meta.get('format')!r}, "
-                        f"expected {ADAPTER_FORMAT!r})")
-    if meta.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise LoRAError(f"{path}: adapter format_version {meta.get('format_version')!r}, this code reads "
-                        f"{ADAPTER_FORMAT_VERSION!r}")
-    if "lora_config" not in meta:
-        raise LoRAError(f"{path}: metadata key 'lora_config' is missing (a JSON object with {list(CONFIG_FIELDS)})")
-    try:
-        fields = json.loads(meta["lora_config"])  # NaN / Infinity read as floats, refused below
-    except ValueError as e:
-        raise LoRAError(f"{path}: metadata 'lora_config' is not JSON ({e})") from None
-    if not isinstance(fields, dict):
-        raise LoRAError(f"{path}: metadata 'lora_config' is not a JSON object (keys {list(CONFIG_FIELDS)})")
-    unknown = sorted(set(fields) - set(CONFIG_FIELDS))
-    if unknown:
-        raise LoRAError(f"{path}: metadata 'lora_config' has unknown key(s) {unknown}; accepted: {list(CONFIG_FIELDS)}")
-    missing = [k for k in CONFIG_FIELDS if k not in fields]
-    if missing:
-        raise LoRAError(f"{path}: metadata 'lora_config' lacks key(s) {missing} ({list(CONFIG_FIELDS)} are required)")
-    for key, value in fields.items():
-        good = {"rank": lambda v: type(v) is int and v >= 1,
-                "alpha": lambda v: _number(v) and math.isfinite(v) and v > 0,
-                "dropout": lambda v: _number(v) and 0 <= v < 1,
-                "targets": lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v),
-                "split_fused": lambda v: isinstance(v, bool)}[key](value)
-        if not good:
-            raise LoRAError(f"{path}: metadata 'lora_config' key {key!r} is {value!r}, expected {CONFIG_FIELDS[key]}")
-    return LoRAConfig(**fields)
+def adapter_set(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> AdapterSet:
+    """The model's adapters, fp32 on the CPU. tensors: their `adapter_state`, default the model's own
+    (a sharded model passes them gathered whole)."""
+    tensors = tensors or adapter_state(model)
+    adapters = adapters_of(model)
+    layers = {name: LayerAdapter(tensors[f"{name}.lora_A"].detach().float().cpu(),
+                                 tensors[f"{name}.lora_B"].detach().float().cpu(), a.scale, a.parts)
+              for name, a in adapters.items()}
+    dropout = next((a.dropout.p for a in adapters.values() if isinstance(a.dropout, nn.Dropout)), 0.0)
+    return AdapterSet(layers, dropout, getattr(model, "lora_config", None))
 
 
-def _number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def config_for(layers: dict[str, LayerAdapter], dropout: float) -> LoRAConfig | None:
+    """The LoRAConfig of adapters of one rank and one scale on exactly these layers (per-part on the fused
+    ones if any has parts: the reader gives all fused layers one layout), or None when they differ."""
+    ranks, scales = {a.rank for a in layers.values()}, {a.scale for a in layers.values()}
+    if len(ranks) != 1 or len(scales) != 1:
+        return None
+    rank, scale, split = ranks.pop(), scales.pop(), any(len(a.parts) > 1 for a in layers.values())
+    return LoRAConfig(rank=rank, alpha=scale * rank, dropout=dropout, targets=tuple(layers), split_fused=split)
 
 
-def _open_adapter_file(path, read):
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return read(f)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise LoRAError(f"{path} is not a readable safetensors file (truncated or not safetensors?): {e}") from None
-
-
-def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> dict[str, tuple[int, ...]]:
-    """{<module name>.lora_A / .lora_B: shape} that add_lora(model, config) would create (or the
-    model's adapters already have), computed without touching the model."""
+def attach_adapters(model: GLM4V, adapters: AdapterSet) -> dict[str, LoRALinear]:
+    """Wrap each named Linear in a LoRALinear holding that layer's tensors and scale (the reader has
+    checked the shapes against the model); freeze everything else."""
     if adapters_of(model):
-        return {k: tuple(v.shape) for k, v in adapter_state(model).items()}
-    linears = {name: m for name, m in model.named_modules() if is_linear(m)}
-    check_targets(linears, config)
-    shapes = {}
-    for name, linear in linears.items():
-        if any(fnmatch.fnmatchcase(name, p) for p in config.targets):
-            parts = (getattr(linear, "parts", None) if config.split_fused else None) or (linear.out_features,)
-            shapes[f"{name}.lora_A"] = (len(parts) * config.rank, linear.in_features)
-            shapes[f"{name}.lora_B"] = (linear.out_features, config.rank)
-    return shapes
-
-
-def resolve_adapter(path: str | Path) -> Path:
-    """The adapter file a command's --adapter names: a `glm4v finetune --out` folder (its
-    adapter.safetensors) or the file itself."""
-    path = Path(path)
-    if not path.is_dir():
-        if not path.exists():
-            raise LoRAError(f"{path} does not exist; give a glm4v finetune --out folder or its {ADAPTER_FILE}")
-        return path
-    if (path / ADAPTER_FILE).is_file():
-        return path / ADAPTER_FILE
-    hint = ("it holds model/, a full fine-tune: pass that folder as --checkpoint" if (path / "model").is_dir() else
-            "a LoRA run writes it when it finishes (glm4v finetune --resume OUT finishes an interrupted one)")
-    raise LoRAError(f"folder {path} has no {ADAPTER_FILE}: {hint}")
-
-
-def check_adapters(model: GLM4V, path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """An adapter file's config and tensors once they fit `model` (a meta-device model will do):
-    the metadata (read_adapter_config), the tensor names, and each tensor's shape (what the
-    config's rank gives), dtype (floating point) and values (finite). The model is not touched."""
-    path = Path(path)
-    if not path.is_file():
-        raise LoRAError(f"adapter file {path} does not exist")
-    config = read_adapter_config(path)
-    existing = adapters_of(model)
-    if existing and getattr(model, "lora_config", None) != config:
-        raise LoRAError(f"{path} holds adapters of {config}, the model has {getattr(model, 'lora_config', None)}")
-    if any(a.merged for a in existing.values()):
-        raise LoRAError(f"{path}: the model's adapters are merged into its weights; unmerge(model) before loading")
-    expected = expected_adapter_shapes(model, config)
-    tensors = _open_adapter_file(path, lambda f: {n: f.get_tensor(n) for n in f.keys()})
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise LoRAError(f"{path}: adapter tensors do not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in expected.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise LoRAError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model's adapter of rank "
-                            f"{config.rank} (metadata 'lora_config') has {shape}")
-        if not t.is_floating_point():
-            raise LoRAError(f"{path}: tensor {name} has dtype {t.dtype}, expected floating point (the file format "
-                            "writes float32)")
-        if not bool(torch.isfinite(t).all()):
-            raise LoRAError(f"{path}: tensor {name} holds non-finite values")
-    return config, tensors
-
-
-def load_adapters(model: GLM4V, path: str | Path) -> dict[str, LoRALinear]:
-    """Add the file's adapters to a base model (or refill existing ones of the same config).
-    Everything is checked first (check_adapters): a refused file leaves the model as it was."""
-    config, tensors = check_adapters(model, path)
-    if not adapters_of(model):
-        add_lora(model, config)
-    with torch.no_grad():
-        for name, target in adapter_state(model).items():
-            target.copy_(tensors[name])
-    return adapters_of(model)
+        raise LoRAError("the model already has LoRA adapters; call remove_lora(model) first")
+    linears = linears_of(model)
+    model.requires_grad_(False)
+    wrapped = {}
+    for name, layer in adapters.layers.items():
+        parts = layer.parts if len(layer.parts) > 1 else None
+        adapter = LoRALinear(linears[name], layer.rank, layer.scale * layer.rank, adapters.dropout, parts)
+        adapter.scale = layer.scale  # exactly the file's scale (alpha / rank could round it again)
+        with torch.no_grad():
+            adapter.lora_A.copy_(layer.lora_A)
+            adapter.lora_B.copy_(layer.lora_B)
+        _set_module(model, name, adapter)
+        wrapped[name] = adapter
+    model.lora_config = adapters.config
+    return wrapped
