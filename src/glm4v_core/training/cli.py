@@ -2,6 +2,8 @@
 
     glm4v finetune --data train.jsonl --out runs/cat [--checkpoint DIR] [--lora-rank 8]
                    [--train decoder,projector] [--max-steps 100] [--resume runs/cat] [--fsdp N]
+    glm4v finetune --plan [the same flags; --data, --out optional] [--quantize int4] [--device-memory 24GiB]
+                   (the run's predicted peak memory per component, no weight read: training/memory_cli.py)
 
 Each optimizer step runs --grad-accum micro-batches of --batch-size samples; each micro-batch's
 loss is weighted by its share of the step's counted tokens, so the step's loss is the mean over

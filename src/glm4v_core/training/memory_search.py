@@ -3,9 +3,9 @@
 
 Each switch lowers the peak (never raises it) at a price, its cost here: gradient checkpointing 1
 (about a third more compute), a smaller micro-batch with more accumulation 1 per step (same effective
-batch, slower), an int8 base 2 and an int4 base 3 (quantization error; the base is converted once
-with glm4v-convert), a frozen ViT 3 (the vision tower stops learning), a shorter --max-length 4 per
-step (longer samples are skipped). The search:
+batch, slower), an int8 base 3 and an int4 base 5 (quantization error, int4's larger; the base is
+converted once with glm4v-convert), a frozen ViT 4 (the vision tower stops learning), a shorter
+--max-length 6 per step (longer samples are skipped). The search:
 1. every switch at its strongest: if even that does not fit, nothing will (the answer names what it needs);
 2. for each switch, the weakest level that still fits with every other switch at its strongest: a set
    with a weaker level cannot fit (that is what "lowers, never raises" buys), so it is never planned;
@@ -79,13 +79,13 @@ def training_switches(r: TrainingRequest, sample_rows: int, image_rows: int, bas
     parts = r.train.split(",")
     if "vision" in parts and len(parts) > 1:
         rest = ",".join(p for p in parts if p != "vision")
-        switches.append(Switch("freeze", [{}, {"train": rest}], (0, 3), ["", "a frozen ViT"],
+        switches.append(Switch("freeze", [{}, {"train": rest}], (0, 4), ["", "a frozen ViT"],
                                [[], [f"--train {rest}"]]))
     lengths = sorted({int(sample_rows * f) for f in MAX_LENGTH_STEPS if int(sample_rows * f) > image_rows + 16},
                      reverse=True)
     if lengths:
         switches.append(Switch("max_length", [{}, *({"max_length": n} for n in lengths)],
-                               tuple(4 * i for i in range(len(lengths) + 1)),
+                               tuple(6 * i for i in range(len(lengths) + 1)),
                                ["", *(f"samples of at most {n} decoder rows" for n in lengths)],
                                [[], *([f"--max-length {n}"] for n in lengths)]))
     return switches
@@ -144,6 +144,6 @@ def quantize_switch(current: str | None, words: str) -> list[Switch]:
     schemes = {None: ("int8", "int4"), "int8": ("int4",)}.get(current, ())
     if not schemes:
         return []
-    cost = {"int8": 2, "int4": 3}
+    cost = {"int8": 3, "int4": 5}
     return [Switch("quantize", [{}, *({"quantize": q} for q in schemes)], (0, *(cost[q] for q in schemes)),
                    ["", *(words.format(q, q) for q in schemes)], [[], *([f"--quantize {q}"] for q in schemes)])]

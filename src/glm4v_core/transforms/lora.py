@@ -91,9 +91,9 @@ class LoRAConfig:
 
 
 class CastMatmul(torch.autograd.Function):
-    """x.to(A.dtype) @ A.T, keeping x for backward as it came (bf16 in a bf16 model, the tensor the
-    base Linear keeps anyway) and casting it again there: autograd would keep the fp32 copy of every
-    adapted layer's input (2x its bf16 size) until the backward. Same values as the plain expression."""
+    """x.to(A.dtype) @ A.T, keeping x for backward as it came (bf16 in a bf16 model) and casting it
+    again there: autograd would keep the fp32 copy of every adapted layer's input (2x its bf16 size)
+    until the backward. Same values and gradients as the plain expression."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
