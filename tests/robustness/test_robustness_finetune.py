@@ -45,6 +45,9 @@ DATA = FIXTURES / "finetune" / "train.jsonl"
 EVAL = FIXTURES / "finetune" / "eval.jsonl"
 TINY = FIXTURES / "tiny"
 WAIT_S = 120  # bound on every wait for a subprocess
+# steps of a run a test stops with a signal: many minutes of steps, yet few enough that its
+# checkpoints (~400 KB every 10 steps) fit the free-space check on a nearly full disk
+LONG_RUN = "5000"
 
 
 def finetune(out: Path, *args: str, data: Path = DATA) -> int:
@@ -228,7 +231,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, str]:
 def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, capsys, no_training, holder):
     out = tmp_path / "out"
     if holder == "a running glm4v finetune":
-        first = start_finetune(out, "--max-steps", "1000000", "--save-every", "10")
+        first = start_finetune(out, "--max-steps", LONG_RUN, "--save-every", "10")
         wait_for(out / "checkpoints" / "step-000010", first, "the first run's checkpoint")
         lock = tmp_path / ".out.lock"
         assert lock.read_text().strip() == str(first.pid)  # held for the whole run, not only while saving
@@ -371,7 +374,7 @@ def checkpoints(out: Path) -> list[int]:
 @pytest.mark.parametrize("sig,code,words", SIGNALS, ids=[s.name for s, _, _ in SIGNALS])
 def test_a_signal_saves_a_checkpoint_and_resume_continues(tmp_path, sig, code, words):
     out = tmp_path / "out"
-    args = ["--max-steps", "1000000", "--save-every", "10", "--lr", "1e-3"]
+    args = ["--max-steps", LONG_RUN, "--save-every", "10", "--lr", "1e-3"]
     proc = start_finetune(out, *args)
     wait_for(out / "checkpoints" / "step-000010", proc, "the first checkpoint")
     rc, err = stop(proc, sig)
@@ -393,7 +396,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_continues(tmp_path, sig, code, w
 def test_sighup_stays_ignored_under_nohup(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "glm4v_core", "finetune", "--data", str(DATA), "--out", str(out), "--no-progress",
-            "--max-steps", "1000000", "--save-every", "10"]
+            "--max-steps", LONG_RUN, "--save-every", "10"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     wait_for(out / "checkpoints" / "step-000010", proc, "the first checkpoint")
