@@ -97,3 +97,30 @@ def test_the_readme_stays_short_and_names_the_ci_test_command():
     assert len(text.splitlines()) <= 200
     bash = [code.strip() for _, lang, code in code_blocks(text) if lang == "bash"]
     assert "TRITON_INTERPRET=1 python -m pytest -q" in bash  # what CI runs: keep it exactly
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/training.md"])
+def test_the_planned_9b_memory_rows_are_those_of_the_recorded_json(doc):
+    """The 9B table is memory_plan_9b.json's rows, none missing, no number retyped differently."""
+    import json
+    rows = json.loads((ROOT / "benchmarks" / "results" / "memory_plan_9b.json").read_text())["rows"]
+    table = {r[0].replace("`", ""): r[1] for r in _table_rows((ROOT / doc).read_text()) if r[1].endswith(" GiB")}
+    for row in rows:
+        assert table.get(row["what"]) == f"{row['predicted_GiB']:.2f} GiB", (doc, row["what"], table)
+
+
+def test_the_readme_memory_validation_rows_are_those_of_the_recorded_json():
+    import json
+    rows = json.loads((ROOT / "benchmarks" / "results" / "memory_plan_cpu.json").read_text())["rows"]
+    table = {(r[1], r[2].strip("`")): (r[3], r[4]) for r in _table_rows((ROOT / "README.md").read_text())
+             if r[0] == "mid-size"}
+    mid = [r for r in rows if r["config"] == "mid"]
+    assert len(table) == len(mid) == 6, table
+    for r in mid:
+        assert table[(r["mode"], r["flags"])] == (f"{r['predicted_bytes'] / 2**20:.1f} MiB",
+                                                  f"{r['measured_bytes'] / 2**20:.1f} MiB"), r

@@ -228,8 +228,10 @@ def test_a_frozen_vit_runs_without_a_graph_and_a_trained_one_with(folders):
     assert seen == [False, True]
 
 
-def test_qlora_keeps_no_dense_weight_for_backward():
-    """DequantizedMatmul: the gradient of the reference's product, without keeping dequant(W)."""
+def test_qlora_keeps_no_dense_weight_for_backward(monkeypatch):
+    """DequantizedMatmul: the gradient of the reference's product, without keeping dequant(W), which
+    is made again in backward a few rows at a time (here 16 of 64)."""
+    monkeypatch.setattr(ops, "DEQUANTIZE_ROWS", 16)
     torch.manual_seed(0)
     layer = quant.QuantLinear.from_linear(torch.nn.Linear(256, 64), "int4", 128)
     x = torch.randn(3, 256, requires_grad=True)
@@ -247,9 +249,33 @@ def test_qlora_keeps_no_dense_weight_for_backward():
 def test_dequantized_weight_by_row_chunks_is_the_whole_dequantization(monkeypatch):
     from glm4v_conversion.quantize import dequantize
     layer = quant.QuantLinear.from_linear(torch.nn.Linear(128, 40), "int4", 32)
-    monkeypatch.setattr(quant, "ROWS_PER_CHUNK", 16)  # 40 rows: three chunks, the last a short one
+    monkeypatch.setattr(ops, "DEQUANTIZE_ROWS", 16)  # 40 rows: three chunks, the last a short one
     whole = dequantize(dict(layer.named_buffers()), 32).to(torch.bfloat16)
     assert torch.equal(layer.dequantized_weight(torch.bfloat16), whole)
+
+
+def test_a_quantized_head_enters_the_loss_chunk_by_chunk_never_whole(monkeypatch):
+    """The chunked loss over a QuantLinear head dequantizes one vocabulary chunk at a time (in
+    forward and again in backward) and keeps none of it for backward; loss and gradient are those
+    of the dense dequantized weight, bit for bit."""
+    from glm4v_core.model.loss import linear_cross_entropy
+    torch.manual_seed(0)
+    head = quant.QuantLinear.from_linear(torch.nn.Linear(64, 40, bias=False), "int4", 32)
+    hidden = torch.randn(5, 64, requires_grad=True)
+    targets = torch.tensor([0, 7, 39, 16, 15])
+    made, dequantize = [], head.dequantized_weight
+    monkeypatch.setattr(head, "dequantized_weight", lambda *a: made.append(dequantize(*a).shape[0]) or dequantize(*a))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = linear_cross_entropy(hidden, head.weight_rows(torch.float32), targets, chunk_size=16)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert made == [16, 16, 8] * 2, made  # three chunks, the last short; forward, then backward
+    assert all(t.shape[0] != 40 for t in kept), [t.shape for t in kept]
+    dense = dequantize(torch.float32)
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    ref = linear_cross_entropy(ref_hidden, dense, targets, chunk_size=16)
+    (ref_grad,) = torch.autograd.grad(ref, ref_hidden)
+    assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 
 @pytest.mark.slow

@@ -137,7 +137,7 @@ class GLM4V(nn.Module):
         x = self.text(embeds, positions, KeyRange(first_valid_key(mask), None), hidden_states=hidden)
         if labels is not None:  # training: the loss without logits of the whole sequence
             targets = splice_labels(labels.to(x.device), source_index, is_patch, mask)
-            weight = self.text.lm_head.dense_weight(x.dtype)  # the loss multiplies by it in vocabulary chunks
+            weight = self.text.lm_head.weight_rows(x.dtype)  # the loss reads it in vocabulary chunks
             loss = causal_lm_loss(x, weight, targets, self.loss_chunk_size)
             return ModelOutput(None, positions, mask, hidden, image_embeds, loss)
         if logits_to_keep is not None:

@@ -9,10 +9,13 @@ batch (not per row).
 Memory: the plain way builds fp32 logits (B, T, vocab) for the whole sequence (1.1 GB for one
 1120 px image prompt with the real 151552-word vocabulary, plus as much again for their gradient).
 `linear_cross_entropy` only looks at the counted positions and walks the vocabulary in chunks with
-a running log-sum-exp; backward recomputes each chunk's logits instead of keeping them. Same loss
-and gradients as the plain path (tests/test_loss.py).
+a running log-sum-exp; backward recomputes each chunk's logits instead of keeping them. A quantized
+head is dequantized chunk by chunk too (forward and again in backward), never whole. Same loss and
+gradients as the plain path (tests/model/test_loss.py).
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,14 @@ from glm4v_core.errors import GLM4VError
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 8192  # vocabulary columns per chunk: (counted tokens x 8192) fp32 at a time
+
+
+class Rows(Protocol):
+    """A (V, H) weight that makes its rows when sliced (`w[a:b]`, a tensor), never whole at once."""
+
+    shape: torch.Size
+
+    def __getitem__(self, rows: slice) -> torch.Tensor: ...
 
 
 class LabelError(GLM4VError):
@@ -59,38 +70,40 @@ def splice_labels(labels: torch.Tensor, source_index: torch.Tensor | None, is_pa
     return spliced.masked_fill(ignored, IGNORE_INDEX)
 
 
-def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+def causal_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor | Rows, labels: torch.Tensor,
                    chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Mean next-token cross entropy (fp32 scalar) of final-normed hidden (B, T, H) against the
-    spliced labels (B, T). chunk_size None: the plain path (fp32 logits of the whole sequence,
-    as the reference computes them); else `linear_cross_entropy` over the counted positions.
-    A batch with no counted token gives 0 (nothing to learn), not NaN."""
+    spliced labels (B, T). lm_head_weight (V, H): a tensor, or rows made on demand (a quantized
+    head's DequantizedRows: `w[a:b]` dequantizes those rows). chunk_size None: the plain path (fp32
+    logits of the whole sequence, as the reference computes them); else `linear_cross_entropy` over
+    the counted positions. A batch with no counted token gives 0 (nothing to learn), not NaN."""
     targets = labels[:, 1:]  # hidden state t predicts token t + 1
     counted = targets != IGNORE_INDEX  # (B, T-1)
     n = counted.sum().clamp(min=1)
     if chunk_size is None:
-        logits = F.linear(hidden[:, :-1], lm_head_weight).float()  # (B, T-1, V), model dtype then fp32
+        logits = F.linear(hidden[:, :-1], lm_head_weight[:]).float()  # (B, T-1, V), model dtype then fp32
         total = F.cross_entropy(rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"),
                                 ignore_index=IGNORE_INDEX, reduction="sum")
         return total / n
     return linear_cross_entropy(hidden[:, :-1][counted], lm_head_weight, targets[counted], chunk_size) / n
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | Rows, targets: torch.Tensor,
                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """sum_i [logsumexp(hidden_i @ weight.T) - (hidden_i @ weight.T)[targets_i]] in fp32.
 
-    hidden (N, H), weight (V, H), targets (N,) in [0, V). Never holds more than (N, chunk_size)
-    logits; the logits are recomputed chunk by chunk in backward."""
+    hidden (N, H), weight (V, H) (a tensor, or Rows: frozen, sliced again in backward), targets (N,)
+    in [0, V). Never holds more than (N, chunk_size) logits; the logits are recomputed chunk by chunk
+    in backward."""
     if chunk_size < 1:
         raise LabelError(f"chunk_size must be a positive number of vocabulary columns, got {chunk_size}")
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """(N, end - start) fp32 logits of one vocabulary chunk: matmul in the model dtype, then fp32,
-    exactly as the plain path rounds them."""
-    return F.linear(hidden, weight[start:end]).float()
+def _chunk_logits(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N, c) fp32 logits of one vocabulary chunk (rows: its c weight rows): matmul in the model
+    dtype, then fp32, exactly as the plain path rounds them."""
+    return F.linear(hidden, rows).float()
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -109,18 +122,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         target_logit = torch.zeros(N, device=hidden.device)
         for start in range(0, V, chunk_size):
             end = min(start + chunk_size, V)
-            z = _chunk_logits(hidden, weight, start, end)  # (N, c)
+            z = _chunk_logits(hidden, weight[start:end])  # (N, c)
             lse = torch.logaddexp(lse, z.logsumexp(-1))
             here = (targets >= start) & (targets < end)
             picked = z.gather(1, (targets - start).clamp(0, end - start - 1)[:, None])[:, 0]
             target_logit = target_logit + torch.where(here, picked, 0.0)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.rows = None if isinstance(weight, torch.Tensor) else weight  # made again in backward, not kept
+        ctx.save_for_backward(hidden, targets, lse, *([weight] if ctx.rows is None else []))
         ctx.chunk_size = chunk_size
         return (lse - target_logit).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, targets, lse, *kept = ctx.saved_tensors
+        weight = kept[0] if kept else ctx.rows
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, V = hidden.shape[0], weight.shape[0]
         grad_hidden = torch.zeros(hidden.shape, device=hidden.device) if want_hidden else None  # fp32 sum
@@ -128,12 +143,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = torch.arange(N, device=hidden.device)
         for start in range(0, V, ctx.chunk_size):
             end = min(start + ctx.chunk_size, V)
-            dz = (_chunk_logits(hidden, weight, start, end) - lse[:, None]).exp_()  # softmax (N, c)
+            w = weight[start:end]
+            dz = (_chunk_logits(hidden, w) - lse[:, None]).exp_()  # softmax (N, c)
             here = (targets >= start) & (targets < end)
             dz[rows[here], targets[here] - start] -= 1.0
             dz = (dz * grad).to(hidden.dtype)  # the plain path's grad also returns to the model dtype here
             if want_hidden:
-                grad_hidden += (dz @ weight[start:end]).float()
+                grad_hidden += (dz @ w).float()
             if want_weight:
                 grad_weight[start:end] = dz.T @ hidden
         if want_hidden:

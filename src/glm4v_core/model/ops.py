@@ -146,10 +146,10 @@ class Linear(nn.Linear):
             raise ValueError(f"fused parts {tuple(parts)} do not add up to out_features {out_features}")
         self.parts = None if parts is None else tuple(parts)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (out, in) float weight that products with activations of `dtype` use, for code that
-        needs the matrix itself rather than the product (the training loss's chunked head): this
-        layer's own weight, as it is. A quantized layer returns its dequantized weight."""
+    def weight_rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (out, in) weight as the training loss's chunked head reads it, a block of rows at a
+        time (`w[a:b]`), for products with activations of `dtype`: this layer's own weight, as it is
+        (its gradient flows). A quantized layer returns rows that dequantize when sliced."""
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,11 +275,25 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
     return K.int4_matmul_ref(x, qweight, scale, zero, group_size)
 
 
-def _dequantized(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    if zero is None:
-        return K.dequantize_int8_ref(qweight, scale, dtype)
-    return K.dequantize_int4_ref(qweight, scale, zero, group_size, dtype)
+DEQUANTIZE_ROWS = 4096  # rows dequantized at once: bounds the fp32 steps (2 x 4 B per weight)
+
+
+def dequantized_rows(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     group_size: int | None, dtype: torch.dtype, start: int = 0, end: int | None = None
+                     ) -> torch.Tensor:
+    """Rows start..end (all by default) of the weight that int8 codes (zero None) or packed int4
+    codes stand for, in `dtype`, made DEQUANTIZE_ROWS rows at a time into the result: the fp32 steps
+    of a whole 27392-row MLP weight would hold ~0.9 GB beside it (the memory planner showed it in
+    QLoRA's backward). Rows are independent, so the values are those of one pass."""
+    end = qweight.shape[0] if end is None else min(end, qweight.shape[0])
+    width = qweight.shape[1] * (1 if zero is None else 2)  # int4: two codes a byte
+    out = torch.empty(end - start, width, dtype=dtype, device=qweight.device)
+    for first in range(start, end, DEQUANTIZE_ROWS):
+        rows = slice(first, min(first + DEQUANTIZE_ROWS, end))
+        out[first - start:rows.stop - start] = (
+            K.dequantize_int8_ref(qweight[rows], scale[rows], dtype) if zero is None else
+            K.dequantize_int4_ref(qweight[rows], scale[rows], zero[rows], group_size, dtype))
+    return out
 
 
 class DequantizedMatmul(torch.autograd.Function):
@@ -292,12 +306,12 @@ class DequantizedMatmul(torch.autograd.Function):
     def forward(ctx, x, qweight, scale, zero, group_size):
         ctx.save_for_backward(qweight, scale, zero)
         ctx.group_size = group_size
-        return x @ _dequantized(qweight, scale, zero, group_size, x.dtype).T
+        return x @ dequantized_rows(qweight, scale, zero, group_size, x.dtype).T
 
     @staticmethod
     def backward(ctx, grad):
         qweight, scale, zero = ctx.saved_tensors
-        return grad @ _dequantized(qweight, scale, zero, ctx.group_size, grad.dtype), None, None, None, None
+        return grad @ dequantized_rows(qweight, scale, zero, ctx.group_size, grad.dtype), None, None, None, None
 
 
 def _on_rows(x: torch.Tensor, matmul) -> torch.Tensor:

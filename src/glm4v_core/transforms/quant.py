@@ -24,11 +24,9 @@ from torch import nn
 
 from glm4v_conversion.quantize import (
     GROUP_SIZES,
-    ROWS_PER_CHUNK,
     SCHEMES,
     QuantizationError,
     check_request,
-    dequantize,
     layer_scheme,
     quantize_weight,
     quantized_layout,
@@ -123,21 +121,19 @@ class QuantLinear(nn.Module):
             getattr(self, name.removeprefix("P.")).copy_(t)
         self.prepare()
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W (N, K) in `dtype`, as the stored tensors stand for it. Dequantized ROWS_PER_CHUNK rows at a
-        time into the result: the fp32 steps of the whole 151552-row lm_head (the training loss takes
-        its dense weight) would hold ~7 GB at once beside the 1.2 GB bf16 result (the memory planner
-        showed it); rows are independent, so the values are the same."""
-        stored = dict(self.named_buffers())
-        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight_scale.device)
-        for start in range(0, self.out_features, ROWS_PER_CHUNK):
-            rows = {name: t[start:start + ROWS_PER_CHUNK] for name, t in stored.items()}
-            out[start:start + ROWS_PER_CHUNK] = dequantize(rows, self.group_size)
-        return out
+    def dequantized_weight(self, dtype: torch.dtype, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows start..end of W (N, K) (all by default) in `dtype`, as the stored tensors stand for
+        them, dequantized a block of rows at a time (ops.dequantized_rows)."""
+        if self.scheme == "int8":
+            return ops.dequantized_rows(self.weight_int8, self.weight_scale, None, None, dtype, start, end)
+        return ops.dequantized_rows(self.weight_int4, self.weight_scale, self.weight_zero, self.group_size, dtype,
+                                    start, end)
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weight the packed one stands for, in `dtype` (ops.Linear.dense_weight's contract)."""
-        return self.dequantized_weight(dtype)
+    def weight_rows(self, dtype: torch.dtype) -> DequantizedRows:
+        """The weight as the chunked training loss reads it (ops.Linear.weight_rows' contract):
+        rows dequantized when sliced, so the loss never holds the dense matrix (1.2 GB in bf16 for
+        the 9B's lm_head, kept through backward otherwise)."""
+        return DequantizedRows(self, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8":
@@ -150,6 +146,20 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{group}"
+
+
+class DequantizedRows:
+    """A QuantLinear's weight (N, K) that dequantizes only the rows it is sliced at: `rows[a:b]` is
+    `layer.dequantized_weight(dtype, a, b)`. Frozen: no gradient reaches the packed codes."""
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype):
+        self.layer, self.dtype = layer, dtype
+        self.shape = torch.Size((layer.out_features, layer.in_features))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"DequantizedRows takes a contiguous row slice [a:b], got {rows!r}")
+        return self.layer.dequantized_weight(self.dtype, rows.start or 0, rows.stop)
 
 
 def quantize_model(model: nn.Module, scheme: str, group_size: int | None = None, method: str = "rtn") -> nn.Module:
