@@ -119,6 +119,15 @@ def parse_json(text: str | bytes, where: str | Path, error: type[Exception]):
         raise error(f"{where}: JSON nested too deeply to parse") from None
 
 
+def read_json_object(path: str | Path, what: str, error: type[Exception], expected: str = "a JSON object") -> dict:
+    """A small JSON file whose top level must be an object (a config, a state record), each defect an
+    `error` naming the file; `expected` says what the object stands for."""
+    data = parse_json(read_bytes(path, what, error), path, error)
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
+
+
 def human_size(n: float) -> str:
     """Bytes in decimal units with three significant digits: 512 B, 6.55 kB, 1.23 MB, 19.2 GB."""
     if n < 1000:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from glm4v_conversion.files import parse_json, read_bytes
+from glm4v_conversion.files import read_json_object
 from glm4v_core.errors import GLM4VError
 
 
@@ -301,8 +301,5 @@ def checkpoint_template(directory: str | Path) -> str:
 def _optional_json(path: Path, what: str) -> dict:
     if not (path.exists() or path.is_symlink()):
         return {}
-    data = parse_json(read_bytes(path, what, TokenizerError), path, TokenizerError)
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, what, TokenizerError)
 

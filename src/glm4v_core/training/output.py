@@ -16,6 +16,7 @@ import torch.distributed as dist
 from glm4v_conversion.atomic import (
     DestinationBusyError,
     destination_lock,
+    free_space,
     lock_file,
     lock_owner,
     unwritable_file_system,
@@ -135,10 +136,7 @@ def out_lock(out: Path) -> Iterator[None]:
 def check_free_space(out: Path, needed: int, what: str) -> None:
     """Refuse a run whose files (`needed` bytes, made of `what`) do not fit the free space of the
     file system OUT is on, before the first step rather than at a checkpoint hours in."""
-    place = out
-    while not place.exists():  # OUT and the folders above it are created later, on this file system
-        place = place.parent
-    free = shutil.disk_usage(place).free
+    place, free = free_space(out)  # OUT itself may not exist yet: the nearest folder above it
     if free < needed:
         raise FinetuneError(f"--out {out}: the run will write about {human_size(needed)} ({needed} bytes: {what}), "
                             f"but the file system of {place} has {human_size(free)} ({free} bytes) free; free some "

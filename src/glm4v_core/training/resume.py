@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from glm4v_conversion.files import read_json_object
 from glm4v_core.errors import GLM4VError
 
 
@@ -89,12 +90,7 @@ def check_sources(folder: Path, current: dict[str, str | None], args) -> None:
 def read_state(folder: Path) -> dict:
     """trainer.json, checked key by key (see the module's docstring)."""
     path = folder / "trainer.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ResumeError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise ResumeError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    state = read_json_object(path, "the run's state", ResumeError)
     for key, kind in STATE_KEYS.items():
         if key not in state:
             raise ResumeError(f"{path}: key {key!r} is missing (expected {KINDS.get(kind, kind.__name__)})")

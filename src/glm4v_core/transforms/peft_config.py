@@ -8,12 +8,12 @@ else it is one LoRAError naming the file and the key. An unknown key counts as a
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from glm4v_conversion.files import read_json_object
 from glm4v_core.transforms.lora import LoRAError
 
 PEFT_CONFIG = "adapter_config.json"
@@ -72,12 +72,7 @@ def pattern_values(settings: PeftSettings, name: str) -> tuple[tuple[int, float]
 def read_settings(folder: Path) -> PeftSettings:
     """adapter_config.json, checked key by key: a LoRA that this code computes exactly, or a LoRAError."""
     path = folder / PEFT_CONFIG
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise LoRAError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise LoRAError(f"{path}: expected a JSON object (a peft LoraConfig), got {type(raw).__name__}")
+    raw = read_json_object(path, "peft adapter config", LoRAError, "a JSON object (a peft LoraConfig)")
     if raw.get("peft_type") != "LORA":
         raise LoRAError(f"{path}: key 'peft_type' is {raw.get('peft_type')!r}; only 'LORA' adapters are read")
     for key, value in raw.items():
