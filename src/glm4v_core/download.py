@@ -25,7 +25,8 @@ __all__ = ["INSTALL", "PICKLE_PATTERNS", "download_snapshot", "select_files"]
 
 INSTALL = "pip install 'glm4v-core[download]'"
 # pickled weights run code when they are loaded; glm4v-core reads safetensors only
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.tar", "*.joblib", "*.bin.gz",
+                   "*.pt.gz", "*.pth.gz", "*.pkl.gz")
 MAX_LISTED = 5
 
 
@@ -57,7 +58,13 @@ def download_snapshot(repo: str, revision: str = DEFAULT_REVISION, include: Sequ
         _say(log, f"[{i}/{len(files)}] {name} ({_size(sizes[name])}{', cached' if cached else ''})")
         with hub_failures(hf, hub_id, name):
             hf.hf_hub_download(hub_id.repo, name, revision=commit, cache_dir=cache)
-    _write_ref(repo_folder(hub_id.repo, cache), hub_id.revision, commit)
+    folder = repo_folder(hub_id.repo, cache)
+    held = _ref_commit(folder, hub_id.revision)
+    if include and held not in (None, commit):  # part of a commit: the ref keeps naming the one fetched whole
+        _say(log, f"refs/{hub_id.revision} stays at {held[:12]}: --include fetched part of {commit[:12]} only")
+    else:
+        with hub_failures(hf, hub_id):
+            _write_ref(folder, hub_id.revision, commit)
     return snapshot
 
 
@@ -71,7 +78,7 @@ def select_files(names: Sequence[str], include: Sequence[str], allow_pickle: boo
     pickles = [n for n in chosen if is_pickle(n)]
     if allow_pickle or not pickles:
         return chosen, []
-    if not any(n.endswith(".safetensors") for n in names):
+    if not any(n.lower().endswith(".safetensors") for n in names):
         raise HubError(f"{label} has only pickled weights ({_listed(pickles)}) and no .safetensors; glm4v-core "
                        "loads safetensors only (--allow-pickle fetches the pickles anyway)")
     rest = [n for n in chosen if n not in pickles]
@@ -112,6 +119,8 @@ def hub_failures(hf, hub_id: HubId, file: str | None = None) -> Iterator[None]:
     again = "run the same command again to resume (finished files are kept, a partial one continues)"
     try:
         yield
+    except HubError:  # ours, already one line (a ValueError too: it must not reach the last clause)
+        raise
     except errors.OfflineModeIsEnabled:
         raise HubError(f"{what}: HF_HUB_OFFLINE is set, so huggingface_hub does not download; unset it") from None
     except errors.GatedRepoError:
@@ -136,6 +145,8 @@ def hub_failures(hf, hub_id: HubId, file: str | None = None) -> Iterator[None]:
         if e.errno is None:  # huggingface_hub's own checks, e.g. a size that does not match the Hub's
             raise HubError(f"{what}: {_reason(e)}; {again}") from None
         raise HubError(f"{what}: cannot write into {cache_location()[0]}: {e.strerror}") from None  # disk full...
+    except (ValueError, RuntimeError) as e:  # huggingface_hub's and its Xet / hf_transfer backends' other refusals
+        raise HubError(f"{what}: {_reason(e)}") from None
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -153,13 +164,21 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 def _write_ref(folder: Path, revision: str, commit: str) -> None:
     """refs/REVISION -> commit, as huggingface_hub writes it, once every file is in (so a cut-short download never
     moves a branch onto a half-filled snapshot). A commit hash names itself: no ref."""
-    if revision == commit:
+    if revision == commit or _ref_commit(folder, revision) == commit:  # unchanged: a read-only cache stays usable
         return
     ref = folder / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
     tmp.write_text(commit)
     os.replace(tmp, ref)  # atomic: a reader sees the old commit or the new one
+
+
+def _ref_commit(folder: Path, revision: str) -> str | None:
+    """The commit refs/REVISION holds now, None without one (or unreadable: then it is written anew)."""
+    try:
+        return (folder / "refs" / revision).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _reason(e: BaseException) -> str:

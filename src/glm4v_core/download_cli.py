@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--checkpoint ORG/NAME[@REVISION] then finds it offline); a cut-short download resumes when run "
                     "again. Prints the snapshot folder.",
         epilog="exit status: 0 fetched, 1 a refused input or a failure (one line), 2 a usage error, 130 Ctrl-C "
-               "(run it again to resume). The cache: $HF_HUB_CACHE, else $HF_HOME/hub, else "
-               "~/.cache/huggingface/hub; the Hub: $HF_ENDPOINT; a token: HF_TOKEN or `hf auth login`.")
+               "(run it again to resume). The cache: $HF_HUB_CACHE (or $HUGGINGFACE_HUB_CACHE), else $HF_HOME/hub, "
+               "else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub (an empty variable counts as "
+               "unset); the Hub: $HF_ENDPOINT; a token: HF_TOKEN or `hf auth login`.")
     p.add_argument("repo", metavar="ORG/NAME[@REVISION]", help="the model repo, e.g. THUDM/glm-4v-9b")
     p.add_argument("--revision", default=None,
                    help=f"branch, tag or commit hash (default: the one after '@', else {DEFAULT_REVISION})")

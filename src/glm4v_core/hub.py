@@ -17,6 +17,7 @@ transformers. This module imports no torch.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ def parse_hub_id(text: str) -> HubId | None:
 def _plain_revision(revision: str) -> bool:
     """A name that stays inside refs/ (branches may hold '/': refs/pr/1)."""
     parts = revision.split("/")
-    return not any(p in ("", ".", "..") for p in parts) and not any(c in revision for c in "\\\0")
+    return not any(p in ("", ".", "..") for p in parts) and not any(c in "\\:" or not c.isprintable() or c.isspace()
+                                                                   for c in revision)
 
 
 def cache_location() -> tuple[Path, str]:
@@ -115,7 +117,9 @@ def resolve_model_folder(path: str | Path, what: str = "checkpoint") -> Path:
 def resolve_hub_id(hub_id: str | HubId, what: str = "checkpoint") -> Path:
     """The cached snapshot folder of ORG/NAME[@REVISION]; a HubError naming the cache and what it holds if absent."""
     text = str(hub_id)
-    if isinstance(hub_id, str) and (hub_id := parse_hub_id(hub_id)) is None:
+    if not isinstance(hub_id, str):  # a HubId built by hand gets the same checks as text
+        text = f"{hub_id.repo}@{hub_id.revision}"
+    if (hub_id := parse_hub_id(text)) is None:
         raise HubError(f"{what} {text!r} is not a hub id: expected ORG/NAME[@REVISION], e.g. THUDM/glm-4v-9b")
     cache, source = cache_location()
     folder = repo_folder(hub_id.repo, cache)
@@ -128,7 +132,22 @@ def resolve_hub_id(hub_id: str | HubId, what: str = "checkpoint") -> Path:
     if not snapshot.is_dir():
         raise HubError(f"{what} {hub_id}: {folder / 'refs' / hub_id.revision} points at commit {commit}, but its "
                        f"snapshot folder is missing (a cut-short download or a cleaned cache); {fetch}")
+    missing = _missing_shards(snapshot)
+    if missing:
+        raise HubError(f"{what} {hub_id}: {snapshot} lacks {_listed(missing)} of the shards its "
+                       f"model.safetensors.index.json names (a cut-short download); {fetch}")
     return snapshot
+
+
+def _missing_shards(snapshot: Path) -> list[str]:
+    """The shards the snapshot's index names that are not there (a commit has no ref written last to
+    guard it); an index that does not read is left to the checkpoint's own checks."""
+    try:
+        weight_map = json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [s for s in shards if isinstance(s, str) and not (snapshot / s).is_file()]
 
 
 def _commit_of(folder: Path, hub_id: HubId, what: str, fetch: str) -> str:

@@ -4,6 +4,7 @@ without --allow-pickle, and a download cut short by Ctrl-C resumes from its part
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,6 +174,45 @@ def test_without_huggingface_hub_the_extra_is_named(capsys, monkeypatch):
     assert err == f"glm4v download: error: glm4v download needs huggingface_hub, which is not installed: {INSTALL}\n"
 
 
+def test_an_include_leaves_a_ref_on_the_commit_it_names(hub, tmp_path):
+    """Fetching part of a commit (--include) does not move a branch off a snapshot that was fetched whole."""
+    refs = tmp_path / "cache" / "models--org--tiny" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("e" * 40)
+    run = download(tmp_path, hub.url, "org/tiny", "--include", "*.json")
+    assert run.returncode == 0, run.stderr
+    assert (refs / "main").read_text() == "e" * 40
+    assert f"refs/main stays at eeeeeeeeeeee: --include fetched part of {COMMIT[:12]} only" in run.stderr
+
+
+def test_an_unchanged_ref_is_not_written_again(tmp_path, monkeypatch):
+    """A shared cache whose refs/ cannot be written stays usable once it holds the commit."""
+    from glm4v_core import download as dl
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "main").write_text(COMMIT + "\n")
+
+    def refuse(*_):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(dl.os, "replace", refuse)
+    dl._write_ref(tmp_path, "main", COMMIT)
+    with pytest.raises(PermissionError):
+        dl._write_ref(tmp_path, "main", "f" * 40)
+
+
+def test_every_other_failure_of_huggingface_hub_is_one_line():
+    """hf_transfer / Xet backends raise plain ValueError and RuntimeError: a HubError, not a traceback."""
+    from glm4v_core.download import _import_huggingface_hub, hub_failures
+    from glm4v_core.hub import HubId
+    huggingface_hub = _import_huggingface_hub()
+    for error in (RuntimeError("xet: connection reset"), ValueError("Fast download using 'hf_transfer' is enabled")):
+        with pytest.raises(HubError, match=rf"^org/x: big.dat: {re.escape(str(error))}$"):
+            with hub_failures(huggingface_hub, HubId("org/x"), "big.dat"):
+                raise error
+    with pytest.raises(HubError, match="^ours$"):
+        with hub_failures(huggingface_hub, HubId("org/x")):
+            raise HubError("ours")
+
+
 def test_file_selection():
     names = ["config.json", "model.safetensors", "pytorch_model.bin", "sub/a.PT", "sub/b.txt"]
     assert select_files(names, [], False, "r") == (["config.json", "model.safetensors", "sub/b.txt"],
@@ -185,3 +225,5 @@ def test_file_selection():
         select_files(names, ["*.bin"], False, "r")
     with pytest.raises(HubError, match="r has only pickled weights"):
         select_files(["config.json", "model.ckpt"], [], False, "r")
+    assert select_files(["a.pth.tar", "b.joblib", "c.pkl.gz", "d.pt.gz", "m.SAFETENSORS"], [], False, "r") == \
+        (["m.SAFETENSORS"], ["a.pth.tar", "b.joblib", "c.pkl.gz", "d.pt.gz"])

@@ -67,7 +67,8 @@ def test_what_reads_as_a_hub_id(text, want):
     assert parse_hub_id(text) == want
 
 
-@pytest.mark.parametrize("text", ["org/tiny@", "org/tiny@../../etc", "org/tiny@refs//main", "org/tiny@a\\b"])
+@pytest.mark.parametrize("text", ["org/tiny@", "org/tiny@../../etc", "org/tiny@refs//main", "org/tiny@a\\b",
+                                  "org/tiny@D:/x", "org/tiny@main\n", "org/tiny@ main", "org/tiny@a\x7fb"])
 def test_a_revision_that_cannot_name_a_ref_is_refused(text):
     with pytest.raises(HubError, match="is not a revision name"):
         parse_hub_id(text)
@@ -112,6 +113,23 @@ def test_a_missing_revision_lists_what_is_cached(cache):
     assert message.endswith("glm4v download org/tiny@nope") and "\n" not in message
     with pytest.raises(HubError, match="is not in the Hugging Face cache"):
         resolve_hub_id("org/tiny@" + "4" * 40)  # a full hash that was never fetched
+
+
+def test_a_hub_id_built_by_hand_is_checked_as_text_is(cache):
+    with pytest.raises(HubError, match="is not a revision name"):
+        resolve_hub_id(HubId("org/tiny", "../../etc"))
+    with pytest.raises(HubError, match="is not a hub id"):
+        resolve_hub_id(HubId("../tiny", "main"))
+    assert resolve_hub_id(HubId("org/tiny", "dev")) == snapshot(cache, DEV)
+
+
+def test_a_snapshot_missing_a_shard_of_its_index_is_named_not_returned(cache):
+    """A commit has no ref that is written last: a cut-short `glm4v download org/x@<commit>` leaves it part-filled."""
+    (snapshot(cache, DEV) / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(HubError, match=rf"{DEV} lacks model-00002-of-00002.safetensors of the shards its "
+                                       r"model.safetensors.index.json names .*glm4v download org/tiny@dev"):
+        resolve_hub_id("org/tiny@dev")
+    assert resolve_hub_id("org/tiny") == snapshot(cache, MAIN)  # its own blobs: untouched
 
 
 def test_a_ref_whose_snapshot_is_gone_or_garbled(cache):
